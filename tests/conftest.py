@@ -1,0 +1,44 @@
+"""Shared fixtures: the notebook imported as a module, and the tiny model (a 2-layer Llama, real tokenizer)."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbimport import ROOT, load_notebook  # noqa: E402
+
+CACHE_DIR = os.environ.get("RLFT_CACHE", "~/.cache/rlft")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def nb():
+    """rlft.ipynb's definition cells, as a module."""
+    return load_notebook(ROOT / "rlft.ipynb")
+
+
+@pytest.fixture(scope="session")
+def params():
+    """The notebook's default parameters, read from its `parameters` cell (so tests follow the defaults)."""
+    import nbformat
+    cell = next(c for c in nbformat.read(ROOT / "rlft.ipynb", as_version=4).cells
+                if "parameters" in c.metadata.get("tags", []))
+    values = {}
+    exec(cell.source, {}, values)
+    return values
+
+
+@pytest.fixture
+def tiny(nb):
+    """A fresh tiny base model (seed 0, fp32, CPU) and its tokenizer."""
+    return nb.load_base("tiny", CACHE_DIR, CPU, torch.float32, seed=0)
+
+
+@pytest.fixture
+def tiny_lora(nb, tiny, params):
+    """The tiny model wrapped in a LoRA adapter with the default LoRA parameters."""
+    model, tokenizer = tiny
+    lora = nb.add_lora(model, params["LORA_R"], params["LORA_ALPHA"], params["LORA_DROPOUT"], params["LORA_TARGETS"])
+    return lora, tokenizer

@@ -1,0 +1,50 @@
+"""Import the definition cells of a notebook as a Python module — how tests/ and benchmarks/ use rlft.ipynb.
+
+A definition cell starts with the line `#| export` (or carries the cell tag `export`). Such cells hold imports,
+functions and classes only, so importing runs no model and no training. The cell sources are registered with
+`linecache`, so tracebacks show the notebook's own lines, named like `rlft.ipynb[cell 8]`.
+"""
+from __future__ import annotations
+
+import linecache
+import sys
+import types
+from pathlib import Path
+
+import nbformat
+
+EXPORT_MARK = "#| export"
+ROOT = Path(__file__).resolve().parent.parent
+_LOADED: dict[Path, types.ModuleType] = {}
+
+
+def is_export_cell(cell) -> bool:
+    """True for a code cell marked `#| export` on its first line or tagged `export`."""
+    if cell.cell_type != "code":
+        return False
+    return cell.source.lstrip().startswith(EXPORT_MARK) or "export" in cell.metadata.get("tags", [])
+
+
+def export_cells(path: Path) -> list[tuple[int, str]]:
+    """(cell index, source) of each definition cell, in notebook order."""
+    nb = nbformat.read(path, as_version=4)
+    return [(i, c.source) for i, c in enumerate(nb.cells) if is_export_cell(c)]
+
+
+def load_notebook(path: str | Path = ROOT / "rlft.ipynb", name: str = "rlft", reload: bool = False) -> types.ModuleType:
+    """Execute the notebook's definition cells into a fresh module named `name` (cached per path)."""
+    path = Path(path).resolve()
+    if path in _LOADED and not reload:
+        return _LOADED[path]
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    sys.modules[name] = module  # dataclasses and pickling look classes up here
+    for index, source in export_cells(path):
+        for line in source.splitlines():
+            if line.lstrip().startswith(("%", "!")):
+                raise SyntaxError(f"{path.name}[cell {index}]: definition cells may not use magics: {line!r}")
+        filename = f"{path.name}[cell {index}]"
+        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+        exec(compile(source, filename, "exec"), module.__dict__)
+    _LOADED[path] = module
+    return module

@@ -1,0 +1,67 @@
+"""The notebook as a document: committed clean, one parameters cell, importable definition cells."""
+import ast
+import time
+
+import nbformat
+import torch
+
+from nbimport import ROOT, export_cells, load_notebook
+
+NB_PATH = ROOT / "rlft.ipynb"
+
+
+def read_nb():
+    return nbformat.read(NB_PATH, as_version=4)
+
+
+def test_committed_without_outputs():
+    nb = read_nb()
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert dirty == [], f"cells with outputs: {dirty} (clear outputs before committing)"
+
+
+def test_exactly_one_parameters_cell():
+    tagged = [c for c in read_nb().cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+
+
+def test_imports_quickly_and_loads_no_model():
+    t0 = time.time()
+    module = load_notebook(NB_PATH, name="rlft_import_check", reload=True)
+    elapsed = time.time() - t0
+    assert elapsed < 20, f"importing the notebook took {elapsed:.1f}s"
+    assert callable(module.load_base) and callable(module.load_pairs)
+    modules = [k for k, v in vars(module).items() if isinstance(v, torch.nn.Module)]
+    assert modules == [], f"definition cells built models at import: {modules}"
+
+
+def parameter_names() -> set[str]:
+    cell = next(c for c in read_nb().cells if "parameters" in c.metadata.get("tags", []))
+    return {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name)}
+
+
+ALLOWED = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+
+
+def test_definition_cells_hold_definitions_only():
+    params = parameter_names()
+    assert {"MODEL", "SEED", "TRAIN_BUDGET_S", "REWARD_FN", "DEMO"} <= params
+    for index, source in export_cells(NB_PATH):
+        tree = ast.parse(source)
+        for node in tree.body:
+            docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+            assert docstring or isinstance(node, ALLOWED), f"cell {index}: {ast.dump(node)[:80]} is not a definition"
+        read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert not read & params, f"cell {index} reads parameter globals {read & params}: pass them as arguments"
+
+
+def test_every_section_opens_with_markdown():
+    seen = []
+    for cell in read_nb().cells:
+        section = cell.metadata.get("rlft", {}).get("section")
+        if section not in seen:
+            seen.append(section)
+            assert cell.cell_type == "markdown", f"section {section!r} does not open with a markdown cell"
+    expected = ["generate", "evaluate", "similarity", "reward_model", "ppo", "train", "results", "fft", "demo"]
+    assert [s for s in seen if s in expected] == expected, "sections missing or out of reading order"
