@@ -4,7 +4,7 @@ STAMP := .venv/.setup-done
 RUN_OUT ?= runs/rlft.executed.ipynb
 PARAMS ?=
 
-.PHONY: setup run test test-fast
+.PHONY: setup run test test-fast demo
 
 setup: $(STAMP)
 
@@ -28,3 +28,7 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
+
+# The chat demo on http://127.0.0.1:7860: base vs the newest adapter under runs/ (or ADAPTER=folder). Ctrl-C stops it.
+demo: setup
+	$(PY) -c "import sys; sys.path.insert(0, 'tests'); from nbimport import load_notebook; load_notebook().serve_demo(DEMO_ADAPTER='$(ADAPTER)')"

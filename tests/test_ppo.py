@@ -1,0 +1,356 @@
+"""PPO section: GAE, the losses, log-prob bookkeeping, the reference policy, guards, and a toy task it must learn."""
+import copy
+
+import pytest
+import torch
+
+PROMPTS = ["Define 'harbour' in one sentence.", "Why is the sky blue?", "Name a fruit.", "Say hello.",
+           "What is a glacier?", "Explain rain briefly.", "Count to three.", "Describe a cat."]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread: deterministic, and far faster than 2 spinning threads on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def perturb_lora_b(model, seed=0, std=0.05):
+    """Give the LoRA adapter non-zero B matrices (a fresh adapter equals the base exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def trainable_snapshot(state):
+    return [p.detach().clone() for p in state.trainable_parameters()]
+
+
+def small_cfg(nb, **kw):
+    base = dict(batch_size=8, minibatch_size=4, epochs=2, max_new_tokens=6, temperature=1.0)
+    return nb.PPOConfig(**{**base, **kw})
+
+
+def random_reward(prompts, responses, references):
+    return torch.rand(len(responses)) * 10
+
+
+# ----------------------------------------------------------------------------------------------- GAE
+def gae_plain(rewards, values, mask, gamma, lam):
+    """Reference GAE: per row, a Python loop over the valid positions only."""
+    B, T = rewards.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        idx = [t for t in range(T) if mask[b, t] > 0]
+        running, next_value = 0.0, 0.0
+        for t in reversed(idx):
+            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+            running = delta + gamma * lam * running
+            adv[b, t] = running
+            next_value = float(values[b, t])
+    return adv
+
+
+def hand_made_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rewards, values = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1],   # full length
+                         [1, 1, 1, 0, 0, 0, 0],   # stopped at EOS
+                         [1, 0, 0, 0, 0, 0, 0],   # one token
+                         [1, 1, 0, 1, 1, 0, 0],   # a hole: skipped, the carry passes over it
+                         [0, 0, 0, 0, 0, 0, 0]],  # empty
+                        dtype=torch.float32)
+    return rewards, values, mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 0.0), (1.0, 1.0), (0.5, 1.0)])
+def test_gae_matches_plain_loop(nb, gamma, lam):
+    rewards, values, mask = hand_made_batch()
+    adv, returns, deltas = nb.gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv.double(), gae_plain(rewards, values, mask, gamma, lam), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(returns, (adv + values) * mask)
+    assert (adv[mask == 0] == 0).all() and (deltas[mask == 0] == 0).all()
+
+
+def test_gae_edge_cases(nb):
+    rewards, values, mask = hand_made_batch(1)
+    mask[3] = torch.tensor([1, 1, 1, 1, 1, 0, 0.0])  # prefix masks for the closed forms
+    # λ = 0: the advantage is the one-step TD residual δ_t = r_t + γ V_{t+1} − V_t (V after the last token = 0)
+    adv0, _, deltas = nb.gae(rewards, values, mask, 1.0, 0.0)
+    next_values = torch.cat([values[:, 1:], torch.zeros(5, 1)], 1) * torch.cat([mask[:, 1:], torch.zeros(5, 1)], 1)
+    torch.testing.assert_close(adv0, (rewards + next_values - values) * mask)
+    torch.testing.assert_close(deltas, adv0)
+    # λ = 1, γ = 1: Monte-Carlo — the sum of the remaining rewards minus the value; returns = reward-to-go
+    adv1, returns1, _ = nb.gae(rewards, values, mask, 1.0, 1.0)
+    to_go = (rewards * mask).flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(adv1, (to_go - values) * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(returns1, to_go * mask, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_whiten(nb):
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -7.0, -7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0.0]])
+    w = nb.masked_whiten(x, mask)
+    valid = w[mask > 0]
+    assert abs(valid.mean().item()) < 1e-6 and abs(valid.var(unbiased=False).item() - 1) < 1e-4
+    assert (w[mask == 0] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def test_policy_loss_clipping_and_gradient_signs(nb):
+    eps = 0.2
+    old = torch.zeros(1, 4)
+    # ratios: 1.1 (inside), 1.5 (above 1+ε), 0.5 (below 1−ε), 1.5 (above 1+ε)
+    new = torch.log(torch.tensor([[1.1, 1.5, 0.5, 1.5]])).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 4)
+    loss, clip_frac, approx_kl = nb.policy_loss(new, old, adv, mask, eps)
+    # per token: −1.1 (unclipped); −1.2 (clipped: no more gain above 1+ε); +0.8 (clipped); +1.5 (unclipped: the
+    # pessimistic bound keeps the full penalty for a bad action made more likely)
+    assert loss.item() == pytest.approx((-1.1 - 1.2 + 0.8 + 1.5) / 4, abs=1e-6)
+    assert clip_frac.item() == pytest.approx(0.5)
+    ratio = torch.tensor([1.1, 1.5, 0.5, 1.5])
+    assert approx_kl.item() == pytest.approx(((ratio - 1) - ratio.log()).mean().item(), abs=1e-6)
+    loss.backward()
+    grad = new.grad[0]
+    assert grad[0] < 0  # A > 0, inside the clip: descent raises the log-prob
+    assert grad[1] == 0 and grad[2] == 0  # clipped: no gradient
+    assert grad[3] > 0  # A < 0, unclipped: descent lowers the log-prob
+    assert grad[0].item() == pytest.approx(-1.1 / 4, abs=1e-6)  # d(−ρA)/dlogπ = −ρA, over 4 tokens
+    # masked tokens contribute nothing
+    loss_m, _, _ = nb.policy_loss(new.detach(), old, adv, torch.tensor([[1, 0, 0, 0.0]]), eps)
+    assert loss_m.item() == pytest.approx(-1.1, abs=1e-6)
+
+
+def test_value_loss_clipping(nb):
+    old = torch.zeros(1, 3)
+    values = torch.tensor([[0.1, 0.5, -0.5]], requires_grad=True)
+    returns = torch.tensor([[1.0, 0.0, 1.0]])
+    mask = torch.ones(1, 3)
+    loss, clip_frac = nb.value_loss(values, old, returns, mask, 0.2)
+    # token 0: inside the clip, ½(0.1−1)²; token 1: clipped value 0.2, ½·max(0.25, 0.04) = 0.125 (unclipped wins);
+    # token 2: clipped value −0.2, ½·max(2.25, 1.44) → unclipped again; make a case where clipping wins below
+    expected = 0.5 * ((0.1 - 1) ** 2 + 0.5 ** 2 + 1.5 ** 2) / 3
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert clip_frac.item() == 0
+    loss.backward()
+    assert values.grad[0, 0] < 0 and values.grad[0, 1] > 0 and values.grad[0, 2] < 0
+    # clipping active: the value overshoots the return beyond the clip — the clipped error is larger, so it is
+    # used, and it is flat in V: no gradient pushes V further from V_old
+    v2 = torch.tensor([[0.9]], requires_grad=True)
+    loss2, clip_frac2 = nb.value_loss(v2, torch.zeros(1, 1), torch.tensor([[1.0]]), torch.ones(1, 1), 0.2)
+    assert loss2.item() == pytest.approx(0.5 * 0.8 ** 2) and clip_frac2.item() == 1.0
+    loss2.backward()
+    assert v2.grad.item() == 0
+
+
+def test_entropy_bonus_pushes_towards_uniform(nb):
+    logits = torch.tensor([[3.0, 0.0, -1.0]], requires_grad=True)
+    logp = logits.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum()
+    (-0.01 * entropy).backward()  # the loss term −c_H·H
+    assert logits.grad[0, 0] > 0 and logits.grad[0, 2] < 0  # descent lowers the top logit, raises the bottom
+
+
+def test_kl_estimators_and_token_rewards(nb):
+    lp, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -1.0, -0.5]])
+    k1, k3 = nb.kl_estimate(lp, ref, "k1"), nb.kl_estimate(lp, ref, "k3")
+    torch.testing.assert_close(k1, lp - ref)
+    r = (ref - lp).exp()
+    torch.testing.assert_close(k3, r - 1 - r.log())
+    assert (k3 >= 0).all() and k3[0, 2] == 0
+    mask = torch.tensor([[1, 1, 0.0], [1, 1, 1.0]])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.1, 0.1, 0.1]])
+    rewards = nb.token_rewards(torch.tensor([5.0, -1.0]), kl, mask, beta=0.5)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, -0.1 + 5.0, 0.0], [-0.05, -0.05, -0.05 - 1.0]]))
+
+
+def test_reward_normalisation_and_adaptive_kl(nb):
+    stats = nb.RunningMoments()
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0])
+    nb.normalise_scores(a, "running", stats)
+    out = nb.normalise_scores(b, "running", stats)
+    both = torch.cat([a, b]).double()
+    assert stats.count == 5 and stats.mean == pytest.approx(both.mean().item())
+    assert stats.var == pytest.approx(both.var(unbiased=False).item())
+    torch.testing.assert_close(out, ((b - both.mean()) / both.std(unbiased=False)).float())
+    batch = nb.normalise_scores(b, "batch", stats)
+    assert batch.tolist() == pytest.approx([-1.0, 1.0])
+    assert nb.normalise_scores(b, "none", stats).tolist() == [10.0, 20.0]
+    ctl = nb.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    ctl.update(12.0, 10)  # KL twice the target: the error clips at +0.2
+    assert ctl.beta == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    ctl.update(3.0, 10)
+    assert ctl.beta < 0.1 * (1 + 0.2 * 10 / 100)
+    fixed = nb.AdaptiveKLController(0.1, target=0.0, horizon=100)
+    fixed.update(50.0, 10)
+    assert fixed.beta == 0.1
+
+
+def test_config_rejects_bad_values(nb):
+    for bad in (dict(reward_norm="whiten"), dict(kl_estimator="k2"), dict(surrogate_target="delta"),
+                dict(temperature=0.0), dict(minibatch_size=16), dict(epochs=0)):
+        with pytest.raises(ValueError):
+            nb.PPOConfig(**bad)
+
+
+# ----------------------------------------------------------------------------------------------- log-probs
+def test_policy_logprobs_shift_padding_temperature(nb, tiny_lora):
+    model, tok = tiny_lora
+    perturb_lora_b(model)
+    gen = nb.generate(model, tok, [nb.chat_prompt(tok, p) for p in PROMPTS[:3]], max_new_tokens=5, temperature=1.0)
+    out = nb.policy_logprobs(model, nb.ValueHead(64), gen.sequences, gen.attention_mask, gen.prompt_len, 0.7)
+    P = gen.prompt_len
+    for b in range(3):  # each row alone, unpadded, through the plain HF forward
+        keep = gen.attention_mask[b].bool()
+        keep[P:] = True
+        ids = gen.sequences[b][keep][None]
+        logits = model(input_ids=ids).logits[0].float() / 0.7
+        n_prompt = int(gen.attention_mask[b, :P].sum())
+        logp = logits[n_prompt - 1:-1].log_softmax(-1)
+        valid = gen.response_mask[b].bool()
+        expected = logp.gather(-1, ids[0, n_prompt:, None])[:, 0]
+        torch.testing.assert_close(out.logprobs[b][valid], expected[valid], atol=1e-4, rtol=0)
+        entropy = -(logp.exp() * logp).sum(-1)
+        torch.testing.assert_close(out.entropy[b][valid], entropy[valid], atol=1e-4, rtol=0)
+    assert out.values.shape == out.logprobs.shape and out.values.dtype == torch.float32
+    assert out.values.abs().max() < 0.5  # small init: early values near 0
+
+
+# ----------------------------------------------------------------------------------------------- rollout/update
+def test_reference_is_base_model_and_differs_once_lora_moves(nb, tiny_lora, params):
+    model, tok = tiny_lora
+    base, _ = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)  # same weights
+    state = nb.make_ppo_state(model, tok, small_cfg(nb))
+    ro = nb.rollout(state, PROMPTS, [""] * 8, random_reward)
+    args = (ro.sequences, ro.attention_mask, ro.prompt_len, 1.0)
+    base_lp = nb.policy_logprobs(base, None, *args).logprobs * ro.mask
+    torch.testing.assert_close(ro.ref_logprobs, base_lp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ro.logprobs, base_lp, atol=1e-6, rtol=0)  # fresh adapter: B = 0
+    assert ro.kl_exact.abs().max() < 1e-5
+    perturb_lora_b(model)
+    ro2 = nb.rollout(state, PROMPTS, [""] * 8, random_reward)
+    args2 = (ro2.sequences, ro2.attention_mask, ro2.prompt_len, 1.0)
+    base_lp2 = nb.policy_logprobs(base, None, *args2).logprobs * ro2.mask
+    torch.testing.assert_close(ro2.ref_logprobs, base_lp2, atol=1e-6, rtol=0)
+    assert (ro2.logprobs - ro2.ref_logprobs).abs().max() > 1e-3
+    assert (ro2.kl_exact > 0).all()
+
+
+def test_first_minibatch_ratio_is_one_with_shuffled_minibatches(nb, tiny, params, monkeypatch):
+    model, tok = tiny
+    lora = nb.add_lora(model, params["LORA_R"], params["LORA_ALPHA"], 0.1, params["LORA_TARGETS"])  # dropout 0.1
+    perturb_lora_b(lora)
+    torch.manual_seed(0)
+    state = nb.make_ppo_state(lora, tok, small_cfg(nb, minibatch_size=3))
+    seen, real = [], nb.minibatch_loss
+    monkeypatch.setattr(nb, "minibatch_loss", lambda s, ro, idx: (seen.append(idx.tolist()), real(s, ro, idx))[1])
+    stats = nb.ppo_iteration(state, PROMPTS, [""] * 8, random_reward)
+    assert stats["gen_logprob_err"] < 1e-4  # generate()'s own log-probs agree with the recomputation
+    assert stats["first_ratio_dev"] < 1e-5  # the policy has not moved yet: ratio 1 (dropout is off)
+    assert stats["approx_kl"] > 0  # ... and it did move afterwards
+    assert [len(i) for i in seen] == [3, 3, 2] * 2
+    assert sorted(sum(seen[:3], [])) == list(range(8)) and seen[:3] != [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert seen[:3] != seen[3:]  # reshuffled every epoch
+
+
+def toy_reward_setup(nb, monkeypatch):
+    """A tiny model whose output can reach a 'good half' of the vocabulary, and a reward on tokens.
+
+    The random tiny model's logits are near-uniform over 49k tokens (its final RMSNorm output has norm ~8 and
+    its embeddings std 0.02, so logits have std ~0.14), and no change within LoRA's reach could move a random
+    half of the vocabulary. So: final-norm weight 10 (logits spread like a trained LM's, std ~1.5), and the good
+    half = tokens whose (tied) embedding has a positive projection on a fixed random direction u. Turning the
+    last hidden state towards u raises the whole half — which PPO must learn from the token rewards alone.
+    """
+    model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(10.0)
+    u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    good = (model.model.embed_tokens.weight.detach() @ u) > 0
+    last, real = {}, nb.generate
+
+    def recording_generate(*args, **kwargs):  # the reward needs the sampled token ids, not the decoded text
+        last["g"] = real(*args, **kwargs)
+        return last["g"]
+    monkeypatch.setattr(nb, "generate", recording_generate)
+
+    def reward(prompts, responses, references):  # fraction of response tokens in the good half
+        g = last.pop("g")
+        mask = g.response_mask.float()
+        return (good[g.sequences[:, g.prompt_len:]].float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return model, tok, good, reward
+
+
+def run_toy(nb, model, tok, reward, iterations, params):
+    torch.manual_seed(0)
+    lora = nb.add_lora(copy.deepcopy(model), params["LORA_R"], params["LORA_ALPHA"], 0.0, params["LORA_TARGETS"])
+    cfg = nb.PPOConfig(batch_size=16, minibatch_size=8, epochs=2, lr=2e-3, max_new_tokens=8, temperature=1.0)
+    state = nb.make_ppo_state(lora, tok, cfg)
+    prompts = [f"Say something, number {i}." for i in range(16)]
+    return [nb.ppo_iteration(state, prompts, [""] * 16, reward)["score"] for _ in range(iterations)]
+
+
+def test_toy_learning_half_vocabulary(nb, monkeypatch, params):
+    model, tok, good, reward = toy_reward_setup(nb, monkeypatch)
+    assert 0.45 < good.float().mean() < 0.55
+    scores = run_toy(nb, model, tok, reward, 20, params)
+    assert 0.35 < scores[0] < 0.65, scores  # starts near chance
+    assert sum(scores[-3:]) / 3 >= 0.7, scores  # and learns
+    assert run_toy(nb, model, tok, reward, 3, params) == scores[:3]  # deterministic under the seed
+
+
+def test_nan_reward_is_skipped_and_weights_unchanged(nb, tiny_lora):
+    model, tok = tiny_lora
+    state = nb.make_ppo_state(model, tok, small_cfg(nb))
+    nb.ppo_iteration(state, PROMPTS, [""] * 8, random_reward)  # moves the weights once
+    before, stats_before = trainable_snapshot(state), state.reward_stats.state_dict()
+    opt_steps = [s["step"].item() for s in state.optimizer.state.values()]
+
+    def nan_reward(prompts, responses, references):
+        scores = torch.rand(len(responses))
+        scores[3] = float("nan")
+        return scores
+    stats = nb.ppo_iteration(state, PROMPTS, [""] * 8, nan_reward)
+    assert stats["skipped"] == 1.0 and stats["skipped_reward"] == 1.0 and state.counters["skipped_reward"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainable_snapshot(state)))
+    assert state.reward_stats.state_dict() == stats_before  # the NaN never reached the running statistics
+    assert [s["step"].item() for s in state.optimizer.state.values()] == opt_steps
+    stats = nb.ppo_iteration(state, PROMPTS, [""] * 8, random_reward)  # and training goes on
+    assert stats["skipped"] == 0.0 and not all(torch.equal(a, b) for a, b in zip(before, trainable_snapshot(state)))
+
+
+def test_nonfinite_loss_and_gradient_skip_the_step(nb, tiny_lora):
+    model, tok = tiny_lora
+    state = nb.make_ppo_state(model, tok, small_cfg(nb))
+    params_ = state.trainable_parameters()
+    before = trainable_snapshot(state)
+    assert nb.optimizer_step(state, params_[0].sum() * float("inf")) is False
+    assert state.counters["skipped_loss"] == 1
+    # a finite loss (0) whose gradient is NaN: d sqrt(|x|)/dx at 0
+    bad = torch.sqrt((params_[0] - params_[0].detach()).abs().sum())
+    assert torch.isfinite(bad) and nb.optimizer_step(state, bad) is False
+    assert state.counters["skipped_grad"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainable_snapshot(state)))
+    assert all(p.grad is None for p in params_)
+    assert nb.optimizer_step(state, sum((p ** 2).sum() for p in params_)) is True
+
+
+@pytest.mark.parametrize("options", [dict(surrogate_target="adv_plus_delta", kl_prev_coef=0.5),
+                                     dict(kl_estimator="k3", reward_norm="batch", no_eos_penalty=1.0,
+                                          kl_target=1.0, kl_horizon=100, target_kl=1e-6)])
+def test_options_run_and_report(nb, tiny_lora, options):
+    model, tok = tiny_lora
+    state = nb.make_ppo_state(model, tok, small_cfg(nb, **options))
+    stats = nb.ppo_iteration(state, PROMPTS, [""] * 8, random_reward)
+    for key in ("score", "kl_ref", "entropy", "clip_frac", "approx_kl", "value_loss", "policy_loss",
+                "explained_variance", "response_len", "eos_rate", "tokens_per_s", "seconds", "skipped"):
+        assert key in stats and isinstance(stats[key], float), key
+    if options.get("target_kl"):
+        assert stats["early_stop"] and stats["epochs_done"] == 1  # stopped after the first minibatch's KL
+        assert state.kl_ctl.beta != options.get("kl_coef", 0.05)  # the adaptive controller moved β

@@ -1,0 +1,232 @@
+"""Training-run section: budgeted loop, JSONL log, plots, checkpoints (pointer file, keep-last), resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nbimport import ROOT
+
+TESTS = Path(__file__).resolve().parent
+PAIRS = [{"prompt": f"Question number {i}?", "reference": f"Answer number {i}.", "split": "train", "family": "f"}
+         for i in range(10)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def text_reward(prompts, responses, references):
+    """A deterministic reward of the text alone."""
+    return torch.tensor([float(len(r) % 7) for r in responses])
+
+
+def make_state(nb, seed=0):
+    nb.seed_everything(seed)
+    model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    lora = nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    cfg = nb.PPOConfig(batch_size=4, minibatch_size=2, epochs=2, max_new_tokens=5, temperature=1.0)
+    return nb.make_ppo_state(lora, tok, cfg), nb.PromptSampler(PAIRS, seed)
+
+
+def clean(records):
+    """Records with NaN replaced by a string, so that equal logs compare equal."""
+    return [{k: ("nan" if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in records]
+
+
+def timeless(records):
+    """Records without the wall-clock fields (the only ones two identical runs may differ in)."""
+    return [{k: v for k, v in r.items() if "second" not in k and k not in ("elapsed_s", "tokens_per_s")}
+            for r in clean(records)]
+
+
+def weights(state):
+    out = {f"lora.{n}": p.detach().clone() for n, p in state.policy.named_parameters() if p.requires_grad}
+    out.update({f"value.{n}": p.detach().clone() for n, p in state.value_head.named_parameters()})
+    return out
+
+
+def test_sampler_is_deterministic_wraps_and_round_trips(nb):
+    a, b = nb.PromptSampler(PAIRS, 3), nb.PromptSampler(PAIRS, 3)
+    first = a.next_batch(4) + a.next_batch(4) + a.next_batch(4)  # 12 > 10: wraps into a new shuffled pass
+    assert first == b.next_batch(12)
+    assert sorted(p["prompt"] for p in first[:10]) == sorted(p["prompt"] for p in PAIRS)
+    c = nb.PromptSampler(PAIRS, 0)
+    c.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert c.next_batch(7) == a.next_batch(7)
+    with pytest.raises(ValueError):
+        nb.PromptSampler(PAIRS[:3], 0).load_state_dict(a.state_dict())
+
+
+def test_rng_state_round_trips_through_weights_only_load(nb, tmp_path):
+    import random
+    import numpy as np
+    torch.save(nb.rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    nb.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_checkpoint_round_trip_keep_last_and_plain_peft_load(nb, tmp_path):
+    from peft import PeftModel
+    state, sampler = make_state(nb)
+    logs = nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=3, keep=2,
+                         progress=False)
+    assert len(logs) == 3 and state.iteration == 3
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003"]
+    assert json.loads((tmp_path / "latest").read_text()) == {"checkpoint": "ckpt-000003"}
+    saved = weights(state)
+    fresh, fresh_sampler = make_state(nb, seed=1)
+    restored_logs = nb.load_checkpoint(nb.latest_checkpoint(tmp_path), fresh, fresh_sampler)
+    assert all(torch.equal(saved[k], v) for k, v in weights(fresh).items())
+    assert clean(restored_logs) == clean(nb.read_log(tmp_path)) and fresh.iteration == 3
+    assert fresh_sampler.state_dict() == sampler.state_dict()
+    assert fresh.reward_stats.state_dict() == state.reward_stats.state_dict()
+    opt_a, opt_b = state.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+    # the adapter folder is a plain PEFT adapter
+    base, _ = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    plain = PeftModel.from_pretrained(base, tmp_path / "ckpt-000003" / "adapter")
+    lora_saved = {k.replace("lora.", ""): v for k, v in saved.items() if k.startswith("lora.")}
+    for name, p in plain.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(p, lora_saved[name])
+
+
+def test_half_written_checkpoint_is_ignored(nb, tmp_path, monkeypatch):
+    state, sampler = make_state(nb)
+    nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=2, progress=False)
+    at_two = weights(state)
+    real = nb.write_checkpoint_files
+
+    def crash_half_way(folder, *args):  # the adapter is written, then the process "dies"
+        folder.mkdir(parents=True)
+        args[0].policy.save_pretrained(folder / "adapter")
+        raise SystemExit("simulated crash while writing a checkpoint")
+    monkeypatch.setattr(nb, "write_checkpoint_files", crash_half_way)
+    with pytest.raises(SystemExit):
+        nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=3, resume=True,
+                      progress=False)
+    assert (tmp_path / "ckpt-000003" / "adapter").is_dir()  # the half-written folder is there ...
+    assert nb.latest_checkpoint(tmp_path).name == "ckpt-000002"  # ... but the pointer never moved
+    monkeypatch.setattr(nb, "write_checkpoint_files", real)
+    fresh, fresh_sampler = make_state(nb, seed=5)
+    logs = nb.train_loop(fresh, fresh_sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=2,
+                         resume=True, progress=False)
+    assert fresh.iteration == 2 and len(logs) == 2 and len(nb.read_log(tmp_path)) == 2  # the log is cut back too
+    assert all(torch.equal(at_two[k], v) for k, v in weights(fresh).items())
+    nb.train_loop(fresh, fresh_sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=3, resume=True,
+                  progress=False)
+    assert nb.latest_checkpoint(tmp_path).name == "ckpt-000003"  # the stale folder was rewritten whole
+    assert (tmp_path / "ckpt-000003" / "state.json").exists()
+
+
+def test_budget_stops_the_loop_log_has_every_field_plot_written(nb, tmp_path):
+    state, sampler = make_state(nb)
+    sims = lambda ro, prompts, refs: {"similarity": 1.5}
+    evals = []
+    t0 = time.time()
+    logs = nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1.0, max_iterations=10_000,
+                         metrics_fn=sims, eval_fn=lambda s: evals.append(s.iteration) or {"similarity": 2.0},
+                         eval_every=2, progress=False)
+    assert 1 <= len(logs) < 10_000 and time.time() - t0 < 30
+    on_disk = nb.read_log(tmp_path)
+    assert clean(on_disk) == clean(logs)
+    for record in on_disk:
+        missing = [k for k in nb.LOG_FIELDS if k not in record]
+        assert not missing, missing
+        assert record["reward_gap"] == pytest.approx(record["score"] - 1.5)
+    assert all(i % 2 == 0 for i in evals) and all("eval_similarity" in r for r in on_disk if r["iteration"] % 2 == 1)
+    nb.plot_training(on_disk, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_fresh_start_clears_an_old_run(nb, tmp_path):
+    state, sampler = make_state(nb)
+    nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=3, progress=False)
+    state, sampler = make_state(nb)
+    nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=1, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000001"]
+    assert len(nb.read_log(tmp_path)) == 1 and nb.latest_checkpoint(tmp_path).name == "ckpt-000001"
+
+
+def test_keyboard_interrupt_saves_and_returns(nb, tmp_path):
+    state, sampler = make_state(nb)
+    calls = []
+
+    def interrupting_reward(prompts, responses, references):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return text_reward(prompts, responses, references)
+    nb.train_loop(state, sampler, interrupting_reward, tmp_path, budget_s=1e9, max_iterations=10, ckpt_every=0,
+                  progress=False)
+    assert state.iteration == 2 and nb.latest_checkpoint(tmp_path).name == "ckpt-000002"
+
+
+CHILD = textwrap.dedent("""
+    import os, sys, time, torch
+    sys.path.insert(0, {tests!r})
+    import test_train as T
+    from nbimport import load_notebook
+    torch.set_num_threads(1)
+    nb = load_notebook()
+    run_dir, iters, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    stall_at = int(os.environ.get("STALL_AT", "-1"))
+    state, sampler = T.make_state(nb)
+
+    def reward(prompts, responses, references):
+        if state.iteration == stall_at:  # mid-iteration: generated, not yet updated
+            open(os.path.join(run_dir, "stalled"), "w").close()
+            time.sleep(600)
+        return T.text_reward(prompts, responses, references)
+    nb.train_loop(state, sampler, reward, run_dir, budget_s=1e9, max_iterations=iters, resume=resume, progress=False)
+    from safetensors.torch import save_file
+    save_file(T.weights(state), os.path.join(run_dir, "final.safetensors"))
+""")
+
+
+def run_child(script, run_dir, iters, resume, stall_at=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"STALL_AT": str(stall_at)} if stall_at is not None else {})}
+    return subprocess.Popen([sys.executable, str(script), str(run_dir), str(iters), "1" if resume else "0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=str(TESTS)))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    p = run_child(script, straight, 5, False)
+    victim = run_child(script, killed, 5, False, stall_at=3)
+    deadline = time.time() + 300
+    while not (killed / "stalled").exists():
+        assert victim.poll() is None, victim.stdout.read()
+        assert time.time() < deadline, "the child never reached iteration 3"
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert json.loads((killed / "latest").read_text()) == {"checkpoint": "ckpt-000003"}
+    assert not (killed / "final.safetensors").exists()
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    resumed = run_child(script, killed, 5, True)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    a, b = load_file(straight / "final.safetensors"), load_file(killed / "final.safetensors")
+    assert a.keys() == b.keys() and len(a) > 2
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    log_a, log_b = (timeless(json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines())
+                    for d in (straight, killed))
+    assert len(log_a) == 5 and log_a == log_b
