@@ -44,7 +44,7 @@ def markdown_report(nb, result: dict) -> str:
         f"temperature {s['temperature']} (greedy), {s['max_new_tokens']} new tokens, logits `{s['logits_mode']}`. "
         f"Similarity = 10 × cos(all-MiniLM-L6-v2); 95% bootstrap intervals over prompts ({result['n_boot']} "
         f"resamples). Length in tokens, EOS included; eos_frac = share of responses that stop at EOS before the "
-        f"cap; distinct2 = unique/all word bigrams.", "",
+        f"cap; distinct2 = unique/all word bigrams within a response, averaged.", "",
         nb.format_table(result["table"]), "",
         f"Time: model load {t['load']:.1f} s, evaluation {t['evaluate']:.1f} s ({result['machine']}, "
         f"{result['threads']} torch threads; the machine was shared, so timings are noisy).", "",
@@ -59,8 +59,11 @@ def markdown_report(nb, result: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="JSONL pairs (default: data/pairs.jsonl, else the notebook's DATA_PATH)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: steadier on a shared machine, where 2 threads oversubscribe)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "base_eval"), help="output path without suffix")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     P = notebook_parameters()
     nb = load_notebook()
     data = args.data or ("data/pairs.jsonl" if (ROOT / "data" / "pairs.jsonl").exists() else P["DATA_PATH"])

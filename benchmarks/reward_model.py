@@ -67,8 +67,11 @@ def main():
     ap.add_argument("--data", default=None, help="JSONL pairs (default: data/pairs.jsonl, else DATA_PATH)")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "default" / "reward_data.pt"))
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: steadier on a shared machine, where 2 threads oversubscribe)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "reward_model"), help="output path without suffix")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     P = notebook_parameters()
     nb = load_notebook()
     data_path = args.data or ("data/pairs.jsonl" if (ROOT / "data" / "pairs.jsonl").exists() else P["DATA_PATH"])

@@ -124,9 +124,11 @@ def test_paired_comparison_of_a_model_with_itself_and_with_a_shift(nb):
 
 
 def test_distinct_n_counts_unique_word_bigrams(nb):
-    assert nb.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
-    assert nb.distinct_n(["the cat sat", "The cat ran"], 2) == pytest.approx(3 / 4)
-    assert nb.distinct_n(["one", ""], 2) == 0.0
+    assert nb.distinct_n("a b a b", 2) == pytest.approx(2 / 3)
+    assert nb.distinct_n("The cat sat, the cat sat.", 2) == pytest.approx(3 / 5)
+    assert math.isnan(nb.distinct_n("one", 2))
+    assert nb.mean_distinct_n(["a b a b", "x y", "one", ""], 2) == pytest.approx((2 / 3 + 1) / 2)
+    assert nb.mean_distinct_n(["one", ""], 2) == 0.0
 
 
 def test_bad_input_gives_clear_errors(nb, tiny_lora, embedder):
