@@ -5,7 +5,7 @@ EVAL_MAX_NEW_TOKENS new tokens; no KL, which is 0 by construction for the untrai
 packaged SmolLM2-135M-Instruct
 and the eval split of the full data set (data/pairs.jsonl), and times it.
 
-    .venv/bin/python benchmarks/base_eval.py                    # ~2-4 min on a laptop CPU
+    .venv/bin/python benchmarks/base_eval.py                    # ~2.5-5 min on a 2-core CPU
     .venv/bin/python benchmarks/base_eval.py --data data/starter.jsonl --out /tmp/x   # another file
 
 Writes benchmarks/base_eval.json (per family and overall: n, similarity, ci_low, ci_high, length, eos_frac,

@@ -5,7 +5,8 @@ train split of the full data set (cached at runs/default/reward_data.pt — the 
 notebook run, so either one fills it for the other), then fits `RewardMLP` for several split/initialisation
 seeds. Figures are on the held-out test prompts' generated responses only (anchors excluded).
 
-    .venv/bin/python benchmarks/reward_model.py            # ~5-10 min on a laptop CPU the first time, ~1 min cached
+    .venv/bin/python benchmarks/reward_model.py            # ~3-8 min on a 2-core CPU the first time, ~30 s cached
+    .venv/bin/python benchmarks/reward_model.py --prompts 0 --cache /tmp/rm_all.pt --out benchmarks/reward_model_all_prompts
 
 Writes benchmarks/reward_model.json — spearman_global, spearman_within_prompt, pearson, mse, mse_constant
 (medians over seeds; `seeds` holds each seed's figures, `seed0` the notebook's) — and benchmarks/reward_model.md.
@@ -67,6 +68,7 @@ def main():
     ap.add_argument("--data", default=None, help="JSONL pairs (default: data/pairs.jsonl, else DATA_PATH)")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "default" / "reward_data.pt"))
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=None, help="override RM_PROMPTS (0 = all train prompts)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: steadier on a shared machine, where 2 threads oversubscribe)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "reward_model"), help="output path without suffix")
@@ -81,6 +83,8 @@ def main():
     model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
     embedder = nb.Embedder(P["EMBEDDER"], device=device)
     train = nb.split_pairs(nb.load_pairs(str(ROOT / data_path)), "train")
+    if args.prompts is not None:
+        P["RM_PROMPTS"] = args.prompts
     train = train[:P["RM_PROMPTS"]] if P["RM_PROMPTS"] else train
     t0 = time.time()
     data = nb.build_reward_data(model, tok, train, embedder, temperatures=P["RM_TEMPERATURES"],

@@ -26,10 +26,11 @@ def test_exactly_one_parameters_cell():
 
 
 def test_imports_quickly_and_loads_no_model():
+    import peft, transformers  # noqa: F401  (library import time is not the notebook's; on a loaded machine it is 20 s+)
     t0 = time.time()
     module = load_notebook(NB_PATH, name="rlft_import_check", reload=True)
     elapsed = time.time() - t0
-    assert elapsed < 20, f"importing the notebook took {elapsed:.1f}s"
+    assert elapsed < 10, f"importing the notebook took {elapsed:.1f}s"
     assert callable(module.load_base) and callable(module.load_pairs)
     modules = [k for k, v in vars(module).items() if isinstance(v, torch.nn.Module)]
     assert modules == [], f"definition cells built models at import: {modules}"
