@@ -35,6 +35,13 @@ def notebook_parameters() -> dict:
     return values
 
 
+def load_default_stack(nb, P: dict, device):
+    """The notebook's default model wrapped in LoRA, its tokenizer and the sentence embedder."""
+    base, tok = nb.load_base(P["MODEL"], P["CACHE_DIR"], device, nb.resolve_dtype(P["DTYPE"], device), seed=P["SEED"])
+    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
+    return model, tok, nb.Embedder(P["EMBEDDER"], device=device)
+
+
 def markdown_report(nb, result: dict) -> str:
     """The committed markdown: set-up, the table, a few examples."""
     s, t = result["settings"], result["seconds"]
@@ -70,9 +77,7 @@ def main():
     nb.seed_everything(P["SEED"])
     device = nb.resolve_device(P["DEVICE"])
     t0 = time.time()
-    base, tok = nb.load_base(P["MODEL"], P["CACHE_DIR"], device, nb.resolve_dtype(P["DTYPE"], device), seed=P["SEED"])
-    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
-    embedder = nb.Embedder(P["EMBEDDER"], device=device)
+    model, tok, embedder = load_default_stack(nb, P, device)
     t_load = time.time() - t0
     pairs = nb.split_pairs(nb.load_pairs(str(ROOT / data)), "eval")
     pairs = pairs[:P["EVAL_N"]] if P["EVAL_N"] else pairs

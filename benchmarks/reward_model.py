@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from base_eval import load_notebook, notebook_parameters  # noqa: E402
+from base_eval import load_default_stack, load_notebook, notebook_parameters  # noqa: E402
 
 FIELDS = ("spearman_global", "spearman_within_prompt", "pearson", "mse", "mse_constant")
 
@@ -79,9 +79,7 @@ def main():
     data_path = args.data or ("data/pairs.jsonl" if (ROOT / "data" / "pairs.jsonl").exists() else P["DATA_PATH"])
     nb.seed_everything(P["SEED"])
     device = nb.resolve_device(P["DEVICE"])
-    base, tok = nb.load_base(P["MODEL"], P["CACHE_DIR"], device, nb.resolve_dtype(P["DTYPE"], device), seed=P["SEED"])
-    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
-    embedder = nb.Embedder(P["EMBEDDER"], device=device)
+    model, tok, embedder = load_default_stack(nb, P, device)
     train = nb.split_pairs(nb.load_pairs(str(ROOT / data_path)), "train")
     if args.prompts is not None:
         P["RM_PROMPTS"] = args.prompts

@@ -31,6 +31,15 @@ def params():
 
 
 @pytest.fixture
+def one_thread():
+    """One CPU thread for the test: deterministic, and far faster than 2 spinning threads on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny(nb):
     """A fresh tiny base model (seed 0, fp32, CPU) and its tokenizer."""
     return nb.load_base("tiny", CACHE_DIR, CPU, torch.float32, seed=0)

@@ -9,13 +9,7 @@ PROMPTS = ["Define 'harbour' in one sentence.", "Why is the sky blue?", "Name a 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: deterministic, and far faster than 2 spinning threads on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturb_lora_b(model, seed=0, std=0.05):

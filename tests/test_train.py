@@ -19,12 +19,7 @@ PAIRS = [{"prompt": f"Question number {i}?", "reference": f"Answer number {i}.",
          for i in range(10)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def text_reward(prompts, responses, references):
