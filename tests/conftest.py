@@ -30,6 +30,16 @@ def params():
     return values
 
 
+def perturb_lora_b(model, std: float = 0.05, seed: int = 0):
+    """Give the LoRA B matrices (zero at init) seeded random values, so the adapter changes the model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
 @pytest.fixture
 def one_thread():
     """One CPU thread for the test: deterministic, and far faster than 2 spinning threads on a shared machine."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CACHE_DIR, CPU
+from conftest import CACHE_DIR, CPU, perturb_lora_b
 from nbimport import ROOT
 
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=10, logits_mode="full", pca_k=16)
@@ -28,14 +28,9 @@ def word_overlap(response: str, reference: str) -> float:
     return 10.0 * len(a & b) / len(a | b) if a | b else 0.0
 
 
-def perturb(model, std: float = 0.5, seed: int = 1):
-    """Give the LoRA B matrices random values, so base and tuned answers differ (B = 0 would make them equal)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
+def perturb(model):
+    """Random LoRA B matrices, so base and tuned answers differ (B = 0 would make them equal)."""
+    return perturb_lora_b(model, std=0.5, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import perturb_lora_b
 from nbimport import ROOT
 
 EVAL_TOKENS = 6
@@ -18,15 +19,6 @@ def embedder(nb):
 @pytest.fixture(scope="module")
 def eval_pairs(nb):
     return nb.split_pairs(nb.load_pairs(str(ROOT / "data" / "starter.jsonl")), "eval")
-
-
-def perturb_adapter(model, scale=0.2, seed=1):
-    """Give the LoRA B matrices (zero at init) random values, so the adapter changes the policy."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def test_evaluate_reports_every_figure_per_family_in_sane_ranges(nb, tiny_lora, embedder, eval_pairs):
@@ -65,7 +57,7 @@ def test_kl_of_model_against_itself_is_zero_and_against_perturbed_adapter_positi
     gen = nb.generate(model, tok, prompts, max_new_tokens=EVAL_TOKENS, temperature=1.0, top_k=0, top_p=1.0)
     zero = nb.exact_kl(model, gen)
     assert zero.shape == (4,) and torch.allclose(zero, torch.zeros(4), atol=1e-6)
-    perturb_adapter(model)
+    perturb_lora_b(model, std=0.2, seed=1)
     kl = nb.exact_kl(model, gen)
     assert (kl > 1e-4).all(), kl
     one_by_one = torch.cat([nb.exact_kl(model, gen_row) for gen_row in single_rows(nb, model, tok, gen)])
@@ -86,7 +78,7 @@ def single_rows(nb, model, tok, gen):
 def test_full_vocabulary_logprobs_agree_with_generate(nb, tiny_lora, eval_pairs):
     """The KL's distributions are the ones generate() samples from (temperature 1): same positions, same masks."""
     model, tok = tiny_lora
-    perturb_adapter(model)
+    perturb_lora_b(model, std=0.2, seed=1)
     prompts = [nb.chat_prompt(tok, p["prompt"]) for p in eval_pairs[:3]]
     torch.manual_seed(0)
     gen = nb.generate(model, tok, prompts, max_new_tokens=EVAL_TOKENS, temperature=1.0, top_k=0, top_p=1.0)

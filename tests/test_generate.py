@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import CACHE_DIR, CPU
+from conftest import CACHE_DIR, CPU, perturb_lora_b
 
 PROMPTS = ["Define 'harbour' in one sentence.", "Hi", "Write a short poem about the sea and the wind in spring."]
 
@@ -226,10 +226,7 @@ def test_sampling_is_reproducible_under_a_seed(nb, tiny):
 def test_works_with_peft_and_under_inference_mode(nb, tiny_lora):
     model, tokenizer = tiny_lora
     prompts = rendered(nb, tokenizer)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.05)
+    perturb_lora_b(model)
     adapted = nb.generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0)
     with model.disable_adapter():
         base = nb.generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0)

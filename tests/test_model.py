@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from conftest import CACHE_DIR, CPU
+from conftest import CACHE_DIR, CPU, perturb_lora_b
 
 
 def test_tiny_model_and_tokenizer(tiny):
@@ -47,10 +47,8 @@ def test_lora_starts_at_base_and_disabling_restores_it(tiny_lora):
         start = model(**ids).logits
     assert all(torch.count_nonzero(p) == 0 for n, p in model.named_parameters() if "lora_B" in n)
     assert torch.equal(start, base)
+    perturb_lora_b(model)
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.05)
         adapted = model(**ids).logits
         with model.disable_adapter():
             disabled = model(**ids).logits

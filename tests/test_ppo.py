@@ -4,6 +4,8 @@ import copy
 import pytest
 import torch
 
+from conftest import perturb_lora_b
+
 PROMPTS = ["Define 'harbour' in one sentence.", "Why is the sky blue?", "Name a fruit.", "Say hello.",
            "What is a glacier?", "Explain rain briefly.", "Count to three.", "Describe a cat."]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -11,14 +13,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def perturb_lora_b(model, seed=0, std=0.05):
-    """Give the LoRA adapter non-zero B matrices (a fresh adapter equals the base exactly)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def trainable_snapshot(state):
