@@ -18,21 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from nbimport import load_notebook  # noqa: E402
-
-
-def notebook_parameters() -> dict:
-    """The defaults of the notebook's `parameters` cell."""
-    cell = next(c for c in nbformat.read(ROOT / "rlft.ipynb", as_version=4).cells
-                if "parameters" in c.metadata.get("tags", []))
-    values: dict = {}
-    exec(cell.source, {}, values)
-    return values
+from nbimport import load_notebook, notebook_parameters  # noqa: E402
 
 
 def load_default_stack(nb, P: dict, device):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbimport import ROOT, load_notebook  # noqa: E402
+from nbimport import ROOT, load_notebook, notebook_parameters  # noqa: E402
 
 CACHE_DIR = os.environ.get("RLFT_CACHE", "~/.cache/rlft")
 CPU = torch.device("cpu")
@@ -22,12 +22,7 @@ def nb():
 @pytest.fixture(scope="session")
 def params():
     """The notebook's default parameters, read from its `parameters` cell (so tests follow the defaults)."""
-    import nbformat
-    cell = next(c for c in nbformat.read(ROOT / "rlft.ipynb", as_version=4).cells
-                if "parameters" in c.metadata.get("tags", []))
-    values = {}
-    exec(cell.source, {}, values)
-    return values
+    return notebook_parameters(ROOT / "rlft.ipynb")
 
 
 def perturb_lora_b(model, std: float = 0.05, seed: int = 0):

@@ -31,6 +31,14 @@ def export_cells(path: Path) -> list[tuple[int, str]]:
     return [(i, c.source) for i, c in enumerate(nb.cells) if is_export_cell(c)]
 
 
+def notebook_parameters(path: str | Path = ROOT / "rlft.ipynb") -> dict:
+    """The defaults of the notebook's `parameters` cell, as a dict of name -> value."""
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    values: dict = {}
+    exec(cell.source, {}, values)
+    return values
+
+
 def load_notebook(path: str | Path = ROOT / "rlft.ipynb", name: str = "rlft", reload: bool = False) -> types.ModuleType:
     """Execute the notebook's definition cells into a fresh module named `name` (cached per path)."""
     path = Path(path).resolve()
