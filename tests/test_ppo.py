@@ -180,6 +180,29 @@ def test_reward_normalisation_and_adaptive_kl(nb):
     assert fixed.beta == 0.1
 
 
+def test_group_normalisation_compares_siblings(nb):
+    """'group': each score minus the mean of its own prompt's K responses, over the running σ."""
+    stats = nb.RunningMoments()
+    scores = torch.tensor([1.0, 3.0, 10.0, 14.0])  # prompt A: 1, 3; prompt B: 10, 14
+    out = nb.normalise_scores(scores, "group", stats, group_size=2)
+    sigma = scores.double().std(unbiased=False).item()
+    assert out.tolist() == pytest.approx([-1 / sigma, 1 / sigma, -2 / sigma, 2 / sigma], rel=1e-5)
+    assert stats.count == 4  # the running σ still learns the scale
+    assert nb.repeat_each(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        nb.PPOConfig(batch_size=8, samples_per_prompt=3)
+
+
+def test_ppo_config_reads_every_field_from_the_parameters_cell(nb, params):
+    """ppo_config(parameters) fills every PPOConfig field from a parameters-cell name (none forgotten)."""
+    import dataclasses
+    cfg = nb.ppo_config(params)
+    mapped = set(nb.PPO_PARAMETERS)
+    assert mapped == {f.name for f in dataclasses.fields(nb.PPOConfig)} - {"value_init_std"}
+    for field, name in nb.PPO_PARAMETERS.items():
+        assert getattr(cfg, field) == params[name], field
+
+
 def test_config_rejects_bad_values(nb):
     for bad in (dict(reward_norm="whiten"), dict(kl_estimator="k2"), dict(surrogate_target="delta"),
                 dict(temperature=0.0), dict(minibatch_size=16), dict(epochs=0)):

@@ -147,6 +147,18 @@ def test_budget_stops_the_loop_log_has_every_field_plot_written(nb, tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
+def test_iteration_samples_k_responses_per_prompt(nb):
+    """samples_per_prompt = K: batch_size / K prompts from the sampler, each in K consecutive rows."""
+    import dataclasses
+    state, sampler = make_state(nb)
+    state.cfg = dataclasses.replace(state.cfg, samples_per_prompt=2, reward_norm="group")
+    seen = []
+    stats, _ = nb.run_iteration(state, sampler, text_reward, lambda ro, prompts, refs: seen.append(prompts) or {})
+    prompts = seen[0]
+    assert len(prompts) == 4 and prompts[0] == prompts[1] and prompts[2] == prompts[3] and prompts[0] != prompts[2]
+    assert sampler.position == 2 and stats["skipped"] == 0.0
+
+
 def test_fresh_start_clears_an_old_run(nb, tmp_path):
     state, sampler = make_state(nb)
     nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=3, progress=False)
