@@ -163,6 +163,7 @@ def run_one(ctx: Context, P: dict, seed: int, method: str, run_path: Path) -> di
     rows = after["rows"]
     return {"seed": seed, "method": method, "train": train, "train_seconds": t_train, "wall_s": time.time() - t0,
             "gain": comparison["overall"]["diff"], "comparison": comparison, "table": after["table"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this process, so far
             "kl_mean": float(np.mean([r.get("kl", float("nan")) for r in rows])),
             "examples": [{k: r[k] for k in ("prompt", "family", "response", "similarity")} for r in rows[::20]],
             "rows": [{k: r[k] for k in ("prompt", "similarity", "length", "eos")} for r in rows]}
@@ -216,7 +217,7 @@ def markdown_report(r: dict) -> str:
         f"Model `{r['model']}`, data `{r['data']}`: {r['eval_prompts']} eval prompts answered greedily "
         f"({r['eval_max_new_tokens']} new tokens) before and after {r['budget_s']} s of training per seed "
         f"({r['threads']} torch thread(s), {r['machine']}). Similarity = 10 × cos(all-MiniLM-L6-v2). The interval is a "
-        f"95% paired bootstrap over prompts of the seed-averaged gain.", "",
+        f"95% paired bootstrap over prompts of the seed-averaged gain. {r.get('note', '')}", "",
         "| figure | value |", "|---|---|",
         f"| gain, mean over seeds | **{r['gain_mean']:+.2f}** (per seed {', '.join(f'{g:+.2f}' for g in r['gains'])}) |",
         f"| 95% interval | [{r['gain_ci_low']:+.2f}, {r['gain_ci_high']:+.2f}] |",
@@ -227,7 +228,7 @@ def markdown_report(r: dict) -> str:
         f"| EOS rate before → after | {r['eos_rate_before']:.2f} → {r['eos_rate_after']:.2f} |",
         f"| mean length before → after (tokens) | {r['mean_len_before']:.1f} → {r['mean_len_after']:.1f} |",
         f"| PPO iterations per seed (mean) | {r['iterations_mean']:.0f} |",
-        f"| wall time, all seeds | {r['wall_s'] / 60:.1f} min; peak RSS {r['peak_rss_mb']:.0f} MB |", "",
+        f"| wall time, summed over seeds (training + evaluation) | {r['wall_s'] / 60:.1f} min; peak RSS {r['peak_rss_mb']:.0f} MB |", "",
         "Acceptance (gain_mean ≥ 0.75, every seed > 0.3, interval excludes 0, distinct2_ratio ≥ 0.9): "
         + ", ".join(f"{k} **{'yes' if v else 'no'}**" for k, v in acc.items()) + ".", ""]
     return "\n".join(lines)
@@ -239,6 +240,7 @@ def common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--cache", default=str(ROOT / "runs" / "bench"), help="per-seed results and shared caches")
+    ap.add_argument("--note", default="", help="a sentence for the markdown (e.g. how the runs shared the machine)")
 
 
 def main():
@@ -253,7 +255,7 @@ def main():
     runs = run_seeds(ctx, P, args.seeds, "ppo_seeds")
     r = summarize(ctx, runs)
     r |= run_metadata(ctx, args, t0) | {
-        "wall_s": sum(x["wall_s"] for x in runs), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "wall_s": sum(x["wall_s"] for x in runs), "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),
         "acceptance": {"gain_mean>=0.75": r["gain_mean"] >= 0.75, "every_seed>0.3": r["gain_min"] > 0.3,
                        "ci_excludes_0": r["gain_ci_low"] > 0, "distinct2_ratio>=0.9": r["distinct2_ratio"] >= 0.9},
         "runs": runs}
@@ -265,7 +267,7 @@ def run_metadata(ctx: Context, args, t0: float) -> dict:
     P = ctx.P
     return {"model": P["MODEL"], "data": P["DATA_PATH"], "eval_prompts": len(ctx.eval_pairs), "budget_s": args.budget,
             "seeds": args.seeds, "eval_max_new_tokens": P["EVAL_MAX_NEW_TOKENS"], "threads": args.threads,
-            "machine": platform.machine(), "overrides": args.set, "this_call_s": time.time() - t0}
+            "machine": platform.machine(), "overrides": args.set, "note": args.note, "this_call_s": time.time() - t0}
 
 
 def write_report(out: str, result: dict, markdown: str) -> None:
