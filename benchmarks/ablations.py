@@ -59,7 +59,8 @@ def markdown_report(r: dict) -> str:
              f"Model `{r['model']}`, {r['eval_prompts']} eval prompts (greedy, {r['eval_max_new_tokens']} new tokens), "
              f"{r['budget_s']:.0f} s of training per run, seeds {r['seeds']}, {r['threads']} torch thread(s). "
              "Gain = mean similarity (10 × cos) after − before, paired over prompts; the interval is a 95% paired "
-             "bootstrap of the seed-averaged gain. 'vs default' is the per-seed difference from the default run.", "",
+             "bootstrap of the seed-averaged gain. 'vs default' is the per-seed difference from the default run. "
+             + r.get("note", ""), "",
              "| variant | what changes | gain (mean) | per seed | 95% interval | vs default | KL | EOS after | length after | iterations |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in r["variants"].items():

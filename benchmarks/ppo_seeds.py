@@ -188,12 +188,23 @@ def paired_gain_ci(ctx: Context, runs: list[dict], n_boot: int, seed: int = 0) -
     return ctx.nb.bootstrap_ci(diff.tolist(), n_boot, seed=seed)
 
 
+def gain_at_equal_length(ctx: Context, runs: list[dict]) -> tuple[float, float]:
+    """Mean gain over the prompts whose answer hit the length cap both before and after (so the length did not
+    change), and that share of all (prompt, seed) pairs: how much of the gain is not a change of length."""
+    cap, base = ctx.P["EVAL_MAX_NEW_TOKENS"], {r["prompt"]: r for r in ctx.base_eval["rows"]}
+    diffs = [r["similarity"] - base[r["prompt"]]["similarity"] for run in runs for r in run["rows"]
+             if r["length"] >= cap and base[r["prompt"]]["length"] >= cap]
+    total = sum(len(run["rows"]) for run in runs)
+    return (float(np.mean(diffs)) if diffs else float("nan")), len(diffs) / max(total, 1)
+
+
 def summarize(ctx: Context, runs: list[dict]) -> dict:
     """The issue's named fields over seeds."""
     base_t = ctx.base_eval["table"]["overall"]
     gains = [r["gain"] for r in runs]
     lo, hi = paired_gain_ci(ctx, runs, ctx.P["BOOTSTRAP"])
     families = sorted(k for k in runs[0]["comparison"] if k != "overall")
+    capped_gain, capped_share = gain_at_equal_length(ctx, runs)
     return {"gain_mean": float(np.mean(gains)), "gain_min": float(min(gains)), "gain_std": float(np.std(gains)),
             "gain_ci_low": lo, "gain_ci_high": hi, "gains": gains,
             "family_gains": {f: float(np.mean([r["comparison"][f]["diff"] for r in runs])) for f in families},
@@ -205,7 +216,8 @@ def summarize(ctx: Context, runs: list[dict]) -> dict:
             "eos_rate_after": float(np.mean([r["table"]["overall"]["eos_frac"] for r in runs])),
             "mean_len_before": base_t["length"],
             "mean_len_after": float(np.mean([r["table"]["overall"]["length"] for r in runs])),
-            "iterations_mean": float(np.mean([r["train"]["iterations"] for r in runs]))}
+            "iterations_mean": float(np.mean([r["train"]["iterations"] for r in runs])),
+            "gain_both_capped": capped_gain, "share_both_capped": capped_share}
 
 
 def markdown_report(r: dict) -> str:
@@ -227,6 +239,8 @@ def markdown_report(r: dict) -> str:
         f"| distinct-2 after / before | {r['distinct2_ratio']:.3f} |",
         f"| EOS rate before → after | {r['eos_rate_before']:.2f} → {r['eos_rate_after']:.2f} |",
         f"| mean length before → after (tokens) | {r['mean_len_before']:.1f} → {r['mean_len_after']:.1f} |",
+        f"| gain where the answer hit the {r['eval_max_new_tokens']}-token cap before and after (same length; "
+        f"{r['share_both_capped']:.0%} of answers) | {r['gain_both_capped']:+.2f} |",
         f"| PPO iterations per seed (mean) | {r['iterations_mean']:.0f} |",
         f"| wall time, summed over seeds (training + evaluation) | {r['wall_s'] / 60:.1f} min; peak RSS {r['peak_rss_mb']:.0f} MB |", "",
         "Acceptance (gain_mean ≥ 0.75, every seed > 0.3, interval excludes 0, distinct2_ratio ≥ 0.9): "
