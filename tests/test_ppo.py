@@ -189,6 +189,8 @@ def test_group_normalisation_compares_siblings(nb):
     assert out.tolist() == pytest.approx([-1 / sigma, 1 / sigma, -2 / sigma, 2 / sigma], rel=1e-5)
     assert stats.count == 4  # the running σ still learns the scale
     assert nb.repeat_each(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
+    with pytest.raises(ValueError, match="not groups of 2"):
+        nb.normalise_scores(torch.tensor([1.0, 2.0, 3.0]), "group", stats, group_size=2)
     with pytest.raises(ValueError, match="samples_per_prompt"):
         nb.PPOConfig(batch_size=8, samples_per_prompt=3)
 
