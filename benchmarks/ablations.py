@@ -15,6 +15,7 @@ Writes <out>.json (per variant: gain_mean, gains per seed, gain vs default per s
 kl_mean, eos_rate_after, mean_len_after, distinct2_ratio, iterations) and <out>.md.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,11 +29,11 @@ from ppo_seeds import ROOT, Context, common_args, parameters, run_metadata, run_
 # flipped at run time (see `variant_overrides`), so the table always compares against the plain/seed choice.
 VARIANTS = {
     "default": ("the notebook's default configuration", {}),
-    "reward": ("the other reward: exact similarity <-> reward MLP", {"REWARD_FN": ("similarity", "mlp")}),
+    "reward": ("the other reward (exact similarity or the reward MLP)", {"REWARD_FN": ("similarity", "mlp")}),
     "adv_plus_delta": ("the seed's surrogate target ratios * (adv + delta)",
                        {"SURROGATE_TARGET": ("adv_plus_delta", "adv")}),
-    "kl_prev": ("the seed's KL(pi_old || pi) term in the loss", {"KL_PREV_COEF": (0.1, 0.0)}),
-    "entropy": ("the entropy bonus switched (0.01 <-> 0)", {"PPO_ENT_COEF": (0.01, 0.0)}),
+    "kl_prev": ("the seed's KL(π_old ‖ π) term in the loss", {"KL_PREV_COEF": (0.1, 0.0)}),
+    "entropy": ("the entropy bonus switched (0.01 or 0)", {"PPO_ENT_COEF": (0.01, 0.0)}),
     "one_sample": ("one response per prompt, running normalisation (no group baseline)",
                    {"PPO_SAMPLES_PER_PROMPT": (1, 4), "REWARD_NORM": ("running", "group")}),
     "sft": ("supervised fine-tuning on the references (same LoRA, LR, budget)", "sft"),
@@ -61,11 +62,12 @@ def markdown_report(r: dict) -> str:
              "Gain = mean similarity (10 × cos) after − before, paired over prompts; the interval is a 95% paired "
              "bootstrap of the seed-averaged gain. 'vs default' is the per-seed difference from the default run. "
              + r.get("note", ""), "",
-             "| variant | what changes | gain (mean) | per seed | 95% interval | vs default | KL | EOS after | length after | iterations |",
+             "| variant | what changes | gain (mean) | per seed | 95% interval | vs default | KL | EOS after | length after | iterations (SFT: steps) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in r["variants"].items():
         vs = f"{v['vs_default_mean']:+.2f}" if name != "default" and "vs_default_mean" in v else "–"
-        lines.append(f"| {name} | {v['what']} | **{v['gain_mean']:+.2f}** | {', '.join(f'{g:+.2f}' for g in v['gains'])} "
+        changes = ", ".join(f"`{k} = {json.dumps(x)}`" for k, x in v["overrides"].items())
+        lines.append(f"| {name} | {v['what']}{': ' + changes if changes else ''} | **{v['gain_mean']:+.2f}** | {', '.join(f'{g:+.2f}' for g in v['gains'])} "
                      f"| [{v['gain_ci_low']:+.2f}, {v['gain_ci_high']:+.2f}] | {vs} | {v['kl_mean']:.2f} | "
                      f"{v['eos_rate_after']:.2f} | {v['mean_len_after']:.1f} | {v['iterations_mean']:.0f} |")
     return "\n".join(lines + [""])
