@@ -255,6 +255,20 @@ def test_streaming_yields_the_same_text(nb, tiny):
     assert len(pieces) > 1 and "".join(pieces) == gen.texts[0]
 
 
+def test_streaming_flushes_a_character_cut_off_at_the_cap(nb, tiny, monkeypatch):
+    """A reply whose last token is half of a multi-byte character still streams all of generate()'s text."""
+    model, tokenizer = tiny
+    ids = tokenizer("Hi", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("Ã")]
+    assert tokenizer.decode(ids).endswith("\ufffd")  # the first byte of "é" alone
+
+    def fake_steps(*args, **kwargs):
+        for i in ids:
+            yield torch.tensor([i]), torch.zeros(1), torch.tensor([True])
+    monkeypatch.setattr(nb, "decode_steps", fake_steps)
+    pieces = list(nb.generate_stream(model, tokenizer, "x", max_new_tokens=len(ids), temperature=0))
+    assert "".join(pieces) == tokenizer.decode(ids) and pieces[-1] == "\ufffd"
+
+
 # ---------------------------------------------------------------- logits modes (issue 5)
 @pytest.mark.parametrize("mode", ["full", "pca_seed", "pca_rank_k"])
 def test_every_mode_gives_a_valid_distribution_at_every_step(nb, tiny, record, mode):
