@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from nbimport import load_notebook, notebook_parameters  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from base_eval import evaluate_split, load_default_model, load_notebook, notebook_parameters  # noqa: E402
+from reward_model import fit_split, reward_data  # noqa: E402
 
 
 def parse_value(text: str):
@@ -55,27 +56,16 @@ def parameters(params_file: str | None, sets: list[str]) -> dict:
 def fresh_model(nb, P: dict, seed: int, device):
     """Base model + a LoRA adapter initialised with `seed` (what the notebook builds in section 1)."""
     nb.seed_everything(seed)
-    base, tok = nb.load_base(P["MODEL"], P["CACHE_DIR"], device, nb.resolve_dtype(P["DTYPE"], device), seed=P["SEED"])
-    return nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"]), tok
+    return load_default_model(nb, P, device)
 
 
-def evaluate_split(nb, P: dict, model, tok, pairs, embedder, with_kl: bool) -> dict:
-    """The notebook's evaluation settings (greedy, EVAL_MAX_NEW_TOKENS) on `pairs`."""
-    return nb.evaluate(model, tok, pairs, embedder, max_new_tokens=P["EVAL_MAX_NEW_TOKENS"],
-                       temperature=P["EVAL_TEMPERATURE"], top_k=P["TOP_K"], top_p=P["TOP_P"],
-                       logits_mode=P["LOGITS_MODE"], pca_k=P["PCA_K"], batch_size=P["EVAL_BATCH_SIZE"],
-                       with_kl=with_kl, n_boot=P["BOOTSTRAP"], seed=P["SEED"], progress=False)
-
-
-def cached_json(path: Path, compute) -> dict:
-    """Read path if it exists, else compute(), write it atomically and return it."""
+def cached_json(nb, path: Path, compute) -> dict:
+    """Read path if it exists, else compute(), write it atomically (the notebook's write_json_atomic) and return it."""
     if path.exists():
         return json.loads(path.read_text())
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
+    nb.write_json_atomic(path, result)
     return result
 
 
@@ -96,9 +86,10 @@ class Context:
         self.eval_pairs = eval_pairs[:P["EVAL_N"]] if P["EVAL_N"] else eval_pairs
         self.embedder = self.nb.Embedder(P["EMBEDDER"], device=self.device)
         eval_keys = ("MODEL", "DATA_PATH", "EVAL_N", "EVAL_MAX_NEW_TOKENS", "EVAL_TEMPERATURE", "LOGITS_MODE")
-        self.base_eval = cached_json(cache / f"base_eval-{key_of({k: P[k] for k in eval_keys})}.json",
+        self.base_eval = cached_json(self.nb, cache / f"base_eval-{key_of({k: P[k] for k in eval_keys})}.json",
                                      lambda: evaluate_split(self.nb, P, *fresh_model(self.nb, P, P["SEED"], self.device),
-                                                            self.eval_pairs, self.embedder, with_kl=False))
+                                                            self.eval_pairs, self.embedder, with_kl=False,
+                                                            progress=False))
         self._rm_data = None
 
     def reward_data(self, model, tok) -> dict:
@@ -106,10 +97,7 @@ class Context:
         if self._rm_data is None:
             P = self.P
             rm_pairs = self.train_pairs[:P["RM_PROMPTS"]] if P["RM_PROMPTS"] else self.train_pairs
-            self._rm_data = self.nb.build_reward_data(
-                model, tok, rm_pairs, self.embedder, temperatures=P["RM_TEMPERATURES"], n_mismatched=P["RM_MISMATCHED"],
-                max_new_tokens=P["MAX_NEW_TOKENS"], batch_size=P["RM_BATCH_SIZE"], seed=P["SEED"],
-                cache_path=self.cache / "reward_data.pt", model_name=P["MODEL"])
+            self._rm_data = reward_data(self.nb, P, model, tok, rm_pairs, self.embedder, self.cache / "reward_data.pt")
         return self._rm_data
 
     def reward_fn(self, P: dict, model, tok, seed: int):
@@ -117,11 +105,7 @@ class Context:
         nb = self.nb
         if P["REWARD_FN"] != "mlp":
             return nb.make_reward_fn(P["REWARD_FN"], self.embedder, None, device=self.device)
-        data = self.reward_data(model, tok)
-        split = nb.split_by_prompt(data["prompt_id"], P["RM_VAL_FRAC"], P["RM_TEST_FRAC"], seed=seed)
-        rm, _ = nb.fit_reward_mlp(data["prompt_emb"], data["response_emb"], data["label"], split["train"],
-                                  split["val"], hidden=P["RM_HIDDEN"], lr=P["RM_LR"], max_epochs=P["RM_MAX_EPOCHS"],
-                                  patience=P["RM_PATIENCE"], seed=seed)
+        rm, _, _ = fit_split(nb, P, self.reward_data(model, tok), seed)
         return nb.make_reward_fn("mlp", self.embedder, rm.to(self.device), device=self.device)
 
 
@@ -158,7 +142,7 @@ def run_one(ctx: Context, P: dict, seed: int, method: str, run_path: Path) -> di
     model, tok = fresh_model(ctx.nb, P, seed, ctx.device)
     train = (train_ppo if method == "ppo" else train_sft)(ctx, P, model, tok, seed, run_path)
     t_train = time.time() - t0
-    after = evaluate_split(ctx.nb, P, model, tok, ctx.eval_pairs, ctx.embedder, with_kl=P["EVAL_KL"])
+    after = evaluate_split(ctx.nb, P, model, tok, ctx.eval_pairs, ctx.embedder, with_kl=P["EVAL_KL"], progress=False)
     comparison = ctx.nb.paired_comparison(ctx.base_eval, after, n_boot=P["BOOTSTRAP"], seed=seed)
     rows = after["rows"]
     return {"seed": seed, "method": method, "train": train, "train_seconds": t_train, "wall_s": time.time() - t0,
@@ -175,7 +159,7 @@ def run_seeds(ctx: Context, P: dict, seeds: list[int], name: str, method: str = 
     out = []
     for seed in seeds:
         path = ctx.cache / f"{name}-{key}-s{seed}.json"
-        out.append(cached_json(path, lambda: run_one(ctx, P, seed, method, ctx.cache / "runs" / path.stem)))
+        out.append(cached_json(ctx.nb, path, lambda: run_one(ctx, P, seed, method, ctx.cache / "runs" / path.stem)))
         print(f"{name} seed {seed}: gain {out[-1]['gain']:+.3f} ({out[-1]['train']['iterations']} iterations, "
               f"{out[-1]['wall_s']:.0f} s)", flush=True)
     return out

@@ -29,13 +29,27 @@ from base_eval import load_default_stack, load_notebook, notebook_parameters  # 
 FIELDS = ("spearman_global", "spearman_within_prompt", "pearson", "mse", "mse_constant")
 
 
-def fit_once(nb, P, data, seed):
-    """Split by prompt and fit with `seed`; the held-out test figures and the fit's epochs and seconds."""
-    t0 = time.time()
+def reward_data(nb, P: dict, model, tok, pairs: list[dict], embedder, cache_path) -> dict:
+    """The notebook's reward-model data for `pairs` with its RM_* settings (section 6), cached at cache_path."""
+    return nb.build_reward_data(model, tok, pairs, embedder, temperatures=P["RM_TEMPERATURES"],
+                                n_mismatched=P["RM_MISMATCHED"], max_new_tokens=P["MAX_NEW_TOKENS"],
+                                batch_size=P["RM_BATCH_SIZE"], seed=P["SEED"], cache_path=cache_path,
+                                model_name=P["MODEL"])
+
+
+def fit_split(nb, P: dict, data: dict, seed: int):
+    """Split by prompt and fit the reward MLP with `seed`, as the notebook does: (model, split, history)."""
     split = nb.split_by_prompt(data["prompt_id"], P["RM_VAL_FRAC"], P["RM_TEST_FRAC"], seed=seed)
     rm, hist = nb.fit_reward_mlp(data["prompt_emb"], data["response_emb"], data["label"], split["train"],
                                  split["val"], hidden=P["RM_HIDDEN"], lr=P["RM_LR"], max_epochs=P["RM_MAX_EPOCHS"],
                                  patience=P["RM_PATIENCE"], seed=seed)
+    return rm, split, hist
+
+
+def fit_once(nb, P, data, seed):
+    """Split by prompt and fit with `seed`; the held-out test figures and the fit's epochs and seconds."""
+    t0 = time.time()
+    rm, split, hist = fit_split(nb, P, data, seed)
     m = nb.evaluate_reward_model(rm, data, split["test"], split["train"])
     figures = {k: v for k, v in m.items() if isinstance(v, (int, float))}
     return figures | {"best_epoch": hist["best_epoch"], "fit_seconds": time.time() - t0,
@@ -85,10 +99,7 @@ def main():
         P["RM_PROMPTS"] = args.prompts
     train = train[:P["RM_PROMPTS"]] if P["RM_PROMPTS"] else train
     t0 = time.time()
-    data = nb.build_reward_data(model, tok, train, embedder, temperatures=P["RM_TEMPERATURES"],
-                                n_mismatched=P["RM_MISMATCHED"], max_new_tokens=P["MAX_NEW_TOKENS"],
-                                batch_size=P["RM_BATCH_SIZE"], seed=P["SEED"], cache_path=args.cache,
-                                model_name=P["MODEL"])
+    data = reward_data(nb, P, model, tok, train, embedder, args.cache)
     t_data = time.time() - t0
     seeds = [fit_once(nb, P, data, P["SEED"] + k) for k in range(args.seeds)]
     result = {name: statistics.median(s[name] for s in seeds) for name in FIELDS}
