@@ -30,5 +30,7 @@ test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
 
 # The chat demo on http://127.0.0.1:7860: base vs the newest adapter under runs/ (or ADAPTER=folder). Ctrl-C stops it.
+# ADAPTER reaches Python as an argument (sys.argv[1]), never pasted into its source: any quote in it stays text.
+demo: export ADAPTER ?=
 demo: setup
-	$(PY) -c "import sys; sys.path.insert(0, 'tests'); from nbimport import load_notebook; load_notebook().serve_demo(DEMO_ADAPTER='$(ADAPTER)')"
+	$(PY) -c 'import sys; sys.path.insert(0, "tests"); from nbimport import load_notebook; load_notebook().serve_demo(DEMO_ADAPTER=sys.argv[1])' "$$ADAPTER"

@@ -31,11 +31,11 @@ VARIANTS = {
     "default": ("the notebook's default configuration", {}),
     "reward": ("the other reward (exact similarity or the reward MLP)", {"REWARD_FN": ("similarity", "mlp")}),
     "adv_plus_delta": ("the seed's surrogate target ratios * (adv + delta)",
-                       {"SURROGATE_TARGET": ("adv_plus_delta", "adv")}),
+                       {"SURROGATE_TARGET": ("adv_plus_delta", "adv"), "ADVANTAGE": ("gae", "group")}),  # TD residuals need GAE
     "kl_prev": ("the seed's KL(π_old ‖ π) term in the loss", {"KL_PREV_COEF": (0.1, 0.0)}),
     "entropy": ("the entropy bonus switched (0.01 or 0)", {"PPO_ENT_COEF": (0.01, 0.0)}),
     "one_sample": ("one response per prompt, running normalisation (no group baseline)",
-                   {"PPO_SAMPLES_PER_PROMPT": (1, 4), "REWARD_NORM": ("running", "group")}),
+                   {"PPO_SAMPLES_PER_PROMPT": (1, 4), "REWARD_NORM": ("running", "group"), "ADVANTAGE": ("gae", "group")}),
     "sft": ("supervised fine-tuning on the references (same LoRA, LR, budget)", "sft"),
 }
 

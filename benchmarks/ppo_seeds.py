@@ -97,7 +97,7 @@ class Context:
         if self._rm_data is None:
             P = self.P
             rm_pairs = self.train_pairs[:P["RM_PROMPTS"]] if P["RM_PROMPTS"] else self.train_pairs
-            self._rm_data = reward_data(self.nb, P, model, tok, rm_pairs, self.embedder, self.cache / "reward_data.pt")
+            self._rm_data = reward_data(self.nb, P, model, tok, rm_pairs, self.embedder, self.cache / "reward_data.safetensors")
         return self._rm_data
 
     def reward_fn(self, P: dict, model, tok, seed: int):
@@ -141,11 +141,17 @@ def run_one(ctx: Context, P: dict, seed: int, method: str, run_path: Path) -> di
     t0 = time.time()
     model, tok = fresh_model(ctx.nb, P, seed, ctx.device)
     train = (train_ppo if method == "ppo" else train_sft)(ctx, P, model, tok, seed, run_path)
+    return evaluate_after(ctx, P, model, tok, seed, t0, {"method": method, "train": train})
+
+
+def evaluate_after(ctx: Context, P: dict, model, tok, seed: int, t0: float, fields: dict) -> dict:
+    """The trained model on the whole eval split (greedy) and its paired comparison with the base; `fields`
+    (what was trained, its figures) lead the record. t0: when the run started (for train_seconds / wall_s)."""
     t_train = time.time() - t0
     after = evaluate_split(ctx.nb, P, model, tok, ctx.eval_pairs, ctx.embedder, with_kl=P["EVAL_KL"], progress=False)
     comparison = ctx.nb.paired_comparison(ctx.base_eval, after, n_boot=P["BOOTSTRAP"], seed=seed)
     rows = after["rows"]
-    return {"seed": seed, "method": method, "train": train, "train_seconds": t_train, "wall_s": time.time() - t0,
+    return {"seed": seed, **fields, "train_seconds": t_train, "wall_s": time.time() - t0,
             "gain": comparison["overall"]["diff"], "comparison": comparison, "table": after["table"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this process, so far
             "kl_mean": float(np.mean([r.get("kl", float("nan")) for r in rows])),

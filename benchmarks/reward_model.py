@@ -1,7 +1,7 @@
 """How well the 2-layer reward MLP imitates the MiniLM similarity on prompts it never saw (issue 7).
 
 Builds the notebook's reward-model data with its default parameters on the default packaged SmolLM2 and the
-train split of the full data set (cached at runs/default/reward_data.pt — the same file and key as a default
+train split of the full data set (cached at runs/default/reward_data.safetensors — the same file and key as a default
 notebook run, so either one fills it for the other), then fits `RewardMLP` for several split/initialisation
 seeds. Figures are on the held-out test prompts' generated responses only (anchors excluded).
 
@@ -80,7 +80,7 @@ def markdown_report(r: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="JSONL pairs (default: data/pairs.jsonl, else DATA_PATH)")
-    ap.add_argument("--cache", default=str(ROOT / "runs" / "default" / "reward_data.pt"))
+    ap.add_argument("--cache", default=str(ROOT / "runs" / "default" / "reward_data.safetensors"))
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=None, help="override RM_PROMPTS (0 = all train prompts)")
     ap.add_argument("--threads", type=int, default=1,

@@ -131,3 +131,22 @@ def test_bad_input_gives_clear_errors(nb, tiny_lora, embedder):
         nb.similarity(["a", "b"], ["a"], embedder)
     with pytest.raises(TypeError, match="PEFT"):
         nb.exact_kl(model.get_base_model(), None)
+
+
+def test_embedding_cache_is_bounded_lru_and_skips_long_texts(nb, embedder):
+    """Many distinct (and long) cached texts must not grow the cache without bound (the demo's reference field)."""
+    import copy
+    emb = copy.copy(embedder)
+    emb.cache, emb.cache_size, emb.cache_max_chars = type(embedder.cache)(), 3, 100
+    texts = [f"reference number {i}" for i in range(5)]
+    plain = emb.encode(texts)
+    for t in texts:
+        emb.encode([t], cache=True)
+    assert list(emb.cache) == texts[2:]  # the 3 most recent
+    emb.encode([texts[2]], cache=True)  # a hit refreshes it
+    emb.encode(["one more"], cache=True)
+    assert list(emb.cache) == [texts[4], texts[2], "one more"]
+    long = "word " * 1000
+    assert torch.allclose(emb.encode([long], cache=True), emb.encode([long]), atol=1e-6) and long not in emb.cache
+    assert torch.allclose(emb.encode(texts, cache=True), plain, atol=1e-5)  # cached or not, the same vectors
+    assert len(emb.cache) == 3

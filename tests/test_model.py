@@ -73,3 +73,54 @@ def test_packaged_smollm2_answers_in_english(nb):
     words = re.findall(r"[A-Za-z]+", answer)
     assert len(words) >= 3, answer
     assert "Paris" in answer, answer
+
+
+def closed_local_port() -> int:
+    """A local TCP port with nothing listening (connections are refused at once)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """The model hub made unreachable: huggingface_hub's endpoint points at a closed local port."""
+    from huggingface_hub import constants
+    url = f"http://127.0.0.1:{closed_local_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    return url
+
+
+def test_hub_id_without_a_network_fails_fast_naming_packaged(nb, no_hub):
+    import time
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match='"packaged"') as err:
+        nb.load_base("rlft-tests/no-such-model-anywhere", CACHE_DIR, CPU, torch.float32)
+    assert time.time() - t0 < 10 and "cannot be reached" in str(err.value)
+
+
+def test_a_silent_network_times_out_within_the_probe_timeout(nb, no_hub, monkeypatch):
+    """Packets dropped (no refusal): the connect probe itself gives up after its timeout, it does not hang."""
+    import socket
+    import time
+    calls = []
+
+    def silent(address, timeout=None, *args, **kwargs):
+        calls.append(timeout)
+        time.sleep(min(timeout, 5))
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", silent)
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match="packaged"):
+        nb.load_base("rlft-tests/no-such-model-anywhere", CACHE_DIR, CPU, torch.float32)
+    assert calls and all(0 < t <= 5 for t in calls) and time.time() - t0 < 10
+
+
+def test_a_local_folder_needs_no_hub(nb, no_hub, tmp_path, monkeypatch):
+    import socket
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed the hub for a local folder"))
+    assert nb.hub_load_kwargs(str(tmp_path)) == {}

@@ -1,5 +1,6 @@
 """PPO section: GAE, the losses, log-prob bookkeeping, the reference policy, guards, and a toy task it must learn."""
 import copy
+import math
 
 import pytest
 import torch
@@ -367,3 +368,287 @@ def test_options_run_and_report(nb, tiny_lora, options):
     if options.get("target_kl"):
         assert stats["early_stop"] and stats["epochs_done"] == 1  # stopped after the first minibatch's KL
         assert state.kl_ctl.beta != options.get("kl_coef", 0.05)  # the adaptive controller moved β
+
+
+# ----------------------------------------------------------------------------------------------- issue 20: group advantage
+def test_group_advantage_is_leave_one_out_by_hand(nb):
+    """Rows k·K … k·K+K−1 are one prompt: A_i = R_i − mean of the OTHER rows of that prompt, on every valid token."""
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])  # prompt A: spread; prompt B: all equal
+    mask = torch.ones(8, 5)
+    mask[1, 3:] = 0  # a response that stopped early
+    mask[5, 1:] = 0
+    adv = nb.group_advantages(rewards, mask, 4)
+    by_hand = [1 - (2 + 3 + 6) / 3, 2 - (1 + 3 + 6) / 3, 3 - (1 + 2 + 6) / 3, 6 - (1 + 2 + 3) / 3, 0, 0, 0, 0]
+    for i, expected in enumerate(by_hand):
+        valid = mask[i] > 0
+        assert adv[i][valid].tolist() == pytest.approx([expected] * int(valid.sum()), abs=1e-6), i  # one value per response
+        assert (adv[i][~valid] == 0).all()  # masked tokens get nothing
+    assert adv[4:].abs().max() < 1e-6  # a prompt whose answers all score the same carries no signal
+    # the baseline R_i − A_i is the mean of the siblings, never the row itself: raising R_0 by 3 raises A_0 by 3
+    bumped = rewards.clone()
+    bumped[0] += 3.0
+    adv2 = nb.group_advantages(bumped, mask, 4)
+    assert adv2[0, 0].item() == pytest.approx(adv[0, 0].item() + 3.0, abs=1e-5)
+    assert adv2[1:4, 0].tolist() == pytest.approx((adv[1:4, 0] - 1.0).tolist(), abs=1e-5)  # siblings' baseline +3/3
+    torch.testing.assert_close(adv2[4:], adv[4:])  # the other prompt does not see it
+    with pytest.raises(ValueError, match="groups of K"):
+        nb.group_advantages(rewards[:6], mask[:6], 4)
+
+
+def fake_rollout(nb, scores, mask, k_logprobs=None):
+    B, T = mask.shape
+    lp = torch.full((B, T), -1.0) * mask
+    return nb.Rollout(torch.zeros(B, T + 2, dtype=torch.long), torch.ones(B, T + 2, dtype=torch.long), 2, mask, lp,
+                      (k_logprobs if k_logprobs is not None else lp), None, torch.zeros(B, T), None, scores, 0.0,
+                      ["eos"] * B, [""] * B, 0.0)
+
+
+def fake_state(nb, cfg):
+    import types
+    return types.SimpleNamespace(cfg=cfg, reward_stats=nb.RunningMoments(), kl_ctl=nb.AdaptiveKLController(
+        cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), counters={"skipped_reward": 0, "skipped_loss": 0,
+                                                               "skipped_grad": 0, "clipped_reward": 0})
+
+
+def test_compute_advantages_group_mode(nb):
+    """advantage='group': R_i = normalised score − β·Σ kl, leave-one-out, scaled by the std of the per-response values."""
+    cfg = nb.PPOConfig(batch_size=8, samples_per_prompt=4, minibatch_size=4, advantage="group", reward_norm="running",
+                       kl_coef=0.5)
+    mask = torch.ones(8, 4)
+    mask[2, 2:] = 0
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
+    ref = torch.full((8, 4), -1.0) * mask
+    ref[0, 0] = -1.5  # row 0 moved away from the reference: kl_0 = 0.5 on one token
+    state = fake_state(nb, cfg)
+    ro = nb.compute_advantages(state, fake_rollout(nb, scores, mask, ref))
+    sigma = scores.double().std(unbiased=False).item()
+    R = (scores - scores.mean()) / sigma
+    R[0] -= 0.5 * 0.5  # β · Σ_t kl_t
+    loo = torch.stack([R[i] - (R.view(2, 4)[i // 4].sum() - R[i]) / 3 for i in range(8)])
+    expected = loo / max(loo.std(unbiased=False).item(), nb.ADVANTAGE_STD_FLOOR)
+    for i in range(8):
+        valid = mask[i] > 0
+        assert ro.advantages[i][valid].tolist() == pytest.approx([expected[i].item()] * int(valid.sum()), abs=1e-5)
+        assert (ro.advantages[i][~valid] == 0).all()
+    assert ro.advantages[4:].abs().max() < 1e-5  # the all-equal prompt: zero advantage
+    assert ro.returns is None and (ro.deltas == 0).all()  # no critic, no TD residuals
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        nb.PPOConfig(batch_size=8, samples_per_prompt=1, advantage="group")
+    with pytest.raises(ValueError):
+        nb.PPOConfig(advantage="critic")
+
+
+def test_group_iteration_runs_no_value_head(nb, tiny_lora, monkeypatch):
+    model, tok = tiny_lora
+    state = nb.make_ppo_state(model, tok, small_cfg(nb, samples_per_prompt=4, advantage="group"))
+    torch.manual_seed(0)
+    calls = []
+    monkeypatch.setattr(nb.ValueHead, "forward", lambda self, h: calls.append(1) or torch.zeros(h.shape[:2]))
+    head_before = [p.detach().clone() for p in state.value_head.parameters()]
+    lora_before = trainable_snapshot(state)
+    stats = nb.ppo_iteration(state, nb.repeat_each(PROMPTS[:2], 4), [""] * 8, random_reward)
+    assert calls == []  # neither the rollout nor the update ran the critic
+    assert stats["value_loss"] == 0.0 and stats["skipped"] == 0.0 and math.isnan(stats["explained_variance"])
+    assert all(torch.equal(a, b) for a, b in zip(head_before, state.value_head.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(lora_before, trainable_snapshot(state)))  # the policy learned
+    for key in ("t_generate", "t_old_logprobs", "t_ref", "t_reward", "t_update"):
+        assert isinstance(stats[key], float) and stats[key] >= 0, key
+    assert stats["t_ref"] > 0 and stats["t_update"] > 0
+
+
+# ----------------------------------------------------------------------------------------------- PPO-ptx
+def ptx_setup(nb, tiny_lora, **kw):
+    model, tok = tiny_lora
+    torch.manual_seed(0)  # the minibatch shuffle decides which prompts share a ptx batch
+    perturb_lora_b(model)
+    cfg = small_cfg(nb, samples_per_prompt=4, advantage="group", **kw)
+    state = nb.make_ppo_state(model, tok, cfg)
+    prompts, refs = nb.repeat_each(PROMPTS[:2], 4), nb.repeat_each(["A harbour is a sheltered port.", "Rayleigh scattering."], 4)
+    return state, prompts, refs
+
+
+def test_ptx_adds_the_reference_nll_and_zero_keeps_the_loss(nb, tiny_lora):
+    import dataclasses
+    state, prompts, refs = ptx_setup(nb, tiny_lora)
+    torch.manual_seed(0)
+    ro = nb.compute_advantages(state, nb.rollout(state, prompts, refs, random_reward))
+    idx = torch.tensor([0, 1, 4, 5])  # two rows of each prompt: two distinct reference answers
+    loss0, stats0 = nb.minibatch_loss(state, ro, idx)
+    cfg = state.cfg
+    today = stats0["policy_loss"] + cfg.vf_coef * stats0["value_loss"] - cfg.ent_coef * stats0["entropy"]
+    assert loss0.item() == pytest.approx(today, abs=1e-6) and "ptx_loss" not in stats0  # ptx_coef = 0: unchanged
+    state.cfg = dataclasses.replace(cfg, ptx_coef=0.5)
+    loss1, stats1 = nb.minibatch_loss(state, ro, idx)
+    nll = nb.reference_nll(state, ro, idx)
+    assert stats1["ptx_loss"] == pytest.approx(nll.item(), rel=1e-6) and nll.item() > 1.0
+    assert loss1.item() == pytest.approx(loss0.item() + 0.5 * nll.item(), abs=1e-5)
+    # reference_nll = the mean token NLL of the answers (labels on the answer only) of the DISTINCT prompts
+    ids, attention, labels = nb.sft_batch(state.tokenizer, [{"prompt": p, "reference": r} for p, r in
+                                                             [(prompts[0], refs[0]), (prompts[4], refs[4])]], "cpu")
+    expected = state.policy(input_ids=ids, attention_mask=attention, labels=labels).loss
+    assert nll.item() == pytest.approx(expected.item(), rel=1e-5)
+    # a prompt without a reference adds nothing (its "answer" would be a bare EOS)
+    ro.references = ["" if i < 4 else r for i, r in enumerate(ro.references)]
+    only_second = nb.sft_batch(state.tokenizer, [{"prompt": prompts[4], "reference": refs[4]}], "cpu")
+    expected2 = state.policy(input_ids=only_second[0], attention_mask=only_second[1], labels=only_second[2]).loss
+    assert nb.reference_nll(state, ro, idx).item() == pytest.approx(expected2.item(), rel=1e-5)
+    ro.references = [""] * 8
+    assert nb.reference_nll(state, ro, idx).item() == 0.0
+
+
+def constant_reward(prompts, responses, references):
+    return torch.full((len(responses),), 3.0)
+
+
+@pytest.mark.parametrize("ptx_coef", [0.0, 1.0])
+def test_ptx_lowers_the_reference_nll(nb, tiny_lora, ptx_coef):
+    """With a constant score and β = 0 the surrogate has no signal: only the ptx term can move the adapter."""
+    state, prompts, refs = ptx_setup(nb, tiny_lora, ptx_coef=ptx_coef, lr=5e-3, ent_coef=0.0, kl_coef=0.0)
+    ro = nb.rollout(state, prompts, refs, constant_reward)
+    rows = torch.arange(8)
+    with torch.no_grad():
+        before = nb.reference_nll(state, ro, rows).item()
+    lora_before = trainable_snapshot(state)
+    for _ in range(3):
+        stats = nb.ppo_iteration(state, prompts, refs, constant_reward)
+    with torch.no_grad():
+        after = nb.reference_nll(state, ro, rows).item()
+    if ptx_coef:
+        assert after < before - 0.05, (before, after)
+        assert stats["ptx_loss"] > 0
+    else:
+        assert after == before and all(torch.equal(a, b) for a, b in zip(lora_before, trainable_snapshot(state)))
+
+
+# ----------------------------------------------------------------------------------------------- KL anchor
+def lora_copy(nb, model):
+    return {k: v.detach().clone() for k, v in nb.lora_parameters(model).items()}
+
+
+def test_anchored_reference_restores_bitwise_and_is_the_snapshot(nb, tiny_lora, tmp_path):
+    model, tok = tiny_lora
+    state = nb.make_ppo_state(model, tok, small_cfg(nb))
+    perturb_lora_b(model, seed=0)
+    gen = nb.generate(model, tok, [nb.chat_prompt(tok, p) for p in PROMPTS[:3]], max_new_tokens=5, temperature=1.0)
+    args = (gen.sequences, gen.attention_mask, gen.prompt_len, 1.0)
+    with torch.no_grad():
+        snapshot_lp = nb.policy_logprobs(model, None, *args).logprobs  # the model whose LoRA is the snapshot
+    nb.set_kl_anchor(state)
+    snapshot = lora_copy(nb, model)
+    perturb_lora_b(model, std=0.2, seed=1)  # training moves the live adapter on
+    live = lora_copy(nb, model)
+    assert any(not torch.equal(live[k], snapshot[k]) for k in live)
+    with torch.no_grad(), nb.anchored_reference(state):
+        anchored_lp = nb.policy_logprobs(model, None, *args).logprobs
+        assert all(torch.equal(p, snapshot[k]) for k, p in nb.lora_parameters(model).items())
+    assert torch.equal(anchored_lp, snapshot_lp)
+    assert all(torch.equal(p, live[k]) for k, p in nb.lora_parameters(model).items())  # bitwise restore
+    # an exception inside the block still restores the live adapter
+    with pytest.raises(RuntimeError), nb.anchored_reference(state):
+        raise RuntimeError("boom")
+    assert all(torch.equal(p, live[k]) for k, p in nb.lora_parameters(model).items())
+    # checkpoint round trip through safetensors, as the training run stores it
+    from safetensors.torch import load_file, save_file
+    save_file(nb.anchor_state_dict(state), tmp_path / "anchor.safetensors")
+    other = nb.make_ppo_state(model, tok, small_cfg(nb))
+    assert other.anchor is None and nb.anchor_state_dict(other) == {}
+    nb.load_anchor(other, load_file(tmp_path / "anchor.safetensors"))
+    assert set(other.anchor) == set(snapshot) and all(torch.equal(other.anchor[k], snapshot[k]) for k in snapshot)
+    with pytest.raises(ValueError, match="does not fit"):
+        nb.load_anchor(other, {"lora_A.bogus": torch.zeros(1)})
+    nb.load_anchor(other, {})
+    assert other.anchor is None
+
+
+def test_kl_is_zero_right_after_set_kl_anchor(nb, tiny_lora):
+    model, tok = tiny_lora
+    perturb_lora_b(model)  # an "SFT" adapter, far from the base
+    state = nb.make_ppo_state(model, tok, small_cfg(nb))
+    torch.manual_seed(0)
+    to_base = nb.rollout(state, PROMPTS, [""] * 8, random_reward)
+    assert to_base.kl_exact.min() > 1e-4  # the base is the default reference
+    nb.set_kl_anchor(state)
+    ro = nb.rollout(state, PROMPTS, [""] * 8, random_reward)
+    assert ro.kl_exact.abs().max() < 1e-6
+    torch.testing.assert_close(ro.ref_logprobs, ro.logprobs, atol=1e-6, rtol=0)
+
+
+def test_zero_beta_skips_the_reference_pass(nb, tiny_lora, monkeypatch):
+    model, tok = tiny_lora
+    calls, real = [], nb.policy_logprobs
+    monkeypatch.setattr(nb, "policy_logprobs", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    state = nb.make_ppo_state(model, tok, small_cfg(nb, kl_coef=0.0, minibatch_size=8, epochs=1))
+    stats = nb.ppo_iteration(state, PROMPTS, [""] * 8, random_reward)
+    assert len(calls) == 2  # π_old in the rollout, one minibatch forward; no reference pass
+    assert not any(kw.get("keep_dist") or kw.get("kl_from") is not None for kw in calls)  # no [B, T, V] kept
+    assert stats["t_ref"] == 0.0 and math.isnan(stats["kl_ref"]) and stats["skipped"] == 0.0
+    calls.clear()
+    adaptive = nb.make_ppo_state(model, tok, small_cfg(nb, kl_coef=0.0, kl_target=1.0, minibatch_size=8, epochs=1))
+    stats = nb.ppo_iteration(adaptive, PROMPTS, [""] * 8, random_reward)
+    assert len(calls) == 3 and stats["t_ref"] > 0 and math.isfinite(stats["kl_ref"])  # β may grow: measured
+
+
+# ----------------------------------------------------------------------------------------------- issue 16 defect 6
+def test_huge_finite_reward_is_clipped_and_counted(nb, tiny_lora):
+    """One 1e30 score used to set the running σ to ~1e29, so every later score normalised to ~1e-30."""
+    model, tok = tiny_lora
+    state = nb.make_ppo_state(model, tok, small_cfg(nb))
+    torch.manual_seed(0)
+    nb.ppo_iteration(state, PROMPTS, [""] * 8, random_reward)
+
+    def huge_reward(prompts, responses, references):
+        scores = torch.rand(len(responses)) * 10
+        scores[3] = 1e30
+        return scores
+    stats = nb.ppo_iteration(state, PROMPTS, [""] * 8, huge_reward)
+    assert stats["clipped_now"] == 1.0 and stats["clipped_reward"] == 1.0 and state.counters["clipped_reward"] == 1
+    assert stats["skipped"] == 0.0
+    assert state.reward_stats.std < 20 and abs(state.reward_stats.mean) < 20  # the statistics stay sane
+    stats = nb.ppo_iteration(state, PROMPTS, [""] * 8, random_reward)
+    assert stats["clipped_now"] == 0.0 and stats["clipped_reward"] == 1.0
+    nxt = nb.normalise_scores(torch.rand(8) * 10, "running", state.reward_stats)
+    assert 0.2 < nxt.abs().max().item() < 5  # later batches still normalise to O(1) values
+    assert all(torch.isfinite(p).all() for p in state.trainable_parameters())
+    # also in the very first batch, before there are running statistics
+    stats0 = nb.RunningMoments()
+    first = torch.rand(8, generator=torch.Generator().manual_seed(1)) * 10
+    first[0] = 1e30
+    clipped, n = nb.clip_scores(first, 5.0, stats0)
+    assert n == 1 and clipped[0] < 50 and torch.equal(clipped[1:], first[1:])
+
+
+def test_clip_scores_leaves_genuine_scores_alone(nb):
+    stats = nb.RunningMoments()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # ordinary batches: never clipped, returned as the very same tensor
+        batch = torch.rand(16, generator=g) * 10
+        out, n = nb.clip_scores(batch, 5.0, stats)
+        assert n == 0 and out is batch
+        stats.update(batch)
+    sparse = torch.tensor([0.0] * 7 + [1.0])  # a sparse 0/1 reward: the success is not an outlier
+    assert nb.clip_scores(sparse, 5.0, nb.RunningMoments())[1] == 0
+    assert nb.clip_scores(torch.tensor([0.0] * 7 + [1e30]), 0.0, stats)[1] == 0  # c = 0 turns it off
+
+
+# ----------------------------------------------------------------------------------------------- issue 16 defect 5 groundwork
+def test_guarded_step_skips_nan_loss_and_leaves_parameters(nb):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    params = list(layer.parameters())
+    opt = torch.optim.AdamW(params, lr=0.1)
+    before = [p.detach().clone() for p in params]
+    counters = {}
+    x = torch.randn(4, 3)
+    nan_loss = layer(x).sum() * float("nan")
+    assert nb.guarded_step(opt, params, nan_loss, 1.0, counters) is False
+    assert counters == {"skipped_loss": 1}
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and opt.state == {}
+    assert all(p.grad is None for p in params)
+    bad_grad = torch.sqrt((params[0] - params[0].detach()).abs().sum())  # finite (0), NaN gradient
+    assert nb.guarded_step(opt, params, bad_grad, 1.0, counters) is False
+    assert counters == {"skipped_loss": 1, "skipped_grad": 1} and all(p.grad is None for p in params)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert nb.guarded_step(opt, params, layer(x).pow(2).sum(), 1.0, counters, scheduler=sched) is True
+    assert not all(torch.equal(a, b) for a, b in zip(before, params)) and sched.last_epoch == 1
+    assert all(torch.isfinite(p).all() for p in params) and all(p.grad is None for p in params)

@@ -83,3 +83,84 @@ def test_ablations_script_end_to_end(nb, tmp_path, params):
     assert r["variants"]["entropy"]["overrides"]["PPO_ENT_COEF"] != params["PPO_ENT_COEF"]  # flipped, never a no-op
     nb.plot_results({"runs": [], "budget_s": 1}, r, tmp_path / "ablations.png")
     assert (tmp_path / "ablations.png").stat().st_size > 10_000
+
+
+def headroom_module():
+    """benchmarks/headroom.py as a module (its helpers are plain functions)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import headroom
+    return headroom
+
+
+def test_best_of_k_is_the_exact_expected_max_over_subsets():
+    import itertools
+    import numpy as np
+    hr = headroom_module()
+    scores = [3.0, -1.5, 7.25, 3.0, 0.0, 5.5]  # a tie included
+    got = hr.best_of_k(scores, [1, 2, 3, 4, 5, 6])
+    for k, value in got.items():
+        brute = np.mean([max(c) for c in itertools.combinations(scores, k)])
+        assert value == pytest.approx(brute, abs=1e-12), k
+    assert got[1] == pytest.approx(np.mean(scores), abs=1e-12) and got[6] == max(scores)
+    assert all(got[k] <= got[k + 1] for k in range(1, 6))
+    assert hr.best_of_k([2.0] * 4, [1, 2, 4]) == {1: 2.0, 2: 2.0, 4: 2.0}
+    with pytest.raises(ValueError):
+        hr.best_of_k(scores, [7])
+    assert hr.k_values(32) == [1, 2, 4, 8, 16, 32] and hr.k_values(6) == [1, 2, 4, 6]
+
+
+def test_headroom_prompts_take_every_family_in_turn():
+    hr = headroom_module()
+    pairs = [{"prompt": f"{f}{i}", "family": f} for i in range(5) for f in "abcd"]
+    picked = hr.balanced_prompts(pairs, 8)
+    assert [p["prompt"] for p in picked] == ["a0", "b0", "c0", "d0", "a1", "b1", "c1", "d1"]  # first 2 of each
+    uneven = [{"prompt": f"x{i}", "family": "x"} for i in range(6)] + [{"prompt": "y0", "family": "y"}]
+    assert [p["prompt"] for p in hr.balanced_prompts(uneven, 4)] == ["x0", "x1", "x2", "y0"]
+    assert hr.balanced_prompts(pairs, 0) == pairs and hr.balanced_prompts(pairs, 99) == pairs
+
+
+def headroom_figures(r):
+    return {m: {g: v for g, v in fig.items() if g in ("overall", "per_family")} for m, fig in r["models"].items()}
+
+
+def test_headroom_script_end_to_end_and_resumes(nb, tmp_path):
+    import numpy as np
+    args = ("--n-prompts", "4", "--sft-budget", "2", "--k-max", "4", "--batch-rows", "8")  # 2 prompts per call
+    r, md = run_script(tmp_path, "headroom", *args)
+    for field in ("settings", "machine", "threads", "loadavg_before", "loadavg_after", "seconds", "models", "rows"):
+        assert field in r, field
+    assert r["threads"] == 1 and len(r["loadavg_before"]) == 3 and r["seconds"] > 0
+    assert r["settings"]["ks"] == [1, 2, 4] and r["settings"]["n_prompts_used"] == 4
+    eval_families = {p["family"] for p in nb.split_pairs(nb.load_pairs(str(ROOT / "data/starter.jsonl")), "eval")}
+    assert set(r["models"]) == {"base", "sft"} and r["models"]["sft"]["train"]["iterations"] >= 1
+    for name, m in r["models"].items():
+        assert set(m["per_family"]) == eval_families  # every family represented
+        assert sum(g["n"] for g in m["per_family"].values()) == m["overall"]["n"] == 4
+        rows = [row for row in r["rows"] if row["model"] == name]
+        assert m["overall"]["greedy"] == pytest.approx(np.mean([row["greedy"] for row in rows]), abs=1e-9)
+        for group in [m["overall"], *m["per_family"].values()]:
+            assert set(group["temperatures"]) == {"0.7", "1.0"}
+            for t, v in group["temperatures"].items():
+                best = [v["best_of"][k] for k in ("1", "2", "4")]
+                assert all(a <= b + 1e-9 for a, b in zip(best, best[1:])), (name, t, best)
+                assert best[0] == pytest.approx(v["mean_sample"], abs=1e-9)
+                assert v["spread"] >= 0 and 0 <= v["sample_eos_frac"] <= 1
+        for t, v in m["overall"]["temperatures"].items():
+            scores = np.array([row["samples"][t] for row in rows])  # [4 prompts, 4 samples]
+            assert scores.shape == (4, 4)
+            assert v["mean_sample"] == pytest.approx(scores.mean(), abs=1e-9)
+            assert v["spread"] == pytest.approx(scores.std(axis=1).mean(), abs=1e-9)
+            assert v["best_of"]["4"] == pytest.approx(scores.max(axis=1).mean(), abs=1e-9)
+    assert "| base | 0.7 |" in md and "| sft | 1.0 |" in md and "best of 4" in md
+    assert (tmp_path / "headroom.png").stat().st_size > 10_000
+    # A killed run: one chunk of the base model's T=1.0 samples lost. The rerun samples only that chunk again
+    # (seeded per chunk, so identically), reuses the rest and the saved SFT adapter (not retrained).
+    (base_dir,) = (tmp_path / "cache").glob("base-*")
+    part = base_dir / "samples-T1.0.json"
+    chunks = json.loads(part.read_text())
+    assert sorted(chunks) == ["0", "2"]
+    part.write_text(json.dumps({"0": chunks["0"]}))
+    again, _ = run_script(tmp_path, "headroom", *args)
+    assert headroom_figures(again) == headroom_figures(r)
+    assert again["models"]["sft"]["train"] == r["models"]["sft"]["train"]
+    assert json.loads(part.read_text())["0"] == chunks["0"]

@@ -161,3 +161,39 @@ def test_reward_and_similarity_reports_both_scores(nb, embedder):
     assert set(out) == {"mlp", "similarity", "gap"} and all(v.shape == (2,) for v in out.values())
     assert out["similarity"][0] == pytest.approx(10, abs=1e-4)
     assert torch.allclose(out["gap"], out["mlp"] - out["similarity"])
+
+
+class _Payload:
+    """Unpickling this object creates a marker file (what a planted `reward_data.pt` would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_cache_never_runs_and_is_regenerated(nb, tiny_lora, embedder, train_pairs, tmp_path):
+    model, tok = tiny_lora
+    marker, cache = tmp_path / "pwned", tmp_path / "run" / "reward_data.pt"
+    cache.parent.mkdir()
+    key = nb.data_key(train_pairs[:2], temperatures=[0.7], n_mismatched=1, max_new_tokens=3, seed=0, model="tiny")
+    torch.save({"key": key, "payload": _Payload(marker)}, cache)  # the right key, and a payload
+    kw = dict(temperatures=[0.7], n_mismatched=1, max_new_tokens=3, batch_size=2, seed=0, cache_path=cache,
+              model_name="tiny")
+    with pytest.warns(UserWarning, match="not a valid reward-data cache"):
+        data = nb.build_reward_data(model, tok, train_pairs[:2], embedder, **kw)
+    assert not marker.exists() and data["cached"] is False and len(data["label"]) == 3 * 2  # 1 sample + 2 anchors a prompt
+    again = nb.build_reward_data(model, tok, train_pairs[:2], embedder, **kw)  # rewritten as safetensors
+    assert again["cached"] is True and again["responses"] == data["responses"] and not marker.exists()
+    assert torch.equal(again["response_emb"], data["response_emb"]) and again["kind"] == data["kind"]
+
+
+def test_a_tampered_cache_with_missing_fields_is_regenerated(nb, tmp_path):
+    from safetensors.torch import save_file
+    path, key = tmp_path / "rd.safetensors", "k" * 16
+    save_file({"label": torch.zeros(2)}, str(path), metadata={"format": nb.REWARD_DATA_FORMAT, "key": key,
+                                                              "texts": "{}"})
+    with pytest.warns(UserWarning, match="not a valid reward-data cache"):
+        assert nb.load_reward_data(path, key) is None
+    assert nb.load_reward_data(path, "another-key") is None  # another key: silently recomputed

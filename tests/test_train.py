@@ -1,6 +1,7 @@
 """Training-run section: budgeted loop, JSONL log, plots, checkpoints (pointer file, keep-last), resume."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from nbimport import ROOT
 
@@ -41,8 +42,10 @@ def clean(records):
 
 
 def timeless(records):
-    """Records without the wall-clock fields (the only ones two identical runs may differ in)."""
-    return [{k: v for k, v in r.items() if "second" not in k and k not in ("elapsed_s", "tokens_per_s")}
+    """Records without the wall-clock fields (the only ones two identical runs may differ in): seconds, rates,
+    and the per-phase timings t_*."""
+    return [{k: v for k, v in r.items()
+             if "second" not in k and k not in ("elapsed_s", "tokens_per_s") and not k.startswith("t_")}
             for r in clean(records)]
 
 
@@ -237,3 +240,221 @@ def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     log_a, log_b = (timeless(json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines())
                     for d in (straight, killed))
     assert len(log_a) == 5 and log_a == log_b
+
+
+# --- issue 16: the training-run defects ------------------------------------------------------------------------
+
+def lora_b(state):
+    return [p for n, p in state.policy.named_parameters() if "lora_B" in n]
+
+
+def equal_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dangling_or_bad_pointer_raises_a_checkpoint_error_and_find_adapter_skips_it(nb, tmp_path):
+    """Defect 2: a `latest` naming a missing or incomplete checkpoint raised NameError ('pointer'), which crashed
+    the demo's find_adapter even with a good adapter beside it."""
+    run, good = tmp_path / "runs" / "bad", tmp_path / "runs" / "good"
+    run.mkdir(parents=True)
+    state, sampler = make_state(nb)
+    nb.train_loop(state, sampler, text_reward, good, budget_s=1e9, max_iterations=1, progress=False)
+    (run / "latest").write_text(json.dumps({"checkpoint": "ckpt-000007"}))
+    os.utime(run / "latest", (time.time() + 60, time.time() + 60))  # the dangling pointer is the newest
+    assert nb.find_adapter(tmp_path / "runs") == good / "ckpt-000001" / "adapter"
+    with pytest.raises(nb.CheckpointError, match=r"latest names ckpt-000007, which is missing") as info:
+        nb.latest_checkpoint(run)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ValueError)
+    (run / "ckpt-000007" / "adapter").mkdir(parents=True)  # half-written: no state.json, no weights
+    with pytest.raises(nb.CheckpointError, match="incomplete"):
+        nb.latest_checkpoint(run)
+    for bad in ("{", json.dumps({"checkpoint": "../../elsewhere"}), json.dumps(["ckpt-000001"])):
+        (run / "latest").write_text(bad)
+        with pytest.raises(nb.CheckpointError, match="latest"):
+            nb.latest_checkpoint(run)
+
+
+def test_fresh_run_moves_the_previous_run_aside_never_deletes_it(nb, tmp_path, capsys):
+    """Defect 3: RESUME = False deleted the previous run's checkpoints (and the run cell its adapter/)."""
+    state, sampler = make_state(nb)
+    nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=2, progress=False)
+    state.policy.save_pretrained(tmp_path / "adapter")  # what the run cell saves at the end
+    (tmp_path / "reward_mlp.pt").write_bytes(b"an input of the run, not its output")
+    old_weights = weights(state)
+    capsys.readouterr()
+    state, sampler = make_state(nb)
+    nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=1, progress=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "previous-" in line]
+    previous = list(tmp_path.glob("previous-*"))
+    assert len(lines) == 1 and len(previous) == 1 and str(previous[0]) in lines[0]
+    old = previous[0]
+    assert sorted(p.name for p in old.glob("ckpt-*")) == ["ckpt-000001", "ckpt-000002"]
+    assert len(nb.read_log(old)) == 2 and (old / "adapter" / "adapter_config.json").exists()
+    restored, restored_sampler = make_state(nb, seed=3)
+    nb.load_checkpoint(nb.latest_checkpoint(old), restored, restored_sampler)
+    assert equal_weights(weights(restored), old_weights)  # the old run is whole and loadable
+    assert (tmp_path / "reward_mlp.pt").exists() and not (tmp_path / "adapter").exists()
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000001"] and len(nb.read_log(tmp_path)) == 1
+    state, sampler = make_state(nb)  # a second fresh run in the same second gets its own folder
+    nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=0, progress=False)
+    assert len(list(tmp_path.glob("previous-*"))) == 2 and sorted(p.name for p in old.glob("ckpt-*")) == [
+        "ckpt-000001", "ckpt-000002"]
+
+
+@pytest.fixture(scope="module")
+def three_iterations(nb, tmp_path_factory):
+    """A 3-iteration run (ckpt-000002 and ckpt-000003 kept), the weights after it and those in ckpt-000002."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("three")
+    state, sampler = make_state(nb)
+    nb.train_loop(state, sampler, text_reward, run, budget_s=1e9, max_iterations=3, progress=False)
+    at_two, two_sampler = make_state(nb, seed=9)
+    nb.load_checkpoint(run / "ckpt-000002", at_two, two_sampler)
+    torch.set_num_threads(threads)
+    return run, weights(state), weights(at_two)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    "truncated training_state.pt": lambda c: truncate(c / "training_state.pt"),
+    "corrupt adapter safetensors": lambda c: (c / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 64),
+    "value head of another model": lambda c: save_file({"linear.weight": torch.zeros(1, 3)},
+                                                       c / "value_head.safetensors"),
+    "corrupt state.json": lambda c: truncate(c / "state.json"),
+    "incomplete (no state.json)": lambda c: (c / "state.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_resumed(nb, tmp_path, three_iterations, corruption):
+    """Defect 4: raw library errors, a half-restored model, and the intact older checkpoint never tried."""
+    source, final, at_two = three_iterations
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    CORRUPTIONS[corruption](run / "ckpt-000003")
+    state, sampler = make_state(nb, seed=4)
+    before, sampler_before = weights(state), sampler.state_dict()
+    with pytest.raises(nb.CheckpointError, match="ckpt-000003"):  # all or nothing: nothing was applied
+        nb.load_checkpoint(run / "ckpt-000003", state, sampler)
+    assert equal_weights(weights(state), before) and state.iteration == 0 and sampler.state_dict() == sampler_before
+    assert not state.optimizer.state
+    with pytest.warns(UserWarning, match="ckpt-000003"):
+        logs = nb.train_loop(state, sampler, text_reward, run, budget_s=1e9, max_iterations=2, resume=True,
+                             progress=False)
+    assert state.iteration == 2 and len(logs) == 2 and equal_weights(weights(state), at_two)
+    assert nb.latest_checkpoint(run).name == "ckpt-000002"
+    nb.train_loop(state, sampler, text_reward, run, budget_s=1e9, max_iterations=3, resume=True, progress=False)
+    assert equal_weights(weights(state), final)  # the same as the run that was never corrupted
+
+
+def test_resume_with_no_usable_checkpoint_says_so(nb, tmp_path, three_iterations):
+    run = tmp_path / "run"
+    shutil.copytree(three_iterations[0], run)
+    for name in ("ckpt-000002", "ckpt-000003"):
+        truncate(run / name / "state.json")
+    state, sampler = make_state(nb)
+    with pytest.warns(UserWarning), pytest.raises(nb.CheckpointError, match="no usable checkpoint"):
+        nb.train_loop(state, sampler, text_reward, run, budget_s=1e9, max_iterations=3, resume=True, progress=False)
+    assert state.iteration == 0 and sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003"]
+
+
+def failing_on_call(n, error, inner=text_reward):
+    """A function that behaves as `inner`, but raises `error` on its n-th call."""
+    calls = []
+
+    def fn(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return inner(*args)
+    return fn
+
+
+def test_an_exception_in_the_loop_saves_a_checkpoint_and_is_reraised(nb, tmp_path, monkeypatch):
+    """Defect 7: only Ctrl-C saved; a raising reward function lost the whole run with CKPT_EVERY = 0."""
+    state, sampler = make_state(nb)
+    with pytest.raises(RuntimeError, match="reward server down"):
+        nb.train_loop(state, sampler, failing_on_call(3, RuntimeError("reward server down")), tmp_path,
+                      budget_s=1e9, max_iterations=10, ckpt_every=0, progress=False)
+    assert nb.latest_checkpoint(tmp_path).name == "ckpt-000002" and len(nb.read_log(tmp_path)) == 2
+    assert state.iteration == 2
+    # the save fails as well (a full disk): the original error comes back, with a note
+    monkeypatch.setattr(nb, "save_checkpoint", failing_on_call(1, OSError(28, "No space left on device")))
+    state, sampler = make_state(nb)
+    with pytest.raises(RuntimeError, match="reward server down") as info:
+        nb.train_loop(state, sampler, failing_on_call(2, RuntimeError("reward server down")), tmp_path / "b",
+                      budget_s=1e9, max_iterations=10, ckpt_every=0, progress=False)
+    assert any("No space left on device" in note for note in info.value.__notes__)
+
+
+def no_metrics(ro, prompts, references):
+    return {}
+
+
+@pytest.mark.parametrize("where, ckpt_every", [("reward", 0), ("metrics", 2)])
+def test_interrupt_mid_iteration_resumes_exactly_like_an_uninterrupted_run(nb, tmp_path, where, ckpt_every):
+    """Defect 8: Ctrl-C in the middle of iteration 3 (before its update, or after it) with CKPT_EVERY != 1
+    saved the half-done state; the resumed run differed from an uninterrupted one."""
+    state, sampler = make_state(nb)
+    straight = nb.train_loop(state, sampler, text_reward, tmp_path / "straight", budget_s=1e9, max_iterations=4,
+                             ckpt_every=ckpt_every, metrics_fn=no_metrics, progress=False)
+    expected = weights(state)
+    state, sampler = make_state(nb)
+    reward, metrics = text_reward, no_metrics
+    if where == "reward":
+        reward = failing_on_call(3, KeyboardInterrupt())
+    else:
+        metrics = failing_on_call(3, KeyboardInterrupt(), no_metrics)
+    run = tmp_path / "interrupted"
+    logs = nb.train_loop(state, sampler, reward, run, budget_s=1e9, max_iterations=4, ckpt_every=ckpt_every,
+                         metrics_fn=metrics, progress=False)
+    assert state.iteration == 2 and len(logs) == 2 and len(nb.read_log(run)) == 2
+    assert nb.latest_checkpoint(run).name == "ckpt-000002"
+    on_disk, on_disk_sampler = make_state(nb, seed=6)
+    nb.load_checkpoint(nb.latest_checkpoint(run), on_disk, on_disk_sampler)
+    assert equal_weights(weights(on_disk), weights(state))  # the model in memory was rolled back too
+    resumed, resumed_sampler = make_state(nb, seed=7)
+    logs = nb.train_loop(resumed, resumed_sampler, text_reward, run, budget_s=1e9, max_iterations=4,
+                         ckpt_every=ckpt_every, resume=True, metrics_fn=no_metrics, progress=False)
+    assert equal_weights(weights(resumed), expected)
+    assert timeless(logs) == timeless(straight) and timeless(nb.read_log(run)) == timeless(straight)
+
+
+def test_rerunning_a_fresh_run_in_the_same_kernel_starts_from_a_fresh_adapter(nb, tmp_path, capsys):
+    """Defect 9: a second fresh run on the same model kept training the already-trained adapter."""
+    state, sampler = make_state(nb)
+    model, tok, cfg = state.policy, state.tokenizer, state.cfg
+    nb.train_loop(state, sampler, text_reward, tmp_path / "first", budget_s=1e9, max_iterations=1, progress=False)
+    assert any(p.any() for p in lora_b(state))
+    assert "re-initialised" not in capsys.readouterr().out  # the first run's adapter was fresh already
+    runs = []
+    for name in ("second", "third"):  # the training cell, re-run twice in the same kernel
+        nb.seed_everything(0)
+        state, sampler = nb.make_ppo_state(model, tok, cfg), nb.PromptSampler(PAIRS, 0)
+        nb.train_loop(state, sampler, text_reward, tmp_path / name, budget_s=1e9, max_iterations=1, progress=False)
+        assert "re-initialised" in capsys.readouterr().out
+        runs.append(weights(state))
+    assert equal_weights(*runs)  # each re-run starts from the same fresh adapter
+    state = nb.make_ppo_state(model, tok, cfg)
+    nb.train_loop(state, sampler, text_reward, tmp_path / "fourth", budget_s=1e9, max_iterations=0, progress=False)
+    assert not any(p.any() for p in lora_b(state))  # B = 0: the model is the base model again
+    with pytest.raises(ValueError, match="already run 1 iterations"):
+        trained = nb.make_ppo_state(model, tok, cfg)
+        trained.iteration = 1
+        nb.train_loop(trained, sampler, text_reward, tmp_path / "fifth", budget_s=1e9, max_iterations=2,
+                      progress=False)
+
+
+def test_progress_bar_follows_the_limit_that_stops_the_run(nb, tmp_path, capsys):
+    """The bar counted to max_iterations (ending at '0%') while the time budget stopped the run."""
+    state, sampler = make_state(nb)
+    nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=0.5, max_iterations=10_000, progress=True)
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("PPO (0.5 s budget): 100%|"), final
+    assert f"it={state.iteration}/10000" in final
+    assert nb.run_fraction(5, 1000, 600.0, 1200.0) == (0.5, "1200 s budget")
+    assert nb.run_fraction(3, 4, 1.0, float("inf")) == (0.75, "4 iterations")

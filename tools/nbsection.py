@@ -7,6 +7,7 @@ small text format so a section can be written in an editor, and replaces them un
     python tools/nbsection.py list
     python tools/nbsection.py get SECTION > part.txt      # edit part.txt ...
     python tools/nbsection.py put SECTION part.txt        # ... then put it back
+    python tools/nbsection.py put NEW part.txt --after SECTION   # a new section, right after SECTION
     python tools/nbsection.py param NAME VALUE [--comment TEXT] [--after NAME]
 
 Text format: a line `#%% markdown` or `#%% code` (optionally `tags=a,b`) starts each cell.
@@ -70,12 +71,16 @@ def from_text(text: str, section: str):
     return cells
 
 
-def put(section: str, text: str):
+def put(section: str, text: str, after: str = ""):
+    """Replace SECTION's cells; a section that does not exist yet is inserted right after section `after`."""
     new = from_text(text, section)
     with locked_notebook(write=True) as nb:
         idx = [i for i, c in enumerate(nb["cells"]) if section_of(c) == section]
         if not idx:
-            sys.exit(f"no section {section!r}; see `list`")
+            at = [i for i, c in enumerate(nb["cells"]) if after and section_of(c) == after]
+            if not at:
+                sys.exit(f"no section {section!r} (a new one needs --after EXISTING_SECTION); see `list`")
+            idx = [at[-1] + 1, at[-1]]  # an empty slice just after `after`
         nb["cells"][idx[0]: idx[-1] + 1] = new
 
 
@@ -112,7 +117,7 @@ def main():
         with locked_notebook(write=False) as nb:
             sys.stdout.write(to_text([c for c in nb["cells"] if section_of(c) == a.args[0]]))
     elif a.cmd == "put":
-        put(a.args[0], Path(a.args[1]).read_text())
+        put(a.args[0], Path(a.args[1]).read_text(), a.after)
     elif a.cmd == "param":
         set_param(a.args[0], a.args[1], a.comment, a.after)
 

@@ -1,0 +1,296 @@
+"""Section 8.1, the training pipeline: SFT -> RL in one budget (run_pipeline), reset_lora, the guarded sft_train,
+resume, and benchmarks/pipeline_seeds.py end to end on the tiny model."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nbimport import ROOT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = json.loads((ROOT / "tests" / "tiny_params.json").read_text())
+FAST = {"PPO_BATCH_SIZE": 4, "PPO_SAMPLES_PER_PROMPT": 2, "PPO_MINIBATCH_SIZE": 4, "SFT_BATCH_SIZE": 4,
+        "CKPT_EVERY": 0, "EVAL_EVERY": 0, "RESUME": False, "SEED": 0}
+
+
+@pytest.fixture
+def P(params):
+    """The notebook's defaults with the tiny overrides and a small PPO batch."""
+    return params | TINY | FAST
+
+
+@pytest.fixture
+def train_pairs(nb):
+    return nb.split_pairs(nb.load_pairs(str(ROOT / TINY["DATA_PATH"])), "train")
+
+
+def length_reward(prompts, responses, references):
+    """A cheap deterministic reward (no embedder): longer answers score higher."""
+    return torch.tensor([len(r) / 10.0 for r in responses])
+
+
+def lora_tensors(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run(nb, model, tok, pairs, run_path, P, **overrides):
+    return nb.run_pipeline(model, tok, pairs, length_reward, run_path, P | overrides, progress=False)
+
+
+# --- reset_lora -----------------------------------------------------------------------------------------------
+def test_reset_lora_reinitialises_like_peft_and_is_seeded(nb, tiny_lora):
+    model, tok = tiny_lora
+    layers = [m for m in model.modules() if isinstance(m, nb.LoraLayer)]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))  # a "trained" adapter
+    assert nb.reset_lora(model, seed=3) == len(layers) > 0
+    first = lora_tensors(model)
+    for m in layers:
+        a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+        assert torch.count_nonzero(b) == 0
+        bound = 1 / a.shape[1] ** 0.5  # kaiming_uniform(a=√5) on [r, in]: U(±1/√in), as LoraLayer draws it
+        assert a.abs().max() <= bound and a.abs().max() > 0.5 * bound
+    ids = tok(["Hello there"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert torch.equal(tuned, base)  # B = 0: the fresh adapter is the base model
+    nb.reset_lora(model, seed=3)
+    assert same_tensors(lora_tensors(model), first)
+    nb.reset_lora(model, seed=4)
+    assert not same_tensors(lora_tensors(model), first)
+
+
+# --- sft_train's non-finite guard (issue 16, defect 5) ----------------------------------------------------------
+def test_sft_train_skips_and_counts_non_finite_steps_and_weights_stay_finite(nb, tiny_lora, train_pairs):
+    model, tok = tiny_lora
+    calls = {"n": 0}
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+
+    def nan_logits_on_call_2(module, inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 2 else output
+
+    def nan_grad_on_call_3(grad):
+        return grad * float("nan") if calls["n"] == 3 else grad
+
+    hooks = [model.get_base_model().lm_head.register_forward_hook(nan_logits_on_call_2),
+             lora_b.register_hook(nan_grad_on_call_3)]
+    before = lora_tensors(model)
+    counters = {}
+    nb.seed_everything(0)
+    logs = nb.sft_train(model, tok, nb.PromptSampler(train_pairs, 0), budget_s=120, max_steps=4, batch_size=2,
+                        lr=1e-2, progress=False, counters=counters)
+    for h in hooks:
+        h.remove()
+    assert [r["stepped"] for r in logs] == [True, False, False, True]
+    assert counters == {"skipped_loss": 1, "skipped_grad": 1}
+    assert logs[-1]["skipped_loss"] == 1 and logs[-1]["skipped_grad"] == 1
+    after = lora_tensors(model)
+    assert all(torch.isfinite(v).all() for v in after.values())  # one NaN never reaches the LoRA
+    assert not same_tensors(after, before)  # the finite steps did train
+    ids = tok(["Hello there"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_sft_train_keeps_its_signature_for_the_benchmarks(nb, tiny_lora, train_pairs):
+    model, tok = tiny_lora
+    logs = nb.sft_train(model, tok, nb.PromptSampler(train_pairs, 0), budget_s=60, max_steps=2, batch_size=2,
+                        lr=1e-3, max_grad_norm=1.0, progress=False)
+    assert [r["step"] for r in logs] == [1, 2] and all(r["stepped"] for r in logs)
+
+
+# --- run_pipeline: the arms, the budget, re-runs, resume ----------------------------------------------------------
+@pytest.mark.parametrize("arm", ["sft", "rl", "sft+rl"])
+def test_each_arm_runs_end_to_end(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch, arm):
+    model, tok = tiny_lora
+    anchors, rl_starts = [], []
+    real_anchor, real_iteration = nb.set_kl_anchor, nb.ppo_iteration
+    monkeypatch.setattr(nb, "set_kl_anchor", lambda state: (anchors.append(lora_tensors(state.policy)),
+                                                            real_anchor(state)))
+    monkeypatch.setattr(nb, "ppo_iteration", lambda state, *a: (rl_starts.append(lora_tensors(state.policy)),
+                                                                real_iteration(state, *a))[1])
+    r = run(nb, model, tok, train_pairs, tmp_path / "run", P, PIPELINE=arm, TRAIN_BUDGET_S=300, SFT_MAX_STEPS=3,
+            TRAIN_MAX_ITERS=2, CKPT_EVERY=1)
+    sft_steps, iters = (0 if arm == "rl" else 3), (0 if arm == "sft" else 2)
+    assert (r.pipeline, r.sft_steps, len(r.sft_logs)) == (arm, sft_steps, sft_steps)
+    assert r.iterations == len(r.rl_logs) == iters
+    assert r.samples_seen == sft_steps * P["SFT_BATCH_SIZE"] + iters * P["PPO_BATCH_SIZE"]
+    assert (r.state is None) == (arm == "sft") and not r.resumed
+    assert set(r.seconds) == {"sft", "rl", "total"} and r.seconds["total"] >= r.seconds["sft"] >= 0
+    assert (tmp_path / "run" / "sft_adapter" / "adapter_model.safetensors").exists() == (arm != "rl")
+    assert (nb.latest_checkpoint(tmp_path / "run") is not None) == (arm != "sft")
+    meta = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert meta["pipeline"] == arm and meta["sft_steps"] == sft_steps
+    if arm == "sft+rl":  # RL starts from the SFT adapter, and the KL is anchored to it
+        sft_adapter = load_file(tmp_path / "run" / "sft_adapter" / "adapter_model.safetensors")
+        assert len(anchors) == 1
+        anchored = {k.replace(".default.", "."): v for k, v in anchors[0].items()}  # save_pretrained drops the name
+        assert anchored.keys() == sft_adapter.keys()
+        rl_start = {k.replace(".default.", "."): v for k, v in rl_starts[0].items()}
+        for k, v in sft_adapter.items():
+            assert torch.equal(anchored[k], v) and torch.equal(rl_start[k], v)  # RL's first rollout: the SFT policy
+        assert torch.count_nonzero(next(v for k, v in sft_adapter.items() if "lora_B" in k)) > 0  # SFT trained
+    else:
+        assert anchors == []  # "rl" keeps the base as the reference; "sft" has no RL stage
+    if arm == "rl":
+        assert all(torch.count_nonzero(v) == 0 for k, v in rl_starts[0].items() if "lora_B" in k)  # a fresh adapter
+
+
+def test_kl_anchor_base_leaves_the_reference_at_the_base(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch):
+    model, tok = tiny_lora
+    calls = []
+    monkeypatch.setattr(nb, "set_kl_anchor", lambda state: calls.append(state))
+    r = run(nb, model, tok, train_pairs, tmp_path / "run", P, PIPELINE="sft+rl", KL_ANCHOR="base",
+            TRAIN_BUDGET_S=300, SFT_MAX_STEPS=1, TRAIN_MAX_ITERS=1)
+    assert calls == [] and r.sft_steps == 1 and r.iterations == 1
+
+
+@pytest.mark.parametrize("bad", [{"PIPELINE": "ppo"}, {"KL_ANCHOR": "ref"}, {"SFT_FRACTION": 1.5}])
+def test_bad_pipeline_parameters_are_named(nb, P, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        nb.run_pipeline(None, None, [], length_reward, "unused", P | bad)
+
+
+@pytest.mark.parametrize("arm", ["sft+rl", "sft"])
+def test_the_budget_covers_every_stage(nb, tiny_lora, train_pairs, P, tmp_path, arm):
+    model, tok = tiny_lora
+    budget = 4.0
+    t0 = time.time()
+    r = run(nb, model, tok, train_pairs, tmp_path / "run", P, PIPELINE=arm, TRAIN_BUDGET_S=budget, SFT_FRACTION=0.5,
+            SFT_MAX_STEPS=10**6, TRAIN_MAX_ITERS=10**6)
+    wall = time.time() - t0
+    sft_step = max(b["elapsed_s"] - a["elapsed_s"] for a, b in zip([{"elapsed_s": 0.0}] + r.sft_logs, r.sft_logs))
+    iteration = max([x["seconds"] for x in r.rl_logs], default=0.0)
+    slack = 1.0  # logging, the adapter save and the loop's own overhead on a shared machine
+    assert r.sft_steps >= 2 and wall <= budget + max(sft_step, iteration) + slack
+    if arm == "sft+rl":
+        assert r.iterations >= 1  # the RL stage got the rest of the budget
+        assert r.seconds["sft"] <= 0.5 * budget + sft_step + slack
+    else:
+        assert r.iterations == 0 and r.state is None
+
+
+def test_rerun_starts_from_the_same_fresh_adapter(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch):
+    model, tok = tiny_lora
+    starts = []
+    real_sft = nb.sft_train
+    monkeypatch.setattr(nb, "sft_train", lambda model, *a, **k: (starts.append(lora_tensors(model)),
+                                                                 real_sft(model, *a, **k))[1])
+    kw = dict(PIPELINE="sft+rl", TRAIN_BUDGET_S=300, SFT_MAX_STEPS=3, TRAIN_MAX_ITERS=2)
+    run(nb, model, tok, train_pairs, tmp_path / "run", P, **kw)
+    trained = lora_tensors(model)
+    assert not same_tensors(trained, starts[0])
+    run(nb, model, tok, train_pairs, tmp_path / "run", P, **kw)  # the same kernel: "re-running the cell"
+    assert len(starts) == 2 and same_tensors(starts[0], starts[1])  # not the trained adapter of the first run
+    assert all(torch.count_nonzero(v) == 0 for k, v in starts[1].items() if "lora_B" in k)
+
+
+def test_a_fresh_run_archives_the_previous_run_first(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch):
+    model, tok = tiny_lora
+    seen = []
+    real_archive = nb.move_previous_run
+    monkeypatch.setattr(nb, "move_previous_run", lambda path, *a, **k: (
+        seen.append(sorted(p.name for p in path.iterdir()) if path.exists() else []), real_archive(path, *a, **k))[1])
+    kw = dict(PIPELINE="sft+rl", TRAIN_BUDGET_S=300, SFT_MAX_STEPS=1, TRAIN_MAX_ITERS=1)
+    run(nb, model, tok, train_pairs, tmp_path / "run", P, **kw)
+    first = load_file(tmp_path / "run" / "sft_adapter" / "adapter_model.safetensors")
+    run(nb, model, tok, train_pairs, tmp_path / "run", P, **kw | {"SEED": 1})  # another seed: another SFT adapter
+    assert len(seen) == 2 and {"sft_adapter", "pipeline.json"} <= set(seen[1])  # handed over intact
+    current = tmp_path / "run" / "sft_adapter"
+    kept = [f for f in tmp_path.rglob("sft_adapter/adapter_model.safetensors") if f.parent != current]
+    assert len(kept) == 1 and same_tensors(load_file(kept[0]), first)  # the first run's SFT adapter, moved aside
+    assert not same_tensors(load_file(tmp_path / "run" / "sft_adapter" / "adapter_model.safetensors"), first)
+
+
+def test_resume_continues_rl_with_the_sft_anchor_reloaded(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch, params):
+    model, tok = tiny_lora
+    anchors = []
+    real_anchor = nb.set_kl_anchor
+    monkeypatch.setattr(nb, "set_kl_anchor", lambda state: (anchors.append(lora_tensors(state.policy)),
+                                                            real_anchor(state)))
+    kw = dict(PIPELINE="sft+rl", TRAIN_BUDGET_S=300, SFT_MAX_STEPS=2, CKPT_EVERY=1)
+    first = run(nb, model, tok, train_pairs, tmp_path / "run", P, TRAIN_MAX_ITERS=2, **kw)
+    first_anchor = nb.anchor_state_dict(first.state)
+    base, tok2 = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)  # "a new kernel"
+    fresh = nb.add_lora(base, params["LORA_R"], params["LORA_ALPHA"], params["LORA_DROPOUT"], params["LORA_TARGETS"])
+    second = run(nb, fresh, tok2, train_pairs, tmp_path / "run", P, TRAIN_MAX_ITERS=4, RESUME=True, **kw)
+    assert second.resumed and second.sft_logs == [] and second.sft_steps == 2
+    assert second.iterations == 4 and [r["iteration"] for r in second.rl_logs] == [0, 1, 2, 3]
+    assert second.samples_seen == 2 * P["SFT_BATCH_SIZE"] + 4 * P["PPO_BATCH_SIZE"]
+    assert len(anchors) == 2 and same_tensors(anchors[0], anchors[1])  # the anchor is the SFT policy again
+    again = nb.anchor_state_dict(second.state)
+    assert again.keys() == first_anchor.keys() and all(torch.equal(again[k].cpu(), first_anchor[k].cpu())
+                                                         for k in again)
+    assert not same_tensors(lora_tensors(fresh), anchors[1])  # the policy itself is the RL checkpoint's
+
+
+def test_resume_counts_the_time_already_spent(nb, tiny_lora, train_pairs, P, tmp_path):
+    model, tok = tiny_lora
+    kw = dict(PIPELINE="sft+rl", SFT_MAX_STEPS=2, CKPT_EVERY=1, TRAIN_MAX_ITERS=4)
+    first = run(nb, model, tok, train_pairs, tmp_path / "run", P, TRAIN_BUDGET_S=300, **kw | {"TRAIN_MAX_ITERS": 2})
+    meta = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    spent = meta["sft_seconds"] + sum(r["seconds"] for r in first.rl_logs)
+    second = run(nb, model, tok, train_pairs, tmp_path / "run", P, TRAIN_BUDGET_S=spent - 0.01, RESUME=True, **kw)
+    assert second.resumed and second.iterations == 2  # the budget was spent before the kill: nothing more runs
+
+
+def test_monitor_scores_a_fixed_subset_of_train_prompts(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch):
+    model, tok = tiny_lora
+    subset = nb.monitor_subset(train_pairs, 5)
+    assert subset == nb.monitor_subset(train_pairs, 5) and len(subset) == 5
+    assert all(p in train_pairs for p in subset) and nb.monitor_subset(train_pairs, 0) == []
+    assert len(nb.monitor_subset(train_pairs, 10**6)) == len(train_pairs)
+    seen = []
+    monkeypatch.setattr(nb, "make_monitors", lambda tok, pairs, emb, **k: (seen.append(pairs), (None, None))[1])
+    run(nb, model, tok, train_pairs, tmp_path / "run", P | {"EVAL_MONITOR_N": 4}, PIPELINE="rl", TRAIN_BUDGET_S=300,
+        TRAIN_MAX_ITERS=1)
+    assert seen == []  # no embedder: no monitor
+    nb.run_pipeline(model, tok, train_pairs, length_reward, tmp_path / "run", P | {
+        "EVAL_MONITOR_N": 4, "PIPELINE": "rl", "TRAIN_BUDGET_S": 300, "TRAIN_MAX_ITERS": 1}, embedder=object(),
+        progress=False)
+    assert seen == [nb.monitor_subset(train_pairs, 4)] and all(p["split"] == "train" for p in seen[0])
+
+
+# --- benchmarks/pipeline_seeds.py ---------------------------------------------------------------------------------
+def test_pipeline_seeds_script_end_to_end(tmp_path):
+    out = tmp_path / "pipeline_seeds"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pipeline_seeds.py"),
+           "--params", str(ROOT / "tests" / "tiny_params.json"), "--threads", "1", "--cache", str(tmp_path / "cache"), "--out", str(out), "--budget", "2", "--seeds", "0",
+           "--set", "SFT_BATCH_SIZE=4", "--set", "PPO_BATCH_SIZE=4", "--set", "PPO_MINIBATCH_SIZE=4"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(out.with_suffix(".json").read_text())
+    for field in ("gain_mean", "gain_min", "gain_ci_low", "gain_ci_high", "distinct2_ratio", "rl_over_sft_mean",
+                  "rl_over_sft_ci_low", "budget_s", "seeds", "threads", "machine", "arms"):
+        assert field in r, field
+    assert set(r["arms"]) == {"sft", "rl", "sft+rl"} and r["default_arm"] == "sft+rl" and r["threads"] == 1
+    for arm, a in r["arms"].items():
+        for field in ("gain_mean", "gain_min", "gain_ci_low", "gain_ci_high", "distinct2_ratio", "rl_over_sft_mean",
+                      "rl_over_sft_ci_low", "family_gains", "kl_mean", "eos_rate_after", "mean_len_after",
+                      "samples_seen", "iterations", "loadavg"):
+            assert field in a, (arm, field)
+        assert len(a["runs"]) == 1 and a["samples_seen"] > 0
+        assert len(a["loadavg"]["per_run"][0]["before"]) == 3
+    assert r["arms"]["sft"]["iterations"] == 0 and r["arms"]["rl"]["sft_steps"] == 0
+    assert r["arms"]["sft+rl"]["sft_steps"] >= 1 and r["arms"]["sft+rl"]["iterations"] >= 1
+    assert r["arms"]["sft"]["rl_over_sft_mean"] == 0.0
+    assert r["gain_mean"] == r["arms"]["sft+rl"]["gain_mean"]
+    assert r["rl_over_sft_ci_low"] <= r["rl_over_sft_mean"] <= r["arms"]["sft+rl"]["rl_over_sft_ci_high"]
+    md = out.with_suffix(".md").read_text()
+    assert "`sft+rl`" in md and "minus `sft`" in md
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # every run cached now
+    assert again.returncode == 0 and json.loads(out.with_suffix(".json").read_text())["gain_mean"] == r["gain_mean"]
