@@ -266,7 +266,7 @@ def test_monitor_scores_a_fixed_subset_of_train_prompts(nb, tiny_lora, train_pai
 
 
 # --- benchmarks/pipeline_seeds.py ---------------------------------------------------------------------------------
-def test_pipeline_seeds_script_end_to_end(tmp_path):
+def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     out = tmp_path / "pipeline_seeds"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "pipeline_seeds.py"),
            "--params", str(ROOT / "tests" / "tiny_params.json"), "--threads", "1", "--cache", str(tmp_path / "cache"), "--out", str(out), "--budget", "2", "--seeds", "0",
@@ -294,3 +294,6 @@ def test_pipeline_seeds_script_end_to_end(tmp_path):
     assert "`sft+rl`" in md and "minus `sft`" in md
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # every run cached now
     assert again.returncode == 0 and json.loads(out.with_suffix(".json").read_text())["gain_mean"] == r["gain_mean"]
+    fig = nb.plot_pipeline(r, tmp_path / "pipeline.png")  # the results section's figure of this JSON
+    assert (tmp_path / "pipeline.png").stat().st_size > 10_000 and len(fig.axes) == 3
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(r["arms"])

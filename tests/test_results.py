@@ -164,3 +164,10 @@ def test_headroom_script_end_to_end_and_resumes(nb, tmp_path):
     assert headroom_figures(again) == headroom_figures(r)
     assert again["models"]["sft"]["train"] == r["models"]["sft"]["train"]
     assert json.loads(part.read_text())["0"] == chunks["0"]
+
+
+def test_readme_results_block_matches_the_committed_json():
+    """The README's figures are written by tools/readme_results.py from benchmarks/*.json, never retyped."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "readme_results.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

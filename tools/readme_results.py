@@ -1,0 +1,77 @@
+"""Write the README's results block from the committed benchmark JSONs, so its figures are never retyped.
+
+    python tools/readme_results.py           # rewrite the block between the markers in README.md
+    python tools/readme_results.py --check   # exit 1 if README.md's block differs (the tests run this)
+
+The block lies between `<!-- results:begin -->` and `<!-- results:end -->`.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+ARM_NAMES = {"sft+rl": "SFT then RL (the default)", "sft": "SFT alone", "rl": "RL alone"}
+
+
+def signed(x: float) -> str:
+    return f"{x:+.2f}"
+
+
+def arm_line(name: str, arm: dict) -> str:
+    """One bullet: an arm's gain, its interval, per-seed gains, length and EOS after."""
+    seeds = ", ".join(signed(g) for g in arm["gains"])
+    return (f"  - {ARM_NAMES.get(name, name)}: **{signed(arm['gain_mean'])}** [{signed(arm['gain_ci_low'])}, "
+            f"{signed(arm['gain_ci_high'])}]; per seed {seeds}; {arm['samples_seen']:.0f} samples seen; answers "
+            f"{arm['mean_len_after']:.1f} tokens long, EOS rate {arm['eos_rate_after']:.2f}, "
+            f"KL to the base {arm['kl_mean']:.1f} nats.")
+
+
+def pipeline_block(d: dict) -> list[str]:
+    """The headline bullets from benchmarks/pipeline_seeds.json."""
+    order = [a for a in ("sft+rl", "sft", "rl") if a in d["arms"]]
+    lines = [f"- **Headline** (`benchmarks/pipeline_seeds.md`): {len(d['seeds'])} seeds × {d['budget_s']:.0f} s per "
+             f"run, one run at a time on the {d['threads']}-thread CPU; gain in similarity to held-out references "
+             f"(10 × cos of all-MiniLM-L6-v2, {d['eval_prompts']} eval prompts, greedy), 95% paired-bootstrap "
+             "intervals:"]
+    lines += [arm_line(a, d["arms"][a]) for a in order]
+    if d.get("rl_over_sft_mean") is not None:
+        lines.append(f"  - The default minus SFT alone, same prompts: **{signed(d['rl_over_sft_mean'])}** "
+                     f"[{signed(d['rl_over_sft_ci_low'])}, {signed(d['rl_over_sft_ci_high'])}].")
+    met = [k for k, v in d["acceptance"].items() if v]
+    missed = [k for k, v in d["acceptance"].items() if not v]
+    lines.append(f"  - Acceptance of issue 20 (measured at {d['budget_s']:.0f} s, not its 1200 s): met "
+                 f"{', '.join(f'`{k}`' for k in met) or 'none'}; missed {', '.join(f'`{k}`' for k in missed) or 'none'}.")
+    return lines
+
+
+def block() -> str:
+    d = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
+    return "\n".join([BEGIN, *pipeline_block(d), END])
+
+
+def replaced(text: str, new_block: str) -> str:
+    """text with the part between the markers (markers included) replaced by new_block."""
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    return text[:start] + new_block + text[end:]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = replaced(text, block())
+    if args.check:
+        if new != text:
+            print("README.md's results block differs from benchmarks/*.json: run python tools/readme_results.py")
+            return 1
+        return 0
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
