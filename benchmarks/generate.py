@@ -1,34 +1,43 @@
-"""Our generate() vs Hugging Face `model.generate()` vs a bare forward-only KV-cache loop (the ceiling).
+"""Rollout speed (issue 18): today's rollout path vs the new default, against HF generate, a bare loop and the
+machine's memory bandwidth, measured in one run.
 
-Same process, same model, same prompts and settings; the three are alternated (rotating order) over --runs runs
-and medians are taken. Batch 1 and batch 8, --new-tokens new tokens, greedy and sampled. Writes
-benchmarks/generate.json and benchmarks/generate.md.
+Paths (both with the same LoRA adapter attached, as in a rollout; the adapter is given seeded non-zero B so it
+really changes the model):
+  * "today": fp32 base, eager, adapter attached (generate(merged=False));
+  * "new":   the DTYPE="auto" base dtype (`resolve_dtype`: bf16 on CPUs with avx512_bf16/AMX, else fp32) and the
+             adapter merged for sampling (generate(merged=True)).
+Per batch size (--batches, default 1, 8, 16) and path: tokens/s of ours, of HF `model.generate` (the PEFT model,
+adapter attached) and of a bare forward+argmax KV-cache loop; greedy, --new-tokens tokens, the implementations
+alternated (rotating order) over --runs runs, medians. Also, in the same run and with the same threads: the memory
+bandwidth (copy of a large tensor), `bound_fraction_b1` = tokens/s × weight bytes read per token / bandwidth,
+greedy agreement of each path's tokens with fp32 HF's, `busy_slowdown` (batch-1 decode of the new path with one
+competing busy process, which the script starts — bounded in time — and stops, over without), and `speedup_b1`,
+`speedup_b8` (new over today, ours). Peak RSS increase of one untimed batch-8 run per path (sampled every ms).
 
-    .venv/bin/python benchmarks/generate.py [--runs 5] [--threads 1] [--new-tokens 64]
+    .venv/bin/python benchmarks/generate.py [--runs 5] [--threads 1] [--new-tokens 64] [--params FILE.json] [--out PREFIX]
 
-Tokens per second count the real response tokens (up to and including EOS) of each row. HF runs with its default
-cache and no score outputs. Peak memory is measured afterwards, one untimed run per implementation, as the peak
-increase of the process RSS (sampled every millisecond; glibc is told to return freed blocks at once) on CPU, or
-`torch.cuda.max_memory_allocated` on a GPU.
+--params: a JSON of parameter overrides (e.g. tests/tiny_params.json: a smoke test on the tiny model).
+Writes PREFIX.json and PREFIX.md (default benchmarks/generate.*).
 """
 from __future__ import annotations
 
 import argparse, ctypes, json, os, statistics, subprocess, sys, threading, time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "(unset)")  # as torch sees it (read before torch loads)
+import torch  # noqa: E402
 from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from nbimport import load_notebook  # noqa: E402
+from nbimport import load_notebook, notebook_parameters  # noqa: E402
 
 IMPLS = ("ours", "hf", "bare")
-SAMPLED = dict(temperature=0.7, top_k=50, top_p=0.9)
+PATHS = ("today", "new")
+CPU = torch.device("cpu")
 
 
-def eval_prompts(nb, tokenizer, n: int) -> list[str]:
+def eval_prompts(nb, tokenizer, n: int) -> tuple[list[str], str]:
     """n rendered eval prompts (data/pairs.jsonl if present, else data/starter.jsonl), cycled if fewer."""
     path = ROOT / "data" / "pairs.jsonl"
     path = path if path.exists() else ROOT / "data" / "starter.jsonl"
@@ -43,10 +52,10 @@ def real_lengths(responses: torch.Tensor, eos_ids: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def bare_loop(model, ids, mask, steps: int, eos_ids: list[int]) -> torch.Tensor:
+def bare_loop(net, ids, mask, steps: int, eos_ids: list[int]) -> torch.Tensor:
     """Forward passes and argmax only: prefill, then one token per step with the KV cache, until every row has
     emitted EOS or `steps` tokens. No sampling, no compaction. Returns tokens [B, T]."""
-    net, padded = model, not bool(mask.all())
+    padded = not bool(mask.all())
     cache, eos = DynamicCache(config=net.config), torch.tensor(eos_ids)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = net(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
@@ -65,28 +74,39 @@ def bare_loop(model, ids, mask, steps: int, eos_ids: list[int]) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def run_one(impl, nb, model, tokenizer, prompts, ids, mask, new_tokens, sampled, eos_ids):
-    """One generation; returns (responses [B, T] with what follows EOS cut by `real_lengths`, seconds)."""
-    settings = SAMPLED if sampled else dict(temperature=0)
+def run_one(impl: str, nb, model, tokenizer, prompts, ids, mask, new_tokens: int, merged: bool, eos_ids):
+    """One greedy generation -> (responses [B, T], seconds). model: the PEFT policy (adapter attached)."""
     t0 = time.perf_counter()
     if impl == "ours":
-        gen = nb.generate(model, tokenizer, prompts, max_new_tokens=new_tokens, **settings)
+        gen = nb.generate(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=0, merged=merged)
         out = gen.sequences[:, gen.prompt_len:]
     elif impl == "hf":
-        kw = dict(do_sample=True, **SAMPLED) if sampled else dict(do_sample=False)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, **kw)[:, ids.shape[1]:]
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                 do_sample=False)[:, ids.shape[1]:]
     else:
-        out = bare_loop(model, ids, mask, new_tokens, eos_ids)
+        out = bare_loop(nb.decoder_of(model), ids, mask, new_tokens, eos_ids)
     return out, time.perf_counter() - t0
 
 
-def peak_memory_mb(fn) -> float:
-    """Peak memory increase while fn() runs, in MB (CUDA allocator peak on GPU, sampled RSS on CPU)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated(); fn(); torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Memory bandwidth in GB/s (read + write) of copying an fp32 tensor of `mb` MB, median of `repeats`."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages first
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); dst.copy_(src); times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the parameters a decode step reads (tied weights counted once; the LoRA tensors included)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def peak_rss_mb(fn) -> float:
+    """Peak increase of the process RSS while fn() runs, in MB (sampled every millisecond)."""
     import psutil
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     proc, peak, stop = psutil.Process(), [0], threading.Event()
@@ -105,80 +125,94 @@ def peak_memory_mb(fn) -> float:
     return max(0, peak[0] - base) / 2**20
 
 
-def setup(threads: int, batch: int):
-    torch.set_num_threads(threads)
-    nb = load_notebook(ROOT / "rlft.ipynb")
-    model, tokenizer = nb.load_base("packaged", os.environ.get("RLFT_CACHE", "~/.cache/rlft"), torch.device("cpu"),
-                                    torch.float32)
-    prompts, data_name = eval_prompts(nb, tokenizer, batch)
-    return nb, model, tokenizer, prompts, data_name
+def build_policies(nb, p: dict) -> dict:
+    """{path: (PEFT policy, tokenizer, dtype name, merged)}; the same seeded adapter on each."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import perturb_lora_b
+    cache = os.environ.get("RLFT_CACHE", p.get("CACHE_DIR", "~/.cache/rlft"))
+    dtypes = {"today": torch.float32, "new": nb.resolve_dtype("auto", CPU)}
+    out = {}
+    for path, dtype in dtypes.items():
+        base, tok = nb.load_base(p["MODEL"], cache, CPU, dtype, seed=0)
+        lora = nb.add_lora(base, p["LORA_R"], p["LORA_ALPHA"], p["LORA_DROPOUT"], p["LORA_TARGETS"])
+        out[path] = (perturb_lora_b(lora, std=0.02), tok, str(dtype).replace("torch.", ""), path == "new")
+    return out
 
 
-def memory_main(args) -> None:
-    """--memory-only: print {impl: peak MB} for one untimed greedy run at args.batch (run in a fresh process)."""
-    nb, model, tokenizer, prompts, _ = setup(args.threads, args.batch)
-    ids, mask = nb.encode_prompts(tokenizer, prompts, 10**6, torch.device("cpu"))
-    eos_ids = nb.eos_ids_of(model, tokenizer)
-    run_one("ours", nb, model, tokenizer, prompts, ids, mask, 4, False, eos_ids)  # warm-up
-    result = {impl: peak_memory_mb(lambda: run_one(impl, nb, model, tokenizer, prompts, ids, mask, args.new_tokens,
-                                                    False, eos_ids)) for impl in IMPLS}
-    print(json.dumps(result))
-
-
-def timing(args, nb, model, tokenizer, all_prompts, batch: int, sampled: bool) -> dict:
-    """Alternate the three implementations over args.runs runs; per implementation the times and token counts."""
-    prompts = all_prompts[:batch]
-    ids, mask = nb.encode_prompts(tokenizer, prompts, 10**6, torch.device("cpu"))
-    eos_ids = nb.eos_ids_of(model, tokenizer)
-    impls = [i for i in IMPLS if not (sampled and i == "bare")]
-    rec = {i: {"seconds": [], "tokens": [], "tokens_per_s": []} for i in impls}
-    greedy_out = {}
-    for r in tqdm(range(args.runs), desc=f"batch {batch} {'sampled' if sampled else 'greedy'}"):
-        torch.manual_seed(r)
-        for impl in impls[r % len(impls):] + impls[:r % len(impls)]:  # rotate the order every run
-            out, sec = run_one(impl, nb, model, tokenizer, prompts, ids, mask, args.new_tokens, sampled, eos_ids)
+def time_batch(args, nb, policies, prompts, batch: int) -> dict:
+    """Alternate every (path, impl) over args.runs runs -> per path and impl: tokens/s per run, median, tokens."""
+    model0, tok = policies["today"][0], policies["today"][1]
+    ids, mask = nb.encode_prompts(tok, prompts[:batch], 10**6, CPU)
+    eos_ids = nb.eos_ids_of(model0, tok)
+    combos = [(path, impl) for path in PATHS for impl in IMPLS]
+    rec = {path: {impl: {"tokens_per_s": []} for impl in IMPLS} for path in PATHS}
+    tokens = {}
+    for r in range(args.runs):
+        for path, impl in combos[r % len(combos):] + combos[:r % len(combos)]:  # rotate the order every run
+            model, _, _, merged = policies[path]
+            out, sec = run_one(impl, nb, model, tok, prompts[:batch], ids, mask, args.new_tokens, merged, eos_ids)
             lengths = real_lengths(out, eos_ids)
-            rec[impl]["seconds"].append(sec); rec[impl]["tokens"].append(sum(lengths))
-            rec[impl]["tokens_per_s"].append(sum(lengths) / sec)
-            greedy_out.setdefault(impl, [row[:n].tolist() for row, n in zip(out, lengths)])
-    for impl, d in rec.items():
-        tps = d["tokens_per_s"]
-        d["median_tokens_per_s"] = statistics.median(tps)
-        d["spread"] = (max(tps) - min(tps)) / statistics.median(tps)  # (max - min) / median over the runs
-    paired = [o / h for o, h in zip(rec["ours"]["tokens_per_s"], rec["hf"]["tokens_per_s"])]
-    result = {"implementations": rec, "paired_ratio_ours_hf": paired}
-    if not sampled:
-        result["tokens_identical"] = greedy_out["ours"] == greedy_out["hf"] == greedy_out["bare"]
-        result["response_lengths"] = [len(x) for x in greedy_out["ours"]]
-        paired_bare = [o / b for o, b in zip(rec["ours"]["tokens_per_s"], rec["bare"]["tokens_per_s"])]
-        result["paired_ratio_ours_bare"] = paired_bare
-    return result
+            rec[path][impl]["tokens_per_s"].append(sum(lengths) / sec)
+            tokens.setdefault((path, impl), [row[:n].tolist() for row, n in zip(out, lengths)])
+    reference = tokens[("today", "hf")]  # fp32 HF greedy
+    for path in PATHS:
+        for impl in IMPLS:
+            d = rec[path][impl]
+            d["median_tokens_per_s"] = statistics.median(d["tokens_per_s"])
+        rec[path]["greedy_agreement_fp32_hf"] = agreement(tokens[(path, "ours")], reference)
+    rec["tokens_identical_today_ours_hf_bare"] = tokens[("today", "ours")] == reference == tokens[("today", "bare")]
+    return rec
+
+
+def agreement(rows: list[list[int]], reference: list[list[int]]) -> float:
+    """Fraction of the reference's tokens matched position by position (a shorter row counts as mismatches)."""
+    hits = sum(sum(a == b for a, b in zip(row, ref)) for row, ref in zip(rows, reference))
+    return hits / max(1, sum(len(ref) for ref in reference))
+
+
+def busy_slowdown(args, nb, policies, prompts) -> dict:
+    """Batch-1 decode time of the new path with one competing busy process (bounded: args.busy_seconds) / without."""
+    model, tok, _, merged = policies["new"]
+    run = lambda: nb.generate(model, tok, prompts[:1], max_new_tokens=args.new_tokens, temperature=0, merged=merged)  # noqa: E731
+
+    def median_seconds():
+        times = []
+        for _ in range(max(1, args.runs)):
+            t0 = time.perf_counter(); run(); times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    quiet = median_seconds()
+    spin = f"import time\nt = time.time()\nwhile time.time() - t < {args.busy_seconds}: pass"
+    busy_proc = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.2)
+        busy = median_seconds()
+    finally:
+        busy_proc.kill(); busy_proc.wait()
+    return {"quiet_s": quiet, "busy_s": busy, "busy_slowdown": busy / quiet}
 
 
 def write_markdown(report: dict, path: Path) -> None:
-    lines = [f"# generate(): ours vs Hugging Face vs a bare loop\n",
-             f"{report['model']}, {report['device']}, {report['torch_threads']} torch thread(s), "
-             f"{report['max_new_tokens']} new tokens, {report['runs']} alternated runs, medians; prompts: eval split "
-             f"of {report['data']}. Spread = (max - min) / median of tokens/s over the runs. Load average during the "
-             f"run: {report['load_average_start']} → {report['load_average_end']} (shared machine).\n",
-             "| batch | decoding | ours tok/s | HF tok/s | bare tok/s | ours/HF (median of medians) | ours/HF per run (min–max) | ours/bare | spread ours / HF | greedy tokens identical |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for key, cell in report["cases"].items():
-        imp = cell["implementations"]
-        bare = imp.get("bare", {}).get("median_tokens_per_s")
-        ratio = imp["ours"]["median_tokens_per_s"] / imp["hf"]["median_tokens_per_s"]
-        paired = cell["paired_ratio_ours_hf"]
-        ceiling = f"{imp['ours']['median_tokens_per_s'] / bare:.2f}" if bare else "–"
-        lines.append(f"| {cell['batch']} | {cell['decoding']} | {imp['ours']['median_tokens_per_s']:.1f} | "
-                     f"{imp['hf']['median_tokens_per_s']:.1f} | {f'{bare:.1f}' if bare else '–'} | {ratio:.2f} | "
-                     f"{min(paired):.2f}–{max(paired):.2f} | {ceiling} | {imp['ours']['spread']:.0%} / "
-                     f"{imp['hf']['spread']:.0%} | {cell.get('tokens_identical', '–')} |")
-    mem = report["peak_memory_mb"]
-    lines += ["", f"Peak memory increase during one greedy batch-{report['memory_batch']} run (MB): "
-              + ", ".join(f"{k} {v:.1f}" for k, v in mem.items()) + ".", "",
-              f"ratio_b1 = {report['ratio_b1']:.2f}, ratio_b8 = {report['ratio_b8']:.2f}, "
-              f"ceiling ratio (ours/bare, greedy) b1 = {report['ceiling_ratio_b1']:.2f}, "
-              f"b8 = {report['ceiling_ratio_b8']:.2f}."]
+    """The table of PREFIX.md from the report."""
+    lines = ["# Rollout speed: today's path vs the new default (issue 18)\n",
+             f"{report['model']}, cpu, {report['torch_threads']} torch thread(s), OMP_WAIT_POLICY="
+             f"{report['omp_wait_policy']}, {report['max_new_tokens']} greedy new tokens, {report['runs']} alternated "
+             f"runs, medians. today = {report['paths']['today']}; new = {report['paths']['new']}. Memory bandwidth "
+             f"{report['bandwidth_gbs']:.1f} GB/s (same run, same threads); weights read per token: today "
+             f"{report['weight_mb']['today']:.0f} MB, new {report['weight_mb']['new']:.0f} MB. Load average "
+             f"{report['load_average_start']} → {report['load_average_end']}.\n",
+             "| batch | path | ours tok/s | HF tok/s | bare tok/s | greedy agreement with fp32 HF |",
+             "|---|---|---|---|---|---|"]
+    for batch, rec in report["batches"].items():
+        for p in PATHS:
+            m = {i: rec[p][i]["median_tokens_per_s"] for i in IMPLS}
+            lines.append(f"| {batch} | {p} | {m['ours']:.1f} | {m['hf']:.1f} | {m['bare']:.1f} | "
+                         f"{rec[p]['greedy_agreement_fp32_hf']:.0%} |")
+    lines += ["", ", ".join(f"{k} = {report[k]:.2f}" for k in ("speedup_b1", "speedup_b8", "bound_fraction_b1",
+                                                               "bound_fraction_b1_today", "busy_slowdown")
+                            if report.get(k) is not None) + ".",
+              "", "Peak RSS increase of one batch-8 run (MB): " + ", ".join(
+                  f"{k} {v:.0f}" for k, v in report["peak_memory_mb"].items()) + "."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -187,39 +221,48 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=8, help="(memory-only) batch size")
-    ap.add_argument("--memory-only", action="store_true")
+    ap.add_argument("--batches", default="1,8,16")
+    ap.add_argument("--busy-seconds", type=float, default=300, help="upper bound on the competing process's life")
+    ap.add_argument("--params", default=None, help="JSON of parameter overrides, e.g. tests/tiny_params.json")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "generate"))
     args = ap.parse_args()
-    if args.memory_only:
-        return memory_main(args)
+    torch.set_num_threads(args.threads)
     load_start = [round(x, 1) for x in os.getloadavg()]
-    nb, model, tokenizer, prompts, data_name = setup(args.threads, 8)
-    nb.generate(model, tokenizer, prompts[:2], max_new_tokens=4, temperature=0)  # warm-up
-    cases = {}
-    for batch in (1, 8):
-        for sampled in (False, True):
-            key = f"b{batch}_{'sampled' if sampled else 'greedy'}"
-            cases[key] = {"batch": batch, "decoding": "sampled " + str(SAMPLED) if sampled else "greedy",
-                          **timing(args, nb, model, tokenizer, prompts, batch, sampled)}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    mem = subprocess.run([sys.executable, __file__, "--memory-only", "--threads", str(args.threads), "--batch", "8",
-                          "--new-tokens", str(args.new_tokens)], env=env, capture_output=True, text=True, check=True)
-    med = lambda k, i: cases[k]["implementations"][i]["median_tokens_per_s"]  # noqa: E731
+    nb = load_notebook(ROOT / "rlft.ipynb")
+    p = {**notebook_parameters(ROOT / "rlft.ipynb"), **(json.loads(Path(args.params).read_text()) if args.params else {})}
+    policies = build_policies(nb, p)
+    batches = [int(b) for b in args.batches.split(",")]
+    prompts, data_name = eval_prompts(nb, policies["today"][1], max(batches + [8]))
+    for path in PATHS:  # warm-up
+        nb.generate(policies[path][0], policies[path][1], prompts[:2], max_new_tokens=2, temperature=0)
+    bandwidth = memory_bandwidth_gbs(64 if p["MODEL"] == "tiny" else 512)
+    results = {str(b): time_batch(args, nb, policies, prompts, b) for b in batches}
+    med = lambda b, path: results[str(b)][path]["ours"]["median_tokens_per_s"] if str(b) in results else None  # noqa: E731
+    ratio = lambda b: med(b, "new") / med(b, "today") if str(b) in results else None  # noqa: E731
+    wbytes = {path: weight_bytes(policies[path][0]) for path in PATHS}
+    bound = lambda path: med(1, path) * wbytes[path] / (bandwidth * 1e9) if "1" in results else None  # noqa: E731
+    busy = busy_slowdown(args, nb, policies, prompts)
+    memory = {}
+    tok = policies["today"][1]
+    for path in PATHS:
+        model, _, _, merged = policies[path]
+        memory[path] = peak_rss_mb(lambda: nb.generate(model, tok, prompts[:8], max_new_tokens=args.new_tokens,
+                                                       temperature=0, merged=merged))
     report = {
-        "model": "packaged SmolLM2-135M-Instruct (fp32)", "device": "cpu", "torch_threads": args.threads,
-        "max_new_tokens": args.new_tokens, "runs": args.runs, "data": data_name,
-        "ratio_b1": med("b1_greedy", "ours") / med("b1_greedy", "hf"),
-        "ratio_b8": med("b8_greedy", "ours") / med("b8_greedy", "hf"),
-        "ratio_b1_sampled": med("b1_sampled", "ours") / med("b1_sampled", "hf"),
-        "ratio_b8_sampled": med("b8_sampled", "ours") / med("b8_sampled", "hf"),
-        "ceiling_ratio_b1": med("b1_greedy", "ours") / med("b1_greedy", "bare"),
-        "ceiling_ratio_b8": med("b8_greedy", "ours") / med("b8_greedy", "bare"),
-        "spread": {k: {i: v["spread"] for i, v in c["implementations"].items()} for k, c in cases.items()},
-        "greedy_tokens_identical": all(cases[k]["tokens_identical"] for k in ("b1_greedy", "b8_greedy")),
-        "peak_memory_mb": json.loads(mem.stdout.strip().splitlines()[-1]), "memory_batch": 8,
+        "model": f"MODEL={p['MODEL']!r}", "device": "cpu", "torch_threads": args.threads,
+        "omp_wait_policy": OMP_WAIT_POLICY, "max_new_tokens": args.new_tokens,
+        "runs": args.runs, "data": data_name,
+        "paths": {path: f"{policies[path][2]}, eager, adapter {'merged' if policies[path][3] else 'attached'}"
+                  for path in PATHS},
+        "bandwidth_gbs": bandwidth, "weight_mb": {k: v / 2**20 for k, v in wbytes.items()},
+        "speedup_b1": ratio(1), "speedup_b8": ratio(8), "speedup_b16": ratio(16),
+        "bound_fraction_b1": bound("new"), "bound_fraction_b1_today": bound("today"),
+        "greedy_agreement_fp32_hf": {b: {path: r[path]["greedy_agreement_fp32_hf"] for path in PATHS}
+                                     for b, r in results.items()},
+        "greedy_fp32_tokens_identical_to_hf": all(r["tokens_identical_today_ours_hf_bare"] for r in results.values()),
+        "busy_slowdown": busy["busy_slowdown"], "busy": busy, "peak_memory_mb": memory,
         "load_average_start": load_start, "load_average_end": [round(x, 1) for x in os.getloadavg()],
-        "cases": cases,
+        "batches": results,
     }
     Path(args.out + ".json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(report, Path(args.out + ".md"))

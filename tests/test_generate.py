@@ -384,3 +384,106 @@ def test_fuzzed_prompts_generate_and_stream_the_same_text(nb, tiny, one_thread):
             assert torch.isfinite(gen.logprobs).all() and isinstance(gen.texts[0], str)
             streamed = "".join(nb.generate_stream(model, tokenizer, prompt, max_new_tokens=3, temperature=0.0))
             assert streamed == gen.texts[0], repr(prompt[:40])
+
+
+# ---------------------------------------------------------------- the adapter merged for sampling (issue 18)
+def lora_state(model):
+    """Every parameter and buffer of the model, by name, as (tensor object, data_ptr, exact copy)."""
+    tensors = dict(model.named_parameters())
+    return {n: (t, t.data_ptr(), t.detach().clone(), t.requires_grad) for n, t in tensors.items()}
+
+
+def assert_restored(model, saved):
+    now = dict(model.named_parameters())
+    assert now.keys() == saved.keys()
+    for name, (tensor, ptr, copy, grad) in saved.items():
+        assert now[name] is tensor and tensor.data_ptr() == ptr and tensor.requires_grad == grad, name
+        assert tensor.dtype == copy.dtype and torch.equal(tensor, copy), name  # bitwise: same bits, same storage
+    assert all(not m.merged and not m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_sampling_restores_the_weights_bitwise(nb, params, one_thread, dtype):
+    base, tokenizer = nb.load_base("tiny", CACHE_DIR, CPU, dtype, seed=0)
+    model = perturb_lora_b(nb.add_lora(base, params["LORA_R"], params["LORA_ALPHA"], params["LORA_DROPOUT"],
+                                       params["LORA_TARGETS"]), std=0.5)
+    saved, prompts = lora_state(model), rendered(nb, tokenizer)
+    attached = nb.generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0)
+    with nb.merged_adapter(model):
+        layer = nb.mergeable_lora_layers(model) or [m for m in model.modules() if hasattr(m, "lora_A")]
+        assert all(m.disable_adapters for m in layer)  # the branch is off: the update lives in W
+        name = next(n for n in saved if n.endswith("q_proj.base_layer.weight"))
+        assert not torch.equal(dict(model.named_parameters())[name], saved[name][2])  # W really changed
+    assert_restored(model, saved)
+    nb.generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0, merged=True)
+    assert_restored(model, saved)
+    again = nb.generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0)
+    assert torch.equal(again.sequences, attached.sequences) and torch.equal(again.logprobs, attached.logprobs)
+    with pytest.raises(RuntimeError, match="boom"), nb.merged_adapter(model):
+        raise RuntimeError("boom")  # an error inside the block still restores
+    assert_restored(model, saved)
+
+
+def test_merged_sampler_log_probs_match_the_attached_policy_in_fp32(nb, tiny_lora, one_thread):
+    model, tokenizer = tiny_lora
+    perturb_lora_b(model, std=0.5)  # a trained-looking adapter: it clearly changes the distribution
+    prompts = rendered(nb, tokenizer)
+    with model.disable_adapter():
+        base = nb.generate(model, tokenizer, prompts, max_new_tokens=8, temperature=0)
+    attached = nb.generate(model, tokenizer, prompts, max_new_tokens=8, temperature=0)
+    merged = nb.generate(model, tokenizer, prompts, max_new_tokens=8, temperature=0, merged=True)
+    assert (attached.logprobs - base.logprobs).abs().max() > 1e-2  # the adapter matters here
+    assert torch.equal(merged.sequences, attached.sequences)
+    assert (merged.logprobs - attached.logprobs).abs().max() < 1e-4  # fp32: rounding only (measured ~1e-6)
+    # the merged sampler's log-probs against the attached policy's own full forward pass on the same tokens
+    policy = full_forward_logits(model, merged).log_softmax(-1)
+    lp = policy.gather(-1, merged.sequences[:, merged.prompt_len:, None]).squeeze(-1) * merged.response_mask
+    assert (lp - merged.logprobs).abs().max() < 1e-4
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    sampled = nb.generate(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, generator=g1)
+    sampled_m = nb.generate(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, generator=g2, merged=True)
+    assert torch.equal(sampled.sequences, sampled_m.sequences)
+    assert (sampled.logprobs - sampled_m.logprobs).abs().max() < 1e-4
+
+
+def test_merged_is_a_no_op_without_an_active_lora(nb, tiny_lora, one_thread):
+    model, tokenizer = nb.load_base("tiny", CACHE_DIR, CPU, torch.float32, seed=0)  # no adapter at all
+    prompts = rendered(nb, tokenizer)
+    plain = nb.generate(model, tokenizer, prompts, max_new_tokens=5, temperature=0)
+    merged = nb.generate(model, tokenizer, prompts, max_new_tokens=5, temperature=0, merged=True)
+    assert torch.equal(plain.sequences, merged.sequences) and torch.equal(plain.logprobs, merged.logprobs)
+    assert nb.mergeable_lora_layers(model) == []
+    lora, _ = tiny_lora
+    perturb_lora_b(lora)
+    with lora.disable_adapter():  # the reference policy: nothing to merge, the base is sampled
+        assert nb.mergeable_lora_layers(lora) == []
+        ref = nb.generate(lora, tokenizer, prompts, max_new_tokens=5, temperature=0, merged=True)
+        ref_attached = nb.generate(lora, tokenizer, prompts, max_new_tokens=5, temperature=0)
+    assert torch.equal(ref.sequences, ref_attached.sequences) and torch.equal(ref.logprobs, ref_attached.logprobs)
+
+
+def test_generate_benchmark_smoke_run_writes_the_issue_18_fields(tmp_path):
+    """benchmarks/generate.py on the tiny model with tiny settings: it runs and its JSON has the issue's fields."""
+    import json
+    import subprocess
+    import sys
+
+    from nbimport import ROOT
+    out = tmp_path / "gen"
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--params",
+                    str(ROOT / "tests" / "tiny_params.json"), "--runs", "1", "--new-tokens", "3", "--batches", "1,8",
+                    "--busy-seconds", "30", "--out", str(out)], check=True, capture_output=True, timeout=240, env=env)
+    report = json.loads((tmp_path / "gen.json").read_text())
+    for key in ("speedup_b1", "speedup_b8", "bound_fraction_b1", "busy_slowdown", "bandwidth_gbs"):
+        assert isinstance(report[key], float) and report[key] > 0, key
+    assert report["torch_threads"] == 1 and report["max_new_tokens"] == 3 and report["model"] == "MODEL='tiny'"
+    assert set(report["batches"]) == {"1", "8"}
+    for batch in report["batches"].values():
+        for path in ("today", "new"):
+            assert all(batch[path][impl]["median_tokens_per_s"] > 0 for impl in ("ours", "hf", "bare"))
+            assert 0 <= batch[path]["greedy_agreement_fp32_hf"] <= 1
+        assert batch["today"]["greedy_agreement_fp32_hf"] == 1.0  # fp32 ours == fp32 HF, token for token
+    assert report["greedy_fp32_tokens_identical_to_hf"] is True
+    assert "adapter attached" in report["paths"]["today"] and "adapter merged" in report["paths"]["new"]
+    assert "| 8 | new |" in (tmp_path / "gen.md").read_text()

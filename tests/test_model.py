@@ -1,4 +1,5 @@
 """Section 1: model loading, dtype policy and the LoRA adapter."""
+import math
 import re
 
 import pytest
@@ -21,10 +22,43 @@ def test_tiny_model_is_deterministic_under_seed(nb):
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
-def test_dtype_policy(nb):
-    assert nb.resolve_dtype("auto", CPU) == torch.float32
+def test_dtype_policy(nb, monkeypatch):
+    assert nb.resolve_dtype("auto", CPU) == (torch.bfloat16 if nb.cpu_has_bf16() else torch.float32)
+    monkeypatch.setattr(nb, "cpu_has_bf16", lambda *a, **k: False)
+    assert nb.resolve_dtype("auto", CPU) == torch.float32  # a CPU without native bf16: today's fp32 path
+    assert nb.resolve_dtype("float32", CPU) == torch.float32
+    monkeypatch.setattr(nb, "cpu_has_bf16", lambda *a, **k: True)
+    assert nb.resolve_dtype("auto", CPU) == torch.bfloat16  # avx512_bf16 / AMX: a bf16 base
+    assert nb.resolve_dtype("float32", CPU) == torch.float32  # an explicit dtype always wins
+    assert nb.resolve_dtype("auto", torch.device("meta")) == torch.float32  # not a CPU: never bf16 from cpuinfo
     assert nb.resolve_dtype("bfloat16", CPU) == torch.bfloat16
     assert nb.resolve_device("cpu") == CPU
+
+
+CPUINFO_X86 = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu vme sse sse2 avx2 avx512f avx512bw {extra} avx512_vnni
+bugs\t\t: spectre_v1
+"""
+
+
+@pytest.mark.parametrize("extra, expected", [("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("", False),
+                                             ("avx512_bf16x", False)])
+def test_cpu_has_bf16_reads_the_cpuinfo_flags(nb, tmp_path, extra, expected):
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO_X86.format(extra=extra))
+    assert nb.cpu_has_bf16(info) is expected
+
+
+def test_cpu_has_bf16_never_crashes_without_flags(nb, tmp_path):
+    assert nb.cpu_has_bf16(tmp_path / "missing") is False  # macOS / Windows: no /proc/cpuinfo
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")  # no x86 flags line
+    assert nb.cpu_has_bf16(arm) is False
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe flags : avx512_bf16\n")
+    assert nb.cpu_has_bf16(binary) is False  # the key is not 'flags' once garbage precedes it
+    assert nb.cpu_has_bf16(tmp_path) is False  # a folder, not a file
 
 
 def test_lora_wraps_the_intended_modules(tiny_lora, params):
@@ -124,3 +158,76 @@ def test_a_local_folder_needs_no_hub(nb, no_hub, tmp_path, monkeypatch):
     import socket
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed the hub for a local folder"))
     assert nb.hub_load_kwargs(str(tmp_path)) == {}
+
+
+# ---------------------------------------------------------------- the bf16 base (DTYPE="bfloat16", issue 18)
+def bf16_policy(nb, params):
+    model, tokenizer = nb.load_base("tiny", CACHE_DIR, CPU, nb.resolve_dtype("bfloat16", CPU), seed=0)
+    lora = nb.add_lora(model, params["LORA_R"], params["LORA_ALPHA"], params["LORA_DROPOUT"], params["LORA_TARGETS"])
+    return perturb_lora_b(lora), tokenizer
+
+
+def test_bf16_base_keeps_lora_and_value_head_fp32(nb, params, one_thread):
+    lora, tokenizer = bf16_policy(nb, params)
+    trainable = {n: p for n, p in lora.named_parameters() if p.requires_grad}
+    frozen = [p for p in lora.parameters() if not p.requires_grad]
+    assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)  # the base really is stored in bf16
+    state = nb.make_ppo_state(lora, tokenizer, nb.PPOConfig(batch_size=4, minibatch_size=2, max_new_tokens=4))
+    assert all(p.dtype == torch.float32 for p in state.value_head.parameters())
+    gen = nb.generate(lora, tokenizer, [nb.chat_prompt(tokenizer, "Hi"), nb.chat_prompt(tokenizer, "Name a fruit.")],
+                      max_new_tokens=5, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert gen.logprobs.dtype == torch.float32
+    with torch.no_grad():
+        out = nb.policy_logprobs(lora, state.value_head, gen.sequences, gen.attention_mask, gen.prompt_len, 1.0)
+    assert out.logprobs.dtype == out.entropy.dtype == out.values.dtype == torch.float32
+    mask = gen.response_mask.bool()
+    assert torch.isfinite(out.logprobs[mask]).all() and (out.logprobs[mask] <= 0).all()
+
+
+def test_bf16_sft_step_and_ppo_iteration_are_finite_with_fp32_grads(nb, params, one_thread):
+    lora, tokenizer = bf16_policy(nb, params)
+    state = nb.make_ppo_state(lora, tokenizer, nb.PPOConfig(batch_size=4, minibatch_size=2, epochs=1, max_new_tokens=4))
+    ids, mask, labels = nb.sft_batch(tokenizer, [{"prompt": "Hi", "reference": "Hello there."},
+                                                 {"prompt": "Name a fruit.", "reference": "An apple."}], CPU)
+    with nb.autocast_for(state):
+        logits = lora(input_ids=ids, attention_mask=mask).logits
+    valid = (labels[:, 1:] != -100).float()
+    logp = logits[:, :-1].float().log_softmax(-1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+    loss = -(logp * valid).sum() / valid.sum()
+    loss.backward()
+    grads = [p.grad for p in state.trainable_parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    lora.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in state.trainable_parameters()]
+    prompts = ["Hi", "Name a fruit.", "Say hello.", "Count to three."]
+    stats = nb.ppo_iteration(state, prompts, [""] * 4, lambda p, r, refs: torch.arange(len(r), dtype=torch.float32))
+    assert stats["skipped"] == 0.0
+    assert all(math.isfinite(stats[k]) for k in ("policy_loss", "value_loss", "entropy", "approx_kl"))
+    after = list(state.trainable_parameters())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the update moved LoRA / the value head
+
+
+def test_common_cell_sets_passive_omp_waiting_before_torch_loads(nb):
+    """The common cell sets OMP_WAIT_POLICY=PASSIVE by default (idle threads sleep, issue 18), and leaves a user's
+    own setting alone. Run in fresh interpreters: the variable only acts before torch is first imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import nbformat
+    from nbimport import ROOT
+    cells = nbformat.read(ROOT / "rlft.ipynb", as_version=4).cells
+    source = next(c.source for c in cells if c.metadata.get("rlft", {}).get("section") == "common"
+                  and c.cell_type == "code" and c.source.startswith("#| export"))
+    probe = source.split("import numpy as np")[0] + "\nimport sys, json; print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules]))"
+    for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if preset:
+            env["OMP_WAIT_POLICY"] = preset
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert json.loads(out.stdout) == [expected, False]  # set while torch is not yet loaded

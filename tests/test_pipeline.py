@@ -297,3 +297,38 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     fig = nb.plot_pipeline(r, tmp_path / "pipeline.png")  # the results section's figure of this JSON
     assert (tmp_path / "pipeline.png").stat().st_size > 10_000 and len(fig.axes) == 3
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(r["arms"])
+
+
+def test_iteration_cost_script_end_to_end_and_gains(tmp_path):
+    """benchmarks/iteration_cost.py on the tiny model, 2 measured iterations per arm; then --gains adds the 300 s
+    gains of two pipeline_seeds outputs to the same JSON (--iters 0: nothing re-measured)."""
+    out = tmp_path / "ic"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "iteration_cost.py"), "--params",
+           str(ROOT / "tests" / "tiny_params.json"), "--iters", "2", "--threads", "1", "--cache", str(tmp_path / "c"),
+           "--out", str(out), "--set", "PPO_BATCH_SIZE=4", "--set", "PPO_MINIBATCH_SIZE=4"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(out.with_suffix(".json").read_text())
+    for field in ("s_per_iter_before", "s_per_iter_after", "speedup", "phases_before", "phases_after", "threads",
+                  "loadavg"):
+        assert field in r, field
+    assert r["threads"] == 1 and r["iterations_measured"] == 2 and len(r["records"]["before"]) == 2
+    assert r["speedup"] == pytest.approx(r["s_per_iter_before"] / r["s_per_iter_after"])
+    assert r["config_before"]["OLD_LOGPROBS"] == "recompute" and r["config_after"]["OLD_LOGPROBS"] == "generate"
+    before, after = r["records"]["before"], r["records"]["after"]
+    assert all(x["t_old_logprobs"] > 0 and x["t_checkpoint"] > 0 for x in before)  # recomputed, checkpointed
+    assert all(x["t_old_logprobs"] == 0.0 for x in after)  # π_old from generate(), no monitor after iteration 0
+    assert set(r["phases_before"]) == {"t_generate", "t_old_logprobs", "t_ref", "t_reward", "t_update",
+                                       "t_checkpoint", "t_monitor", "iteration"}
+    assert out.with_suffix(".png").stat().st_size > 5_000 and "whole iteration" in out.with_suffix(".md").read_text()
+    for tag, gain in (("before", 0.4), ("after", 0.5)):  # two pipeline_seeds.py outputs, arm "rl"
+        arm = {"gain_mean": gain, "gain_ci_low": gain - 0.2, "gain_ci_high": gain + 0.2, "iterations": 10.0}
+        (tmp_path / f"{tag}.json").write_text(json.dumps({"budget_s": 300, "seeds": [0, 1], "arms": {"rl": arm}}))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "iteration_cost.py"), "--iters", "0", "--out", str(out),
+           "--gains", str(tmp_path / "before.json"), str(tmp_path / "after.json")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    g = json.loads(out.with_suffix(".json").read_text())
+    assert g["gain_before"] == 0.4 and g["gain_after"] == 0.5 and g["gain_after_ci"] == [0.3, 0.7]
+    assert g["iterations_before"] == 10.0 and g["s_per_iter_before"] == r["s_per_iter_before"]
+    assert "300 s RL run" in out.with_suffix(".md").read_text()

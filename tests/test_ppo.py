@@ -652,3 +652,157 @@ def test_guarded_step_skips_nan_loss_and_leaves_parameters(nb):
     assert nb.guarded_step(opt, params, layer(x).pow(2).sum(), 1.0, counters, scheduler=sched) is True
     assert not all(torch.equal(a, b) for a, b in zip(before, params)) and sched.last_epoch == 1
     assert all(torch.isfinite(p).all() for p in params) and all(p.grad is None for p in params)
+
+
+# ----------------------------------------------------------------------------------------------- issue 19: iteration cost
+def full_vocab(nb, model, sequences, attention_mask, P, tau):
+    """The unchunked computation: the whole [B, T, V] log-softmax at once, in float64 (the exact value of the fp32
+    logits, against which fp32 rounding over 49k terms is measured)."""
+    base = model.get_base_model()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = base.get_decoder()(input_ids=sequences, attention_mask=attention_mask,
+                                position_ids=positions).last_hidden_state[:, P - 1:-1]
+    log_dist = (base.get_output_embeddings()(hidden).double() / tau).log_softmax(-1)
+    return (log_dist, log_dist.gather(-1, sequences[:, P:, None]).squeeze(-1).float(),
+            (-(log_dist.exp() * log_dist).sum(-1)).float())
+
+
+def test_chunked_log_softmax_equals_unchunked(nb, tiny_lora):
+    model, tok = tiny_lora
+    perturb_lora_b(model)
+    torch.manual_seed(0)
+    gen = nb.generate(model, tok, [nb.chat_prompt(tok, p) for p in PROMPTS[:3]], max_new_tokens=7, temperature=1.0)
+    args = (gen.sequences, gen.attention_mask, gen.prompt_len, 0.7)
+    with torch.no_grad():
+        log_dist, lp, ent = full_vocab(nb, model, *args)
+        with model.disable_adapter():
+            ref_dist, ref_lp, _ = full_vocab(nb, model, *args)
+        kl = (log_dist.exp() * (log_dist - ref_dist)).sum(-1).float()
+        whole = nb.policy_logprobs(model, None, *args, chunk=10**6)  # one chunk: the unchunked computation
+        with model.disable_adapter():
+            whole_ref = nb.policy_logprobs(model, None, *args, kl_from_hidden=whole.hidden, chunk=10**6)
+        # the unchunked path is the full-vocabulary formula (up to fp32 rounding of a sum of 49k terms) ...
+        torch.testing.assert_close(whole.logprobs, lp, atol=1e-6, rtol=0)
+        torch.testing.assert_close(whole.entropy, ent, atol=2e-5, rtol=0)
+        torch.testing.assert_close(whole_ref.logprobs, ref_lp, atol=1e-6, rtol=0)
+        torch.testing.assert_close(whole_ref.kl, kl, atol=1e-6, rtol=0)
+        for chunk in (1, 3):  # ... and chunks give the same within 1e-6 (3 does not divide T = 7: a ragged chunk)
+            cur = nb.policy_logprobs(model, None, *args, chunk=chunk)
+            with model.disable_adapter():
+                ref = nb.policy_logprobs(model, None, *args, kl_from_hidden=cur.hidden, chunk=chunk)
+            # log-probs and entropies of the near-uniform tiny model are ~log V = 10.8, where one fp32 ulp is
+            # 9.5e-7 (and BLAS rounds a 1-row head matmul differently from a 7-row one): 1e-6 plus 1e-6 relative
+            torch.testing.assert_close(cur.logprobs, whole.logprobs, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(cur.entropy, whole.entropy, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(ref.logprobs, whole_ref.logprobs, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(ref.kl, whole_ref.kl, atol=1e-6, rtol=0)
+    assert kl.abs().max() > 1e-4  # the adapter moved: a real KL was compared
+
+
+def test_chunked_log_softmax_never_builds_the_whole_distribution(nb, tiny_lora, monkeypatch):
+    model, tok = tiny_lora
+    gen = nb.generate(model, tok, [nb.chat_prompt(tok, p) for p in PROMPTS[:2]], max_new_tokens=9, temperature=1.0)
+    head = model.get_base_model().get_output_embeddings()
+    widths, real = [], head.forward
+    monkeypatch.setattr(head, "forward", lambda h: widths.append(h.shape[1]) or real(h))
+    with torch.no_grad():
+        nb.policy_logprobs(model, None, gen.sequences, gen.attention_mask, gen.prompt_len, 1.0, chunk=4)
+    T = gen.sequences.shape[1] - gen.prompt_len
+    assert T > 4 and max(widths) == 4 and sum(widths) == T  # the head only ever sees 4 positions at once
+
+
+def test_reference_nll_chunked_equals_the_full_forward(nb, tiny_lora, monkeypatch):
+    model, tok = tiny_lora
+    perturb_lora_b(model)
+    state = nb.make_ppo_state(model, tok, small_cfg(nb))
+    ro = nb.Rollout(*[None] * 3, torch.zeros(2, 1), *[None] * 10, prompts=PROMPTS[:2],
+                    references=["A harbour is a sheltered port.", "Rayleigh scattering."])
+    with torch.no_grad():
+        nll = nb.reference_nll(state, ro, torch.arange(2))
+        ids, mask, labels = nb.sft_batch(tok, [{"prompt": p, "reference": r} for p, r in zip(ro.prompts, ro.references)],
+                                         torch.device("cpu"))
+        expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # HF's own token-mean NLL
+    torch.testing.assert_close(nll, expected, atol=1e-5, rtol=0)
+
+
+def count_forwards(nb, monkeypatch):
+    calls, real = [], nb.policy_logprobs
+    monkeypatch.setattr(nb, "policy_logprobs", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    return calls
+
+
+def test_old_logprobs_from_generate_skip_the_forward_between_monitors(nb, tiny_lora, monkeypatch):
+    model, tok = tiny_lora
+    state = nb.make_ppo_state(model, tok, small_cfg(nb, kl_monitor_every=2, advantage="group", samples_per_prompt=4))
+    calls, seen = count_forwards(nb, monkeypatch), {}
+    real_generate = nb.generate
+    monkeypatch.setattr(nb, "generate", lambda *a, **kw: seen.setdefault("g", real_generate(*a, **kw)))
+    torch.manual_seed(0)
+    monitored = nb.rollout(state, PROMPTS, [""] * 8, random_reward)  # iteration 0: a monitor iteration
+    assert len(calls) == 2 and calls[1].get("kl_from_hidden") is not None  # π_old (for the monitors) + reference
+    assert monitored.kl_exact is not None and monitored.gen_logprob_err < 1e-4 and monitored.entropy is not None
+    assert torch.equal(monitored.logprobs, seen.pop("g").logprobs.float() * monitored.mask)  # π_old = generate()'s
+    state.iteration, calls[:] = 1, []
+    ro = nb.rollout(state, PROMPTS, [""] * 8, random_reward)
+    assert len(calls) == 1 and calls[0].get("kl_from_hidden") is None  # the reference pass only, sampled tokens
+    assert ro.kl_exact is None and math.isnan(ro.gen_logprob_err) and ro.entropy is None
+    assert ro.timings["t_old_logprobs"] == 0.0 and ro.timings["t_ref"] > 0
+    torch.testing.assert_close(ro.ref_logprobs, ro.logprobs, atol=1e-4, rtol=0)  # fresh adapter: π = π_ref
+    assert torch.equal(ro.logprobs, seen.pop("g").logprobs.float() * ro.mask)
+
+
+def test_iteration_stats_keep_every_key_nan_where_not_measured(nb, tiny_lora, monkeypatch):
+    model, tok = tiny_lora
+    prompts = nb.repeat_each(PROMPTS[:2], 4)
+    state = nb.make_ppo_state(model, tok, small_cfg(nb, samples_per_prompt=4, advantage="group", kl_monitor_every=2))
+    torch.manual_seed(0)
+    first = nb.ppo_iteration(state, prompts, [""] * 8, random_reward)
+    second = nb.ppo_iteration(state, prompts, [""] * 8, random_reward)
+    assert set(first) == set(second)
+    assert first["kl_monitored"] == 1.0 and math.isfinite(first["kl_ref"]) and first["gen_logprob_err"] < 1e-4
+    assert second["kl_monitored"] == 0.0 and math.isnan(second["kl_ref"]) and math.isnan(second["gen_logprob_err"])
+    assert second["t_old_logprobs"] == 0.0 and math.isfinite(second["kl_ref_sampled"])
+    assert second["rollout_entropy"] == second["entropy"] > 0  # from the update pass
+
+
+def test_recompute_and_gae_run_the_old_policy_forward(nb, tiny_lora, monkeypatch):
+    model, tok = tiny_lora
+    calls = count_forwards(nb, monkeypatch)
+    for kw in (dict(old_logprobs="recompute", advantage="group", samples_per_prompt=4), dict(advantage="gae")):
+        state = nb.make_ppo_state(model, tok, small_cfg(nb, kl_monitor_every=0, **kw))
+        calls[:] = []
+        ro = nb.rollout(state, PROMPTS, [""] * 8, random_reward)
+        assert len(calls) == 2 and ro.kl_exact is None and ro.gen_logprob_err < 1e-4, kw  # π_old + reference
+        assert ro.timings["t_old_logprobs"] > 0 and (ro.values is not None) == (kw.get("advantage") == "gae")
+
+
+def test_rollout_merged_is_passed_to_generate_only_when_set(nb, tiny_lora, monkeypatch):
+    model, tok = tiny_lora
+    seen, real = [], nb.generate
+    monkeypatch.setattr(nb, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    for merged in (False, True):
+        state = nb.make_ppo_state(model, tok, small_cfg(nb, rollout_merged=merged))
+        nb.rollout(state, PROMPTS[:2], [""] * 2, random_reward)
+    assert "merged" not in seen[0] and seen[1]["merged"] is True
+
+
+def test_config_rejects_bad_iteration_cost_knobs(nb):
+    for bad in (dict(old_logprobs="cached"), dict(kl_monitor_every=-1)):
+        with pytest.raises(ValueError):
+            nb.PPOConfig(**bad)
+
+
+@pytest.mark.slow
+def test_generate_logprobs_equal_a_recomputation_on_the_packaged_model(nb, params):
+    """OLD_LOGPROBS = "generate" rests on this: generate()'s log-probs (KV cache, one position at a time) equal a
+    full recomputation within 1e-4, on the real model in fp32 with a trained-looking adapter."""
+    model, tok = nb.load_base("packaged", "~/.cache/rlft", torch.device("cpu"), torch.float32)
+    lora = nb.add_lora(model, params["LORA_R"], params["LORA_ALPHA"], 0.0, params["LORA_TARGETS"])
+    perturb_lora_b(lora, std=0.01)
+    torch.manual_seed(0)
+    gen = nb.generate(lora, tok, [nb.chat_prompt(tok, p) for p in PROMPTS], max_new_tokens=24, temperature=0.7)
+    with torch.no_grad():
+        out = nb.policy_logprobs(lora, None, gen.sequences, gen.attention_mask, gen.prompt_len, 0.7)
+    mask = gen.response_mask.float()
+    assert mask.sum() > 50
+    assert ((gen.logprobs.float() - out.logprobs) * mask).abs().max() < 1e-4

@@ -458,3 +458,50 @@ def test_progress_bar_follows_the_limit_that_stops_the_run(nb, tmp_path, capsys)
     assert f"it={state.iteration}/10000" in final
     assert nb.run_fraction(5, 1000, 600.0, 1200.0) == (0.5, "1200 s budget")
     assert nb.run_fraction(3, 4, 1.0, float("inf")) == (0.75, "4 iterations")
+
+
+# --- issue 19: checkpoint cost and phase timing ------------------------------------------------------------------
+
+def test_checkpoint_due_by_count_or_seconds(nb):
+    assert nb.checkpoint_due(3, 1, 0.0, 0.0) and nb.checkpoint_due(4, 2, 0.0, 0.0) and not nb.checkpoint_due(3, 2, 0, 0)
+    assert not nb.checkpoint_due(3, 0, 0.0, 1e9)  # both off: only on an interrupt
+    assert nb.checkpoint_due(3, 0, 30.0, 30.0) and not nb.checkpoint_due(3, 0, 30.0, 29.9)
+    assert nb.checkpoint_due(3, 2, 30.0, 31.0) and nb.checkpoint_due(4, 2, 30.0, 1.0)  # either rule
+
+
+def test_ckpt_every_s_checkpoints_by_time_and_every_line_has_the_phase_times(nb, tmp_path):
+    state, sampler = make_state(nb)
+    logs = nb.train_loop(state, sampler, text_reward, tmp_path / "never", budget_s=1e9, max_iterations=2, ckpt_every=0,
+                         ckpt_every_s=1e9, progress=False)
+    assert not list((tmp_path / "never").glob("ckpt-*"))  # 1e9 s never passed and CKPT_EVERY is off
+    assert all(r["t_checkpoint"] == 0.0 for r in logs)
+    state, sampler = make_state(nb)
+    logs = nb.train_loop(state, sampler, text_reward, tmp_path / "always", budget_s=1e9, max_iterations=3,
+                         ckpt_every=0, ckpt_every_s=1e-9, progress=False)
+    assert sorted(p.name for p in (tmp_path / "always").glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003"]
+    on_disk = nb.read_log(tmp_path / "always")
+    for record in on_disk:
+        for key in nb.PHASES:
+            assert isinstance(record[key], float) and record[key] >= 0, key
+    assert on_disk[0]["t_checkpoint"] == 0.0 and on_disk[1]["t_checkpoint"] > 0 and on_disk[2]["t_checkpoint"] > 0
+    assert clean(on_disk) == clean(logs)
+
+
+def test_t_monitor_times_the_metrics_and_the_eval(nb, tmp_path):
+    state, sampler = make_state(nb)
+    slow_metrics = lambda ro, prompts, refs: time.sleep(0.05) or {}
+    slow_eval = lambda s: time.sleep(0.1) or {"similarity": 1.0}
+    logs = nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=2, ckpt_every=0,
+                         metrics_fn=slow_metrics, eval_fn=slow_eval, eval_every=2, progress=False)
+    assert 0.05 <= logs[0]["t_monitor"] < 0.15 and logs[1]["t_monitor"] >= 0.15  # the eval ran after iteration 2
+
+
+def test_plot_phase_times_stacks_every_phase(nb, tmp_path):
+    logs = [{"t_generate": 2.0, "t_old_logprobs": 0.0, "t_ref": 1.0, "t_reward": 0.5, "t_update": 3.0,
+             "t_checkpoint": float("nan"), "t_monitor": 0.5}, {"t_generate": 1.0, "t_update": 2.0}]
+    times = nb.phase_matrix(logs)
+    assert times.shape == (2, len(nb.PHASES)) and times.sum(1).tolist() == [7.0, 3.0]  # NaN / missing count 0
+    fig = nb.plot_phase_times(logs, tmp_path / "phases.png")
+    assert (tmp_path / "phases.png").stat().st_size > 5_000
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert len(labels) == len(nb.PHASES) and labels[0] == "generate (30%)" and labels[4] == "update (50%)"
