@@ -4,8 +4,8 @@ machine's memory bandwidth, measured in one run.
 Paths (both with the same LoRA adapter attached, as in a rollout; the adapter is given seeded non-zero B so it
 really changes the model):
   * "today": fp32 base, eager, adapter attached (generate(merged=False));
-  * "new":   the DTYPE="auto" base dtype (`resolve_dtype`: bf16 on CPUs with avx512_bf16/AMX, else fp32) and the
-             adapter merged for sampling (generate(merged=True)).
+  * "new":   the DTYPE="auto" base dtype (`resolve_dtype`: fp32 on a CPU; bf16 there is opt-in, DTYPE="bfloat16")
+             and the adapter merged for sampling (generate(merged=True)).
 Per batch size (--batches, default 1, 8, 16) and path: tokens/s of ours, of HF `model.generate` (the PEFT model,
 adapter attached) and of a bare forward+argmax KV-cache loop; greedy, --new-tokens tokens, the implementations
 alternated (rotating order) over --runs runs, medians. Also, in the same run and with the same threads: the memory
@@ -134,6 +134,7 @@ def build_policies(nb, p: dict) -> dict:
     out = {}
     for path, dtype in dtypes.items():
         base, tok = nb.load_base(p["MODEL"], cache, CPU, dtype, seed=0)
+        torch.manual_seed(0)  # lora_A is initialised from the global RNG: the same adapter on both paths
         lora = nb.add_lora(base, p["LORA_R"], p["LORA_ALPHA"], p["LORA_DROPOUT"], p["LORA_TARGETS"])
         out[path] = (perturb_lora_b(lora, std=0.02), tok, str(dtype).replace("torch.", ""), path == "new")
     return out

@@ -126,9 +126,9 @@ def markdown_report(r: dict) -> str:
               f"Speedup (median before / median after): **{r['speedup']:.2f}×**."]
     if "gain_before" in r:
         ci = lambda tag: f"[{r[f'gain_{tag}_ci'][0]:+.2f}, {r[f'gain_{tag}_ci'][1]:+.2f}]"
-        lines += ["", "| 300 s RL run | gain | 95% CI | iterations |", "|---|---|---|---|",
-                  f"| before | {r['gain_before']:+.2f} | {ci('before')} | {r['iterations_before']:.0f} |",
-                  f"| after | {r['gain_after']:+.2f} | {ci('after')} | {r['iterations_after']:.0f} |"]
+        lines += ["", "| 300 s RL run | gain | 95% CI | iterations (mean per seed) |", "|---|---|---|---|",
+                  f"| before | {r['gain_before']:+.2f} | {ci('before')} | {r['iterations_before']:.1f} |",
+                  f"| after | {r['gain_after']:+.2f} | {ci('after')} | {r['iterations_after']:.1f} |"]
     return "\n".join(lines) + "\n"
 
 

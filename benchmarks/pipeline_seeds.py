@@ -139,7 +139,7 @@ def markdown_report(r: dict) -> str:
         row("distinct-2 after / before", lambda x: f"{x['distinct2_ratio']:.3f}"),
         row("EOS rate after (before)", lambda x: f"{x['eos_rate_after']:.2f} ({x['eos_rate_before']:.2f})"),
         row("mean length after (before), tokens", lambda x: f"{x['mean_len_after']:.1f} ({x['mean_len_before']:.1f})"),
-        row("SFT steps / RL iterations per seed", lambda x: f"{x['sft_steps']:.0f} / {x['iterations']:.0f}"),
+        row("SFT steps / RL iterations per seed", lambda x: f"{x['sft_steps']:.1f} / {x['iterations']:.1f}"),
         row("samples seen per seed (SFT examples + RL responses)", lambda x: f"{x['samples_seen']:.0f}"),
         row("load average (1 min) during its runs, mean / max", lambda x: f"{x['loadavg']['mean_1min']:.1f} / "
             f"{x['loadavg']['max_1min']:.1f}"), "",

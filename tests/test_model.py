@@ -23,12 +23,13 @@ def test_tiny_model_is_deterministic_under_seed(nb):
 
 
 def test_dtype_policy(nb, monkeypatch):
-    assert nb.resolve_dtype("auto", CPU) == (torch.bfloat16 if nb.cpu_has_bf16() else torch.float32)
+    assert nb.resolve_dtype("auto", CPU) == torch.float32
     monkeypatch.setattr(nb, "cpu_has_bf16", lambda *a, **k: False)
     assert nb.resolve_dtype("auto", CPU) == torch.float32  # a CPU without native bf16: today's fp32 path
     assert nb.resolve_dtype("float32", CPU) == torch.float32
     monkeypatch.setattr(nb, "cpu_has_bf16", lambda *a, **k: True)
-    assert nb.resolve_dtype("auto", CPU) == torch.bfloat16  # avx512_bf16 / AMX: a bf16 base
+    assert nb.resolve_dtype("auto", CPU) == torch.float32  # avx512_bf16 / AMX: bf16 is opt-in until measured
+    assert nb.resolve_dtype("bfloat16", CPU) == torch.bfloat16
     assert nb.resolve_dtype("float32", CPU) == torch.float32  # an explicit dtype always wins
     assert nb.resolve_dtype("auto", torch.device("meta")) == torch.float32  # not a CPU: never bf16 from cpuinfo
     assert nb.resolve_dtype("bfloat16", CPU) == torch.bfloat16

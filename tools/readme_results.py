@@ -46,9 +46,33 @@ def pipeline_block(d: dict) -> list[str]:
     return lines
 
 
+def speed_block(it: dict, gen: dict, threads: dict) -> list[str]:
+    """The cost bullets from benchmarks/iteration_cost.json, generate.json and threads.json."""
+    lines = [f"- **One RL iteration** (`benchmarks/iteration_cost.md`, {it['threads']} threads, medians of "
+             f"{it['iterations_measured']} alternated iterations): {it['s_per_iter_before']:.1f} s before, "
+             f"{it['s_per_iter_after']:.1f} s after ({it['speedup']:.2f}x): π_old's log-probs from generate(), "
+             "the reference pass on the sampled tokens only, the exact KL every few iterations, checkpoints by time."]
+    if "gain_before" in it:
+        lines.append(f"  - RL alone for {it['gain_after_budget_s']:.0f} s, seeds {it['gain_after_seeds']}: gain "
+                     f"{signed(it['gain_before'])} before ({it['iterations_before']:.1f} iterations per seed on average), "
+                     f"{signed(it['gain_after'])} after ({it['iterations_after']:.1f}).")
+    lines.append(f"- **Rollouts** (`benchmarks/generate.md`, {gen['torch_threads']} threads): the adapter merged for "
+                 f"sampling is {gen['speedup_b1']:.2f}x / {gen['speedup_b8']:.2f}x / {gen['speedup_b16']:.2f}x "
+                 f"faster at batch 1 / 8 / 16; batch-1 decoding reaches {gen['bound_fraction_b1']:.0%} of the "
+                 f"memory-bandwidth bound ({gen['bandwidth_gbs']:.1f} GB/s measured). This CPU has no bf16, so "
+                 "the bf16 path was not measured here.")
+    lines.append(f"- **A busy machine** (`benchmarks/threads.md`): with one competing busy process, batch-8 "
+                 f"decoding slows {threads['busy_slowdown_default']:.1f}x with OpenMP's default wait policy and "
+                 f"{threads['busy_slowdown_passive']:.1f}x with `OMP_WAIT_POLICY=PASSIVE` (the notebook's default); "
+                 f"on a quiet machine passive runs at {threads['quiet_ratio_passive']:.2f}x the default at batch 8.")
+    return lines
+
+
 def block() -> str:
     d = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
-    return "\n".join([BEGIN, *pipeline_block(d), END])
+    load = lambda name: json.loads((ROOT / "benchmarks" / f"{name}.json").read_text())  # noqa: E731
+    return "\n".join([BEGIN, *pipeline_block(d), *speed_block(load("iteration_cost"), load("generate"),
+                                                               load("threads")), END])
 
 
 def replaced(text: str, new_block: str) -> str:
