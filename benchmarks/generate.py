@@ -21,7 +21,7 @@ Writes PREFIX.json and PREFIX.md (default benchmarks/generate.*).
 """
 from __future__ import annotations
 
-import argparse, ctypes, json, os, statistics, subprocess, sys, threading, time
+import argparse, contextlib, ctypes, json, os, statistics, subprocess, sys, threading, time
 from pathlib import Path
 
 OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "(unset)")  # as torch sees it (read before torch loads)
@@ -183,14 +183,21 @@ def busy_slowdown(args, nb, policies, prompts) -> dict:
         return statistics.median(times)
 
     quiet = median_seconds()
-    spin = f"import time\nt = time.time()\nwhile time.time() - t < {args.busy_seconds}: pass"
-    busy_proc = subprocess.Popen([sys.executable, "-c", spin])
-    try:
+    with competing_process(args.busy_seconds):
         time.sleep(0.2)
         busy = median_seconds()
+    return {"quiet_s": quiet, "busy_s": busy, "busy_slowdown": busy / quiet}
+
+
+@contextlib.contextmanager
+def competing_process(seconds: float):
+    """One other busy process (a `while` loop that ends by itself after `seconds`) alive for the block; killed after."""
+    spin = f"import time\nt = time.time()\nwhile time.time() - t < {seconds}: pass"
+    busy_proc = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        yield busy_proc
     finally:
         busy_proc.kill(); busy_proc.wait()
-    return {"quiet_s": quiet, "busy_s": busy, "busy_slowdown": busy / quiet}
 
 
 def write_markdown(report: dict, path: Path) -> None:

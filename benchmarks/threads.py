@@ -14,10 +14,14 @@ benchmarks/threads.md.
 """
 from __future__ import annotations
 
-import argparse, json, os, statistics, subprocess, sys, time
+import argparse, contextlib, json, os, statistics, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from generate import competing_process  # noqa: E402
+from ppo_seeds import write_report  # noqa: E402
+
 POLICIES = {"default": None, "passive": "PASSIVE"}
 PROMPTS = ["What is the capital of France?", "Explain photosynthesis briefly.", "Name three primary colours.",
            "Why is the sky blue?", "How do vaccines work?", "What is a prime number?", "Describe the water cycle.",
@@ -51,17 +55,11 @@ def measure(args, policy: str | None, busy: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if policy:
         env["OMP_WAIT_POLICY"] = policy
-    hog = subprocess.Popen([sys.executable, "-c", f"import time\nt=time.time()\nwhile time.time()-t<{args.busy_s}: pass"]) \
-        if busy else None
-    try:
-        cmd = [sys.executable, __file__, "--worker", "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+    cmd = [sys.executable, __file__, "--worker", "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+    with competing_process(args.busy_s) if busy else contextlib.nullcontext():
         res = subprocess.run(cmd + (["--params", args.params] if args.params else []), env=env, capture_output=True,
                              text=True, check=True)
-        return json.loads(res.stdout.strip().splitlines()[-1])
-    finally:
-        if hog:
-            hog.kill()
-            hog.wait()
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -88,16 +86,14 @@ def main() -> None:
            "busy_slowdown_passive": tok_s["passive"]["quiet"]["8"] / tok_s["passive"]["busy"]["8"],
            "quiet_ratio_passive": tok_s["passive"]["quiet"]["8"] / tok_s["default"]["quiet"]["8"],
            "loadavg": {"before": load_before, "after": os.getloadavg()}, "model": json.loads(Path(args.params).read_text()).get("MODEL") if args.params else "packaged"}
-    Path(args.out + ".json").write_text(json.dumps(out, indent=1) + "\n")
     rows = [f"| {p} | {c} | {tok_s[p][c]['1']:.1f} | {tok_s[p][c]['8']:.1f} |" for p in POLICIES for c in ("quiet", "busy")]
-    Path(args.out + ".md").write_text(
+    write_report(args.out, out,
         f"# Decode speed on a quiet vs a busy machine: OpenMP wait policy\n\n{out['model']} model, fp32, {args.threads} torch "
         f"threads, {args.new_tokens} greedy tokens, medians of {args.rounds} alternated rounds (fresh process each). "
         f"Busy = one competing `while True` process. Load average {load_before} -> {out['loadavg']['after']}.\n\n"
         "| OMP wait policy | machine | batch 1 tok/s | batch 8 tok/s |\n|---|---|---|---|\n" + "\n".join(rows) +
         f"\n\nbusy_slowdown (batch 8, quiet / busy): default {out['busy_slowdown_default']:.2f}x, passive "
         f"{out['busy_slowdown_passive']:.2f}x; passive / default on a quiet machine: {out['quiet_ratio_passive']:.2f}.\n")
-    print(Path(args.out + ".md").read_text())
 
 
 if __name__ == "__main__":
