@@ -4,7 +4,8 @@ machine's memory bandwidth, measured in one run.
 Paths (both with the same LoRA adapter attached, as in a rollout; the adapter is given seeded non-zero B so it
 really changes the model):
   * "today": fp32 base, eager, adapter attached (generate(merged=False));
-  * "new":   the DTYPE="auto" base dtype (`resolve_dtype`: fp32 on a CPU; bf16 there is opt-in, DTYPE="bfloat16")
+  * "new":   the base dtype of the parameter DTYPE (`resolve_dtype`; "auto" unless --params sets it, e.g.
+             {"DTYPE": "bfloat16"} on a CPU with avx512_bf16/AMX)
              and the adapter merged for sampling (generate(merged=True)).
 Per batch size (--batches, default 1, 8, 16) and path: tokens/s of ours, of HF `model.generate` (the PEFT model,
 adapter attached) and of a bare forward+argmax KV-cache loop; greedy, --new-tokens tokens, the implementations
@@ -31,6 +32,8 @@ from transformers import DynamicCache
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from nbimport import load_notebook, notebook_parameters  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from ppo_seeds import cpu_name  # noqa: E402
 
 IMPLS = ("ours", "hf", "bare")
 PATHS = ("today", "new")
@@ -130,7 +133,7 @@ def build_policies(nb, p: dict) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import perturb_lora_b
     cache = os.environ.get("RLFT_CACHE", p.get("CACHE_DIR", "~/.cache/rlft"))
-    dtypes = {"today": torch.float32, "new": nb.resolve_dtype("auto", CPU)}
+    dtypes = {"today": torch.float32, "new": nb.resolve_dtype(p["DTYPE"], CPU)}  # DTYPE: "auto" or e.g. "bfloat16"
     out = {}
     for path, dtype in dtypes.items():
         base, tok = nb.load_base(p["MODEL"], cache, CPU, dtype, seed=0)
@@ -257,7 +260,8 @@ def main() -> None:
         memory[path] = peak_rss_mb(lambda: nb.generate(model, tok, prompts[:8], max_new_tokens=args.new_tokens,
                                                        temperature=0, merged=merged))
     report = {
-        "model": f"MODEL={p['MODEL']!r}", "device": "cpu", "torch_threads": args.threads,
+        "model": f"MODEL={p['MODEL']!r}", "device": "cpu", "cpu": cpu_name(), "cpu_bf16": nb.cpu_has_bf16(),
+        "torch_threads": args.threads,
         "omp_wait_policy": OMP_WAIT_POLICY, "max_new_tokens": args.new_tokens,
         "runs": args.runs, "data": data_name,
         "paths": {path: f"{policies[path][2]}, eager, adapter {'merged' if policies[path][3] else 'attached'}"

@@ -35,7 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ppo_seeds import Context, fresh_model, parameters, write_report  # noqa: E402
+from ppo_seeds import Context, cpu_name, fresh_model, parameters, write_report  # noqa: E402
 
 BEFORE = {"DTYPE": "float32", "OLD_LOGPROBS": "recompute", "KL_MONITOR_EVERY": 1, "CKPT_EVERY": 1, "CKPT_EVERY_S": 0,
           "ROLLOUT_MERGED": False}
@@ -178,7 +178,7 @@ def main():
          "s_per_iter_mean_before": phases["before"]["iteration"]["mean"],
          "s_per_iter_mean_after": phases["after"]["iteration"]["mean"],
          "phases_before": phases["before"], "phases_after": phases["after"], "phases": list(ctx.nb.PHASES),
-         "threads": args.threads, "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
+         "threads": args.threads, "cpu": cpu_name(), "cpu_bf16": ctx.nb.cpu_has_bf16(), "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
          "model": P["MODEL"], "dtype_before": m["dtypes"]["before"], "dtype_after": m["dtypes"]["after"],
          "iterations_measured": args.iters, "seed": args.seed, "config_before": BEFORE,
          "config_after": {k: P[k] for k in BEFORE}, "overrides": args.set, "wall_s": time.time() - t0,

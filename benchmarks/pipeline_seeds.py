@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -43,19 +44,23 @@ def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
     reward_fn = ctx.reward_fn(Q, model, tok, seed)
     t0 = time.time()  # the base model is loaded and the reward fitted outside the budget, as in ppo_seeds
     result = nb.run_pipeline(model, tok, ctx.train_pairs, reward_fn, run_path, Q, progress=sys.stderr.isatty())
+    if ctx.eval_dtype:  # e.g. a bf16-trained policy scored in fp32, so two dtypes are compared on the same eval
+        model.to(getattr(torch, ctx.eval_dtype))
     train = {"pipeline": arm, "iterations": result.iterations, "sft_steps": result.sft_steps,
              "samples_seen": result.samples_seen, "seconds": result.seconds,
              "sft_curve": [{k: r[k] for k in ("step", "loss")} for r in result.sft_logs],
              "curve": [{k: r.get(k) for k in ("iteration", "score", "kl_ref", "response_len", "eos_rate")}
                        for r in result.rl_logs]}
-    out = evaluate_after(ctx, Q, model, tok, seed, t0, {"arm": arm, "train": train})
+    out = evaluate_after(ctx, Q, model, tok, seed, t0, {"arm": arm, "train": train, "train_dtype": Q["DTYPE"],
+                                                        "eval_dtype": ctx.eval_dtype or Q["DTYPE"]})
     return out | {"loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
 
 
 def run_arms(ctx: Context, P: dict, arms: list[str], seeds: list[int]) -> dict[str, list[dict]]:
     """run_arm for each arm and seed (seeds alternate across arms), each cached as
     <cache>/pipeline-<arm>-<config key>-s<seed>.json."""
-    key = key_of({k: v for k, v in P.items() if not k.startswith(("DEMO", "FFT", "RUN_DIR", "RESUME", "PIPELINE"))})
+    key = key_of({k: v for k, v in P.items() if not k.startswith(("DEMO", "FFT", "RUN_DIR", "RESUME", "PIPELINE"))}
+                 | ({"eval_dtype": ctx.eval_dtype} if ctx.eval_dtype else {}))
     runs = {arm: [] for arm in arms}
     for seed in seeds:
         for arm in arms:
@@ -154,16 +159,19 @@ def main():
     ap.set_defaults(threads=2)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--budget", type=float, default=1200, help="TRAIN_BUDGET_S per run (SFT + RL together)")
+    ap.add_argument("--eval-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="cast the trained model to this dtype before the eval split (default: the run's DTYPE)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "pipeline_seeds"), help="output path without suffix")
     args = ap.parse_args()
     P = parameters(args.params, args.set) | {"TRAIN_BUDGET_S": args.budget}
     t0 = time.time()
     ctx = Context(P, Path(args.cache), args.threads)
+    ctx.eval_dtype = args.eval_dtype
     runs = run_arms(ctx, P, args.arms, args.seeds)
     arms = {arm: summarize_arm(ctx, runs[arm], runs.get("sft")) for arm in args.arms}
     default = DEFAULT_ARM if DEFAULT_ARM in arms else args.arms[0]
     r = {k: arms[default][k] for k in HEADLINE_FIELDS} | run_metadata(ctx, args, t0) | {
-        "default_arm": default, "acceptance": acceptance(arms[default]),
+        "eval_dtype": args.eval_dtype or P["DTYPE"], "default_arm": default, "acceptance": acceptance(arms[default]),
         "wall_s": float(sum(a["wall_s"] for a in arms.values())), "arms": arms}
     write_report(args.out, r, markdown_report(r))
 

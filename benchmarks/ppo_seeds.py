@@ -271,7 +271,16 @@ def run_metadata(ctx: Context, args, t0: float) -> dict:
     P = ctx.P
     return {"model": P["MODEL"], "data": P["DATA_PATH"], "eval_prompts": len(ctx.eval_pairs), "budget_s": args.budget,
             "seeds": args.seeds, "eval_max_new_tokens": P["EVAL_MAX_NEW_TOKENS"], "threads": args.threads,
-            "machine": platform.machine(), "overrides": args.set, "note": args.note, "this_call_s": time.time() - t0}
+            "machine": platform.machine(), "cpu": cpu_name(), "cpu_bf16": ctx.nb.cpu_has_bf16(), "overrides": args.set, "note": args.note, "this_call_s": time.time() - t0}
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ('' where there is none): figures differ a lot between CPUs."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
 def write_report(out: str, result: dict, markdown: str) -> None:
