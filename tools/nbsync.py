@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY, NB = ROOT / "rlft.py", ROOT / "rlft.ipynb"
 FMT = "py:percent"
 # Metadata jupytext adds on reading a .py to remember its blank lines: layout of the text file, not of the notebook.
-LAYOUT_KEYS = {"lines_to_next_cell", "lines_to_end_of_cell_marker"}
+LAYOUT_KEYS = {"lines_to_next_cell", "lines_to_end_of_cell_marker", "cell_marker"}
 
 
 def source_of(cell: dict) -> str:
@@ -52,28 +52,43 @@ def nb_cells(path: Path = NB) -> list[dict]:
             for c in nb["cells"]]
 
 
+def aligned(old: list[dict], new: list[dict]):
+    """Pair the cells of two lists as a diff does: yields (old index or None, new index or None); a pair of
+    indices is a cell kept or edited in place, a lone index a cell only one list has."""
+    key = lambda c: json.dumps([c["cell_type"], c["metadata"], c["source"]], sort_keys=True)  # noqa: E731
+    matcher = difflib.SequenceMatcher(None, [key(c) for c in old], [key(c) for c in new], autojunk=False)
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        paired = min(i2 - i1, j2 - j1) if op == "replace" else (i2 - i1 if op == "equal" else 0)
+        yield from ((i1 + k, j1 + k) for k in range(paired))
+        yield from ((i, None) for i in range(i1 + paired, i2))
+        yield from ((None, j) for j in range(j1 + paired, j2))
+
+
+def first_line(cell: dict) -> str:
+    return repr(cell["source"].split("\n")[0][:60])
+
+
 def differences(py: list[dict], nb: list[dict]) -> list[str]:
-    """Human-readable differences between two cell lists ([] when they agree)."""
-    out = [] if len(py) == len(nb) else [f"rlft.py has {len(py)} cells, rlft.ipynb has {len(nb)}"]
-    for i, (a, b) in enumerate(zip(py, nb)):
-        for field in ("cell_type", "metadata", "source"):
-            if a[field] != b[field]:
-                first = (a["source"].split("\n") + [""])[0][:60]
-                out.append(f"cell {i} ({first!r}): {field} differs")
+    """What differs between the source's cells and the notebook's, one line per cell ([] when they agree)."""
+    out = []
+    for i, j in aligned(py, nb):
+        if j is None:
+            out.append(f"rlft.py cell {i} {first_line(py[i])} is not in rlft.ipynb")
+        elif i is None:
+            out.append(f"rlft.ipynb cell {j} {first_line(nb[j])} is not in rlft.py")
+        else:
+            fields = [f for f in ("cell_type", "metadata", "source") if py[i][f] != nb[j][f]]
+            if fields:
+                out.append(f"cell {i} {first_line(py[i])}: {' and '.join(fields)} differ" + "s" * (len(fields) == 1))
     return out
 
 
 def summary(old: list[dict], new: list[dict]) -> str:
-    """How many cells an update kept, edited, added and removed, e.g. '47 cells: 45 kept, 1 edited, 1 added'."""
+    """How many cells an update kept, edited, added and removed, e.g. '48 cells: 46 kept, 1 edited, 1 added'."""
     counts = {"kept": 0, "edited": 0, "added": 0, "removed": 0}
-    key = lambda c: json.dumps(c, sort_keys=True)  # noqa: E731
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, [key(c) for c in old], [key(c) for c in new],
-                                                      autojunk=False).get_opcodes():
-        paired = min(i2 - i1, j2 - j1) if op == "replace" else 0
-        counts["kept"] += (i2 - i1) if op == "equal" else 0
-        counts["edited"] += paired
-        counts["added"] += (j2 - j1 - paired) if op in ("insert", "replace") else 0
-        counts["removed"] += (i2 - i1 - paired) if op in ("delete", "replace") else 0
+    for i, j in aligned(old, new):
+        kind = "added" if i is None else "removed" if j is None else "kept" if old[i] == new[j] else "edited"
+        counts[kind] += 1
     return f"{len(new)} cells: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n or k == "kept")
 
 
@@ -89,13 +104,11 @@ def cell_id(source: str, taken: set[str]) -> str:
 
 def carried_ids(old: list[dict], new: list[dict]) -> list[str | None]:
     """For each new cell, the id of the old cell it continues (unchanged, or edited in place), else None."""
-    key = lambda c: (c["cell_type"], source_of(c))  # noqa: E731
+    old = [{**c, "source": source_of(c), "metadata": c.get("metadata", {})} for c in old]
     ids: list[str | None] = [None] * len(new)
-    matcher = difflib.SequenceMatcher(None, [key(c) for c in old], [key(c) for c in new], autojunk=False)
-    for op, i1, i2, j1, j2 in matcher.get_opcodes():
-        if op in ("equal", "replace"):  # a replaced block: its cells pair up in order
-            for i, j in zip(range(i1, i2), range(j1, j2)):
-                ids[j] = old[i].get("id")
+    for i, j in aligned(old, new):
+        if i is not None and j is not None:
+            ids[j] = old[i].get("id")
     return ids
 
 
@@ -162,7 +175,8 @@ def main() -> None:
     else:
         diff = differences(py_cells(), nb_cells())
         if diff:
-            sys.exit("rlft.py and rlft.ipynb differ (run make notebook):\n  " + "\n  ".join(diff))
+            sys.exit("rlft.py and rlft.ipynb differ: run make notebook (make notebook FROM=ipynb if you edited the "
+                     ".ipynb):\n  " + "\n  ".join(diff))
         print("rlft.py and rlft.ipynb agree")
 
 
