@@ -30,6 +30,8 @@ PY, NB = ROOT / "rlft.py", ROOT / "rlft.ipynb"
 FMT = "py:percent"
 # Metadata jupytext adds on reading a .py to remember its blank lines: layout of the text file, not of the notebook.
 LAYOUT_KEYS = {"lines_to_next_cell", "lines_to_end_of_cell_marker", "cell_marker"}
+# Cell metadata Jupyter adds while you work, which jupytext keeps out of the .py (so a sync drops it from the .ipynb).
+VOLATILE_KEYS = {"autoscroll", "collapsed", "scrolled", "trusted", "execution", "ExecuteTime"}
 
 
 def source_of(cell: dict) -> str:
@@ -153,6 +155,11 @@ def sync(source: str, force: bool = False) -> None:
     """Make the two files agree, taking `source` ("py" or "ipynb") as the truth."""
     if source == "ipynb":
         write_py()
+        kept = [{**c, "metadata": {k: v for k, v in c["metadata"].items() if k not in VOLATILE_KEYS}} for c in nb_cells()]
+        lost = differences(py_cells(), kept)
+        if lost:  # jupytext could not represent something: stop before the .ipynb is rewritten from the .py
+            sys.exit("rlft.py was written from rlft.ipynb, but reads back differently, so rlft.ipynb was left as it "
+                     "was:\n  " + "\n  ".join(lost))
     elif PY.exists() and NB.exists() and not force and py_committed_unchanged() and \
             differences(py_cells(), nb_cells()):
         sys.exit("rlft.py has no uncommitted change, yet rlft.ipynb differs from it: the notebook was edited (in "
