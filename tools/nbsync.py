@@ -1,5 +1,5 @@
 """Keep `rlft.py` (the jupytext percent-format source you edit) and `rlft.ipynb` (what Jupyter, papermill, the
-tests and the benchmarks run) in sync. `make notebook` runs the first command; the test suite runs `check`.
+tests and the benchmarks run) in sync. `make notebook` runs the first command; tests/test_notebook.py makes the `check` comparison.
 
     python tools/nbsync.py sync                # rlft.py -> rlft.ipynb, outputs stripped (`make notebook`)
     python tools/nbsync.py sync --from ipynb   # rlft.ipynb -> rlft.py, then the .ipynb rewritten clean
@@ -57,7 +57,7 @@ def nb_cells(path: Path = NB) -> list[dict]:
 def aligned(old: list[dict], new: list[dict]):
     """Pair the cells of two lists as a diff does: yields (old index or None, new index or None); a pair of
     indices is a cell kept or edited in place, a lone index a cell only one list has."""
-    key = lambda c: json.dumps([c["cell_type"], c["metadata"], c["source"]], sort_keys=True)  # noqa: E731
+    key = lambda c: json.dumps([c["cell_type"], c["metadata"], c["source"]], sort_keys=True)
     matcher = difflib.SequenceMatcher(None, [key(c) for c in old], [key(c) for c in new], autojunk=False)
     for op, i1, i2, j1, j2 in matcher.get_opcodes():
         paired = min(i2 - i1, j2 - j1) if op == "replace" else (i2 - i1 if op == "equal" else 0)
