@@ -1,5 +1,6 @@
 """Keep `rlft.py` (the jupytext percent-format source you edit) and `rlft.ipynb` (what Jupyter, papermill, the
-tests and the benchmarks run) in sync. `make notebook` runs the first command; tests/test_notebook.py makes the `check` comparison.
+tests and the benchmarks run) in sync. `make notebook` runs the first command below; tests/test_notebook.py makes
+the same comparison as `check`.
 
     python tools/nbsync.py sync                # rlft.py -> rlft.ipynb, outputs stripped (`make notebook`)
     python tools/nbsync.py sync --from ipynb   # rlft.ipynb -> rlft.py, then the .ipynb rewritten clean
