@@ -4,7 +4,7 @@ STAMP := .venv/.setup-done
 RUN_OUT ?= runs/rlft.executed.ipynb
 PARAMS ?=
 
-.PHONY: setup run test test-fast demo
+.PHONY: setup run notebook lint test test-fast demo
 
 setup: $(STAMP)
 
@@ -26,15 +26,28 @@ run: setup
 	mkdir -p runs
 	.venv/bin/papermill rlft.ipynb $(RUN_OUT) -k rlft --cwd . $(PARAMS)
 
-# Every test, the slow ones (end-to-end notebook, packaged model) included.
+# rlft.py (jupytext percent format) is the source you edit; this writes rlft.ipynb from it, outputs stripped.
+# After editing or merging rlft.ipynb itself: `make notebook FROM=ipynb` (rlft.ipynb -> rlft.py, .ipynb rewritten
+# clean). From rlft.py it refuses when rlft.py is committed unchanged but the .ipynb differs (FORCE=1 overrides).
+FROM ?= py
+notebook: setup
+	$(PY) tools/nbsync.py sync --from $(FROM) $(if $(FORCE),--force)
+
+# ruff on the notebook's source rlft.py, the benchmarks, tools and tests (rules in ruff.toml).
+lint: setup
+	.venv/bin/ruff check .
+
+# Every test, the slow ones (end-to-end notebook, packaged model) included; lint first.
 test: setup
+	.venv/bin/ruff check .
 	$(PY) -m pytest tests
 
 test-fast: setup
+	.venv/bin/ruff check .
 	$(PY) -m pytest tests -m "not slow"
 
 # The chat demo on http://127.0.0.1:7860: base vs the newest adapter under runs/ (or ADAPTER=folder). Ctrl-C stops it.
 # ADAPTER reaches Python as an argument (sys.argv[1]), never pasted into its source: any quote in it stays text.
 demo: export ADAPTER ?=
 demo: setup
-	$(PY) -c 'import sys; sys.path.insert(0, "tests"); from nbimport import load_notebook; load_notebook().serve_demo(DEMO_ADAPTER=sys.argv[1])' "$$ADAPTER"
+	$(PY) -c 'import sys; from nbimport import load_notebook; load_notebook().serve_demo(DEMO_ADAPTER=sys.argv[1])' "$$ADAPTER"

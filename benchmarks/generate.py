@@ -27,10 +27,10 @@ from pathlib import Path
 
 OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "(unset)")  # as torch sees it (read before torch loads)
 import torch  # noqa: E402
-from transformers import DynamicCache
+from transformers import DynamicCache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # nbimport.py
 from nbimport import load_notebook, notebook_parameters  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from ppo_seeds import cpu_name  # noqa: E402
@@ -128,10 +128,20 @@ def peak_rss_mb(fn) -> float:
     return max(0, peak[0] - base) / 2**20
 
 
+def perturb_lora_b(model, std: float = 0.05, seed: int = 0):
+    """Give the LoRA B matrices (zero at init) seeded random values, so the adapter changes the model.
+
+    The same helper as tests/conftest.py's; restated here so the benchmark does not import the test folder."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    return model
+
+
 def build_policies(nb, p: dict) -> dict:
     """{path: (PEFT policy, tokenizer, dtype name, merged)}; the same seeded adapter on each."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import perturb_lora_b
     cache = os.environ.get("RLFT_CACHE", p.get("CACHE_DIR", "~/.cache/rlft"))
     dtypes = {"today": torch.float32, "new": nb.resolve_dtype(p["DTYPE"], CPU)}  # DTYPE: "auto" or e.g. "bfloat16"
     out = {}

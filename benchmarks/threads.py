@@ -31,7 +31,7 @@ PROMPTS = ["What is the capital of France?", "Explain photosynthesis briefly.", 
 def worker(args) -> None:
     """Child: tokens/s of greedy generate() at batch 1 and 8 -> one JSON line on stdout."""
     import torch
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT))  # nbimport.py
     from nbimport import load_notebook, notebook_parameters
     nb, P = load_notebook(), notebook_parameters()
     if args.params:

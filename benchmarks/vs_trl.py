@@ -51,7 +51,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ppo_seeds import (Context, cached_json, evaluate_after, fresh_model, key_of, paired_gain_ci,  # noqa: E402
+from ppo_seeds import (Context, evaluate_after, fresh_model, key_of, paired_gain_ci,  # noqa: E402
                        parameters)
 
 SYSTEMS = ("ours", "grpo", "rloo")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # nbimport.py, at the repository root
 from nbimport import ROOT, load_notebook, notebook_parameters  # noqa: E402
 
 CACHE_DIR = os.environ.get("RLFT_CACHE", "~/.cache/rlft")

@@ -66,3 +66,53 @@ def test_every_section_opens_with_markdown():
             assert cell.cell_type == "markdown", f"section {section!r} does not open with a markdown cell"
     expected = ["generate", "evaluate", "similarity", "reward_model", "ppo", "train", "results", "fft", "demo"]
     assert [s for s in seen if s in expected] == expected, "sections missing or out of reading order"
+
+
+def nbsync():
+    """tools/nbsync.py as a module (the tool `make notebook` runs)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nbsync", ROOT / "tools" / "nbsync.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_source_and_notebook_agree():
+    """rlft.py (the jupytext source) and rlft.ipynb hold the same cells: type, source and metadata."""
+    sync = nbsync()
+    diff = sync.differences(sync.py_cells(ROOT / "rlft.py"), sync.nb_cells(NB_PATH))
+    assert diff == [], ("rlft.py and rlft.ipynb differ: run make notebook (or make notebook FROM=ipynb if you "
+                        "edited the .ipynb):\n  " + "\n  ".join(diff[:20]))
+
+
+def test_sync_is_deterministic_and_keeps_cell_ids(tmp_path):
+    """Writing the notebook from rlft.py reproduces the committed file byte for byte; an edited cell keeps its id,
+    a new cell gets an id derived from its content."""
+    sync = nbsync()
+    copy = tmp_path / "rlft.ipynb"
+    copy.write_bytes(NB_PATH.read_bytes())
+    cells = sync.py_cells(ROOT / "rlft.py")
+    sync.write_ipynb(cells, copy)
+    assert copy.read_bytes() == NB_PATH.read_bytes(), "run make notebook"
+    ids = [c.id for c in nbformat.read(copy, as_version=4).cells]
+    edited = [dict(c) for c in cells]
+    edited[1] = {**edited[1], "source": edited[1]["source"] + "\n# edited"}
+    new = {"cell_type": "code", "metadata": {"rlft": {"section": "intro"}}, "source": "x = 1"}
+    sync.write_ipynb(edited[:2] + [new] + edited[2:], copy)
+    out = nbformat.read(copy, as_version=4).cells
+    assert [c.id for c in out[:2] + out[3:]] == ids and out[2].id not in ids
+    assert out[1].source.endswith("# edited") and out[2].outputs == [] and out[2].execution_count is None
+
+
+def test_no_name_defined_twice_across_definition_cells():
+    """A function or class is defined in one definition cell only (ruff's F811 is off for rlft.py, where each
+    cell's own imports would trip it)."""
+    where: dict[str, int] = {}
+    twice = []
+    for index, source in export_cells(NB_PATH):
+        for node in ast.parse(source).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                if node.name in where and where[node.name] != index:
+                    twice.append(f"{node.name} (cells {where[node.name]} and {index})")
+                where.setdefault(node.name, index)
+    assert twice == [], f"defined in two definition cells: {twice}"

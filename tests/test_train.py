@@ -187,7 +187,7 @@ def test_keyboard_interrupt_saves_and_returns(nb, tmp_path):
 
 CHILD = textwrap.dedent("""
     import os, sys, time, torch
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {root!r}]
     import test_train as T
     from nbimport import load_notebook
     torch.set_num_threads(1)
@@ -216,7 +216,7 @@ def run_child(script, run_dir, iters, resume, stall_at=None):
 @pytest.mark.slow
 def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(tests=str(TESTS)))
+    script.write_text(CHILD.format(tests=str(TESTS), root=str(ROOT)))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     p = run_child(script, straight, 5, False)
     victim = run_child(script, killed, 5, False, stall_at=3)

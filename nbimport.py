@@ -1,4 +1,8 @@
-"""Import the definition cells of a notebook as a Python module — how tests/ and benchmarks/ use rlft.ipynb.
+"""Import the definition cells of a notebook as a Python module — how tests/, benchmarks/ and `make demo` use
+rlft.ipynb. It lives at the repository root, so nothing outside tests/ depends on the test folder:
+
+    import sys; sys.path.insert(0, REPO_ROOT)   # where the repository root is not on sys.path already
+    from nbimport import load_notebook, notebook_parameters
 
 A definition cell starts with the line `#| export` (or carries the cell tag `export`). Such cells hold imports,
 functions and classes only, so importing runs no model and no training. The cell sources are registered with
@@ -14,7 +18,7 @@ from pathlib import Path
 import nbformat
 
 EXPORT_MARK = "#| export"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent
 _LOADED: dict[Path, types.ModuleType] = {}
 
 
