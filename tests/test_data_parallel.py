@@ -1,0 +1,125 @@
+"""Scaling-out section (8.2): data-parallel PPO through accelerate, 2 CPU processes joined by gloo, tiny model."""
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nbimport import ROOT
+
+sys.path.insert(0, str(ROOT))
+import rlft_dp  # noqa: E402
+
+PROMPTS = [f"Question number {i}?" for i in range(4)]
+REFERENCES = [f"Answer number {i}." for i in range(4)]
+K = 2  # answers per prompt: 8 rows, 4 on each rank
+
+
+def text_reward(prompts, responses, references):
+    """A deterministic reward of the text alone (so both runs score the fixed batch alike)."""
+    return torch.tensor([float(len(r) % 7) for r in responses])
+
+
+def fixed_batch_state(nb, advantage: str, ptx_coef: float):
+    """A PPO state on the tiny model (seeded) and one rollout of the combined 8-row batch, the same in every
+    process (one thread, seeded)."""
+    nb.seed_everything(0)
+    model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    lora = nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    cfg = nb.PPOConfig(batch_size=len(PROMPTS) * K, samples_per_prompt=K, minibatch_size=3, epochs=2,
+                       max_new_tokens=6, temperature=1.0, advantage=advantage, ptx_coef=ptx_coef,
+                       reward_norm="group" if advantage == "group" else "running", kl_coef=0.05)
+    state = nb.make_ppo_state(lora, tok, cfg)
+    prompts, references = nb.repeat_each(PROMPTS, K), nb.repeat_each(REFERENCES, K)
+    nb.seed_everything(1)
+    return state, nb.rollout(state, prompts, references, text_reward), prompts, references
+
+
+def rows_of(ro, lo: int, hi: int):
+    """Rows lo..hi−1 of a Rollout (every per-row tensor and list)."""
+    rows = ro.sequences.shape[0]
+    cut = lambda v: v[lo:hi] if (torch.is_tensor(v) or isinstance(v, list)) and len(v) == rows else v
+    return dataclasses.replace(ro, **{f.name: cut(getattr(ro, f.name)) for f in dataclasses.fields(ro)})
+
+
+def one_iteration(nb, state, ro, prompts, references, lo, hi):
+    """ppo_iteration over the fixed batch's rows lo..hi−1 (its rollout replaced by those rows)."""
+    real = nb.rollout
+    nb.rollout = lambda *args: rows_of(ro, lo, hi)
+    try:
+        nb.seed_everything(2)  # the same minibatch permutation in every run (rank 0's is broadcast)
+        return nb.ppo_iteration(state, prompts[lo:hi], references[lo:hi], text_reward)
+    finally:
+        nb.rollout = real
+
+
+def trained(state) -> dict:
+    out = {f"lora.{n}": p.detach().clone() for n, p in state.policy.named_parameters() if p.requires_grad}
+    out.update({f"value.{n}": p.detach().clone() for n, p in state.value_head.named_parameters()})
+    return out
+
+
+def summary(state, stats) -> dict:
+    return {"reward_stats": state.reward_stats.state_dict(), "kl_coef": state.kl_ctl.beta,
+            "counters": state.counters, "approx_kl": stats["approx_kl"], "epochs_done": stats["epochs_done"],
+            "reduced_bytes": state.dp.reduced_bytes if state.dp is not None else 0,
+            "bytes_per_step": None}
+
+
+def rank_iteration(out_dir: str, advantage: str, ptx_coef: float) -> None:
+    """One rank of the 2-process run (launched by rlft_dp.launch_local): its half of the fixed batch."""
+    from accelerate import Accelerator
+    nb = rlft_dp.load_notebook()
+    accelerator = Accelerator(cpu=True)
+    state, ro, prompts, references = fixed_batch_state(nb, advantage, ptx_coef)
+    nb.enable_data_parallel(state, accelerator, seed=0)
+    b = len(prompts) // accelerator.num_processes
+    lo = accelerator.process_index * b
+    stats = one_iteration(nb, state, ro, prompts, references, lo, lo + b)
+    out = Path(out_dir)
+    save_file(trained(state), out / f"rank{accelerator.process_index}.safetensors")
+    info = summary(state, stats)
+    info["bytes_per_step"] = nb.allreduce_bytes_per_step(state)
+    (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("advantage,ptx_coef", [("group", 0.5), ("gae", 0.0)])
+def test_two_processes_equal_one_process_on_the_combined_batch(nb, tmp_path, one_thread, advantage, ptx_coef):
+    rlft_dp.launch_local(rank_iteration, (str(tmp_path), advantage, ptx_coef), num_processes=2)
+    state, ro, prompts, references = fixed_batch_state(nb, advantage, ptx_coef)
+    before = trained(state)
+    stats = one_iteration(nb, state, ro, prompts, references, 0, len(prompts))
+    single = trained(state)
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    moved = [k for k in single if "lora_B" in k and not torch.equal(single[k], before[k])]
+    assert moved, "the iteration did not change the LoRA (the check would be vacuous)"
+    for name in single:
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: the ranks' weights differ"
+        assert torch.allclose(ranks[0][name], single[name], atol=1e-5, rtol=0), \
+            f"{name}: max diff {(ranks[0][name] - single[name]).abs().max().item():.2e}"
+    info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert info[0] == info[1]
+    expected = summary(state, stats)
+    for key in ("counters", "epochs_done"):
+        assert info[0][key] == expected[key], key
+    for key in ("mean", "var"):
+        assert info[0]["reward_stats"][key] == pytest.approx(expected["reward_stats"][key], abs=1e-6)
+    assert info[0]["reward_stats"]["count"] == expected["reward_stats"]["count"] == len(prompts)
+    assert info[0]["kl_coef"] == pytest.approx(expected["kl_coef"], rel=1e-6)
+    assert info[0]["approx_kl"] == pytest.approx(expected["approx_kl"], abs=1e-6)
+    # the gradient all-reduce is the only per-step traffic of any size: the trainable parameters, fp32
+    steps = stats["epochs_done"] * 3  # 8 rows in minibatches of 3: 3 optimizer steps per epoch
+    assert info[0]["reduced_bytes"] == steps * info[0]["bytes_per_step"]
+    assert info[0]["bytes_per_step"] == 4 * sum(p.numel() for p in state.trainable_parameters())
+
+
+def test_own_rows_splits_whole_prompts_and_refuses_an_uneven_split(nb):
+    dp = type("FakeRanks", (), {"rank": 1, "world": 2})()
+    assert nb.own_rows(dp, list("abcd")) == ["c", "d"]
+    assert nb.own_rows(None, list("abc")) == list("abc")
+    assert torch.equal(nb.own_indices(dp, torch.tensor([5, 0, 2, 7]), 4), torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="do not split evenly over 2 ranks"):
+        nb.own_rows(dp, list("abc"))
