@@ -123,3 +123,24 @@ def test_own_rows_splits_whole_prompts_and_refuses_an_uneven_split(nb):
     assert torch.equal(nb.own_indices(dp, torch.tensor([5, 0, 2, 7]), 4), torch.tensor([1, 3]))
     with pytest.raises(ValueError, match="do not split evenly over 2 ranks"):
         nb.own_rows(dp, list("abc"))
+
+
+def test_benchmark_smoke_two_ranks_and_the_report(tmp_path, one_thread):
+    """benchmarks/data_parallel.py on the tiny model: one real 2-process launch (the notebook's run_iteration on
+    each rank), then the report from it (the lead runs the real, alternated benchmark alone)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import data_parallel as bench
+    P = bench.parameters(str(ROOT / "tests" / "tiny_params.json"),
+                         ["PPO_BATCH_SIZE=4", "PPO_SAMPLES_PER_PROMPT=2", "PPO_MINIBATCH_SIZE=2", "PPO_EPOCHS=1",
+                          "MAX_NEW_TOKENS=3"])
+    P["CACHE_DIR"] = str(Path(P["CACHE_DIR"]).expanduser())
+    record = bench.measure(P, "2p1t", 1, 0, tmp_path)
+    assert record["world"] == 2 and len(record["seconds"]) == 1 and record["seconds"][0] > 0
+    assert record["reduced_bytes"] == 2 * 2 * record["bytes_per_step"]  # 2 iterations x 2 minibatches of 2 rows
+    records = {name: [dict(record, seconds=[s])] for name, s in (("1p2t", 2.0), ("1p1t", 4.0), ("2p1t", 2.5))}
+    r = bench.summarize(P, {**records, "2p1t": [dict(record, seconds=[2.5])]}, (1.0, 1, 1), (2.0, 2, 2), 1, 1)
+    assert r["samples_per_s_1p1t"] == 1.0 and r["samples_per_s_2p1t"] == 1.6 and r["speedup_2p_vs_1p1t"] == 1.6
+    assert r["allreduce_bytes_per_step"] == record["bytes_per_step"] and r["optimizer_steps_per_iteration"] == 2
+    bench.write_report(str(tmp_path / "dp"), r, bench.markdown_report(r))
+    assert json.loads((tmp_path / "dp.json").read_text())["speedup_2p_vs_1p2t"] == 0.8
+    assert "2 processes x 1 thread (gloo) | 1.600" in (tmp_path / "dp.md").read_text()
