@@ -144,3 +144,64 @@ def test_benchmark_smoke_two_ranks_and_the_report(tmp_path, one_thread):
     bench.write_report(str(tmp_path / "dp"), r, bench.markdown_report(r))
     assert json.loads((tmp_path / "dp.json").read_text())["speedup_2p_vs_1p2t"] == 0.8
     assert "2 processes x 1 thread (gloo) | 1.600" in (tmp_path / "dp.md").read_text()
+
+
+PAIRS = [{"prompt": f"Question number {i}?", "reference": f"Answer number {i}.", "split": "train", "family": "f"}
+         for i in range(10)]
+
+
+def watch_writes(folders: list[Path]) -> list[str]:
+    """An audit hook that records every file-system write (open for writing, rename/replace, remove, mkdir,
+    rmtree) under `folders`; returns the (growing) list of them."""
+    import os
+    seen, roots = [], [str(Path(f).resolve()) for f in folders]
+    inside = lambda path: isinstance(path, (str, bytes, os.PathLike)) and any(
+        os.path.abspath(os.fsdecode(path)).startswith(r) for r in roots)
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+
+    def hook(event, args):
+        if event == "open" and inside(args[0]):
+            mode, flags = args[1], args[2]
+            if (isinstance(mode, str) and set(mode) & set("wax+")) or (isinstance(flags, int) and flags & write_flags):
+                seen.append(f"open {args[0]} {mode}")
+        elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "shutil.copyfile") \
+                and any(inside(a) for a in args[:2]):
+            seen.append(f"{event} {args[0]}")
+    sys.addaudithook(hook)
+    return seen
+
+
+def rank_train(run_dir: str, out_dir: str, iters: int) -> None:
+    """One rank of a 2-process train_loop run (tiny model): rank 1 watches run_dir for writes."""
+    from accelerate import Accelerator
+    nb = rlft_dp.load_notebook()
+    accelerator = Accelerator(cpu=True)
+    rank, out = accelerator.process_index, Path(out_dir)
+    writes = watch_writes([Path(run_dir), out / "probe"]) if rank > 0 else []
+    nb.seed_everything(0)
+    model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    lora = nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    cfg = nb.PPOConfig(batch_size=8, samples_per_prompt=2, minibatch_size=4, epochs=1, max_new_tokens=5,
+                       temperature=1.0, advantage="group", reward_norm="group")
+    state = nb.make_ppo_state(lora, tok, cfg)
+    nb.enable_data_parallel(state, accelerator, seed=0)
+    logs = nb.train_loop(state, nb.PromptSampler(PAIRS, 0), text_reward, run_dir, budget_s=1e9, max_iterations=iters,
+                         ckpt_every=1, progress=False)
+    if rank > 0:
+        (out / "probe").mkdir()  # the hook must see this one (else the check would be vacuous)
+    save_file(trained(state), out / f"rank{rank}.safetensors")
+    (out / f"rank{rank}.json").write_text(json.dumps({"writes": writes, "iterations": len(logs)}))
+
+
+def test_only_rank_0_writes_files_and_the_ranks_stay_equal(tmp_path, one_thread):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    rlft_dp.launch_local(rank_train, (str(run_dir), str(out), 2), num_processes=2)
+    info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert info[0]["iterations"] == info[1]["iterations"] == 2
+    assert info[1]["writes"] == [f"os.mkdir {out / 'probe'}"], info[1]["writes"]  # rank 1 wrote nothing else
+    assert json.loads((run_dir / "latest").read_text()) == {"checkpoint": "ckpt-000002"}  # rank 0 wrote the run
+    assert len((run_dir / "train_log.jsonl").read_text().splitlines()) == 2
+    a, b = (load_file(out / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)
