@@ -1,6 +1,6 @@
 """Data-parallel plumbing for rlft.ipynb (issue 21): start W local processes joined by gloo, for the tests, the
 benchmark and CPU runs. The method (DataParallel, enable_data_parallel, rank_loss, ...) lives in the notebook,
-sections 7 and 8.2; this module only starts processes and sets the environment `accelerate` reads.
+sections 7 and 8.1; this module only starts processes and sets the environment `accelerate` reads.
 
     from rlft_dp import launch_local
     launch_local(fn, (arg1, arg2), num_processes=2)  # fn(*args) on ranks 0 and 1; fn builds Accelerator(cpu=True)
@@ -51,3 +51,43 @@ def launch_local(fn, args: tuple = (), num_processes: int = 2, threads: int = 1)
     import torch.multiprocessing as mp
     mp.start_processes(_worker, args=(num_processes, free_port(), threads, fn, args), nprocs=num_processes,
                        start_method="spawn")
+
+
+def parameters(params_file: str | None = None) -> dict:
+    """The notebook's parameters cell, then the overrides of a JSON file (e.g. tests/tiny_params.json)."""
+    import json
+    from nbimport import notebook_parameters
+    P = notebook_parameters()
+    if params_file:
+        P.update(json.loads(Path(params_file).read_text()))
+    return P
+
+
+def train(P: dict) -> None:
+    """The notebook's training run on this process's rank (started by `accelerate launch`, see `make train-dp`):
+    the model, data, embedder and reward as sections 1, 2, 4 and 6 build them, then the notebook's train_rank.
+    REWARD_FN must be "similarity" here (the reward MLP is fitted by the notebook's section 6)."""
+    import torch
+    nb = load_notebook()
+    if P["REWARD_FN"] != "similarity":
+        raise SystemExit(f"make train-dp: REWARD_FN={P['REWARD_FN']!r}; the script entry runs REWARD_FN='similarity' "
+                         "(fit the reward model in the notebook, or use NUM_PROCESSES there)")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    nb.seed_everything(P["SEED"])
+    base, tok = nb.load_base(P["MODEL"], os.path.expanduser(P["CACHE_DIR"]), device,
+                             nb.resolve_dtype(P["DTYPE"], device), seed=P["SEED"])
+    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
+    train_pairs = nb.split_pairs(nb.load_pairs(str(ROOT / P["DATA_PATH"])), "train")
+    embedder = nb.Embedder(P["EMBEDDER"], device=device)
+    reward_fn = nb.make_reward_fn("similarity", embedder, None, device=device)
+    nb.train_rank(model, tok, train_pairs, reward_fn, Path(P["RUN_DIR"]), P, embedder=embedder)
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="rlft data-parallel entry (run it with `accelerate launch`)")
+    ap.add_argument("command", choices=["train"])
+    ap.add_argument("--params", default=None, help="JSON file of parameter overrides")
+    args = ap.parse_args()
+    train(parameters(args.params))

@@ -1,4 +1,4 @@
-"""Scaling-out section (8.2): data-parallel PPO through accelerate, 2 CPU processes joined by gloo, tiny model."""
+"""Scaling-out section (8.1): data-parallel PPO through accelerate, 2 CPU processes joined by gloo, tiny model."""
 import dataclasses
 import json
 import sys
