@@ -205,3 +205,78 @@ def test_only_rank_0_writes_files_and_the_ranks_stay_equal(tmp_path, one_thread)
     a, b = (load_file(out / f"rank{r}.safetensors") for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)
+    # the run's checkpoints are refused by a run with another number of processes (here: one)
+    nb = rlft_dp.load_notebook()
+    nb.seed_everything(0)
+    model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    state = nb.make_ppo_state(nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"]), tok, nb.PPOConfig(
+        batch_size=8, samples_per_prompt=2, minibatch_size=4, epochs=1, max_new_tokens=5, temperature=1.0,
+        advantage="group", reward_norm="group"))
+    with pytest.warns(UserWarning, match="written by a run of 2 data-parallel processes and this run has 1"), \
+            pytest.raises(nb.CheckpointError, match="no usable checkpoint"):
+        nb.train_loop(state, nb.PromptSampler(PAIRS, 0), text_reward, run_dir, budget_s=1e9, max_iterations=3,
+                      resume=True, progress=False)
+
+
+def rank_resumable(run_dir: str, out_dir: str, iters: int, resume: bool, stall_at: int) -> None:
+    """One rank of a 2-process train_loop run that rank 0 stalls (sleeps) at iteration `stall_at` (-1: never),
+    after saying so in out_dir/stalled, so that the test can SIGKILL the whole run there."""
+    import time
+    from accelerate import Accelerator
+    nb = rlft_dp.load_notebook()
+    accelerator = Accelerator(cpu=True)
+    nb.seed_everything(0)
+    model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    cfg = nb.PPOConfig(batch_size=8, samples_per_prompt=2, minibatch_size=3, epochs=2, max_new_tokens=5,
+                       temperature=1.0, advantage="group", reward_norm="group", ptx_coef=0.5)
+    state = nb.make_ppo_state(nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"]), tok, cfg)
+    nb.enable_data_parallel(state, accelerator, seed=0)
+
+    def reward(prompts, responses, references):
+        if state.iteration == stall_at and accelerator.is_main_process:  # generated, not yet updated
+            (Path(out_dir) / "stalled").write_text("")
+            time.sleep(600)
+        return text_reward(prompts, responses, references)
+    nb.train_loop(state, nb.PromptSampler(PAIRS, 0), reward, run_dir, budget_s=1e9, max_iterations=iters,
+                  ckpt_every=1, resume=resume, progress=False)
+    save_file(trained(state), Path(out_dir) / f"final{accelerator.process_index}.safetensors")
+
+
+def timeless(path: Path) -> list[dict]:
+    """The log's records without the wall-clock fields (and NaN made comparable)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: ("nan" if isinstance(v, float) and v != v else v) for k, v in r.items()
+             if "second" not in k and k not in ("elapsed_s", "tokens_per_s") and not k.startswith("t_")}
+            for r in records]
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_and_resumed_ends_where_an_uninterrupted_one_ends(tmp_path, one_thread):
+    import os
+    import signal
+    import subprocess
+    import time
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for d in (straight, killed):
+        d.mkdir()
+    code = ("import sys; sys.path[:0] = [{tests!r}, {root!r}]; import rlft_dp, test_data_parallel as t; "
+            "rlft_dp.launch_local(t.rank_resumable, ({run!r}, {out!r}, 5, False, 3), num_processes=2)").format(
+        tests=str(ROOT / "tests"), root=str(ROOT), run=str(killed / "run"), out=str(killed))
+    victim = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rlft_dp.launch_local(rank_resumable, (str(straight / "run"), str(straight), 5, False, -1), num_processes=2)
+    deadline = time.time() + 300
+    while not (killed / "stalled").exists():
+        assert victim.poll() is None, victim.stdout.read()[-3000:]
+        assert time.time() < deadline, "the run never reached iteration 3"
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)  # both ranks and their launcher, mid-iteration
+    victim.wait()
+    assert json.loads((killed / "run" / "latest").read_text()) == {"checkpoint": "ckpt-000003"}
+    assert not (killed / "final0.safetensors").exists()
+    rlft_dp.launch_local(rank_resumable, (str(killed / "run"), str(killed), 5, True, -1), num_processes=2)
+    for r in (0, 1):
+        a, b = load_file(straight / f"final{r}.safetensors"), load_file(killed / f"final{r}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), r
+    log_a, log_b = timeless(straight / "run" / "train_log.jsonl"), timeless(killed / "run" / "train_log.jsonl")
+    assert len(log_a) == 5 and log_a == log_b
