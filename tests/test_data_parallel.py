@@ -280,3 +280,22 @@ def test_two_process_run_killed_and_resumed_ends_where_an_uninterrupted_one_ends
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), r
     log_a, log_b = timeless(straight / "run" / "train_log.jsonl"), timeless(killed / "run" / "train_log.jsonl")
     assert len(log_a) == 5 and log_a == log_b
+
+
+def test_num_processes_runs_the_pipeline_on_two_forked_ranks_and_the_kernel_gets_the_adapter(nb, params, tmp_path,
+                                                                                              one_thread):
+    """NUM_PROCESSES > 1: the training cell's run_pipeline_parallel (accelerate's notebook_launcher, forked from
+    this process as from a kernel); the model here then holds rank 0's final adapter."""
+    P = {**params, **json.loads((ROOT / "tests" / "tiny_params.json").read_text()), "TRAIN_BUDGET_S": 8,
+         "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4, "EVAL_MONITOR_N": 2, "RUN_DIR": str(tmp_path / "run")}
+    nb.seed_everything(0)
+    base, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
+    pairs = [dict(p, split="train") for p in PAIRS]
+    result = nb.run_pipeline_parallel(2, model, tok, pairs, text_reward, tmp_path / "run", P)
+    assert result.iterations > 0 and len(result.rl_logs) == result.iterations and result.state is None
+    assert json.loads((tmp_path / "run" / nb.DP_RESULT).read_text())["processes"] == 2
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    live = nb.get_peft_model_state_dict(model)
+    assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in live.items() if "lora_B" in k)  # trained, not the fresh adapter
