@@ -4,7 +4,7 @@ STAMP := .venv/.setup-done
 RUN_OUT ?= runs/rlft.executed.ipynb
 PARAMS ?=
 
-.PHONY: setup run notebook lint test test-fast demo
+.PHONY: setup run notebook lint test test-fast demo train-dp
 
 setup: $(STAMP)
 
@@ -51,3 +51,13 @@ test-fast: setup
 demo: export ADAPTER ?=
 demo: setup
 	$(PY) -c 'import sys; from nbimport import load_notebook; load_notebook().serve_demo(DEMO_ADAPTER=sys.argv[1])' "$$ADAPTER"
+
+# The training run, data-parallel (notebook section 8.1): N ranks on this machine through `accelerate launch`
+# (gloo on CPUs, one GPU each with NCCL: `make train-dp N=8` on 8 GPUs; several machines: `accelerate config`, then
+# `accelerate launch rlft_dp.py train` on each). TRAIN_PARAMS: a JSON file of parameter overrides. Outputs in RUN_DIR.
+N ?= 2
+PORT ?= 29511
+TRAIN_PARAMS ?=
+train-dp: setup
+	.venv/bin/accelerate launch --multi_gpu --num_processes $(N) --num_machines 1 --mixed_precision no \
+		--dynamo_backend no --main_process_port $(PORT) rlft_dp.py train $(if $(TRAIN_PARAMS),--params $(TRAIN_PARAMS))

@@ -25,7 +25,8 @@
 # | 6. Reward model | a 2-layer MLP that imitates that score without seeing the reference |
 # | 7. PPO | clipped surrogate with a group (leave-one-out) baseline or GAE + value head, KL penalty to an anchor policy, PPO-ptx, entropy bonus — every line visible |
 # | 8. Training loop | budgeted, logged, plotted, checkpointed, resumable |
-# | 8.1 Training run | the pipeline: SFT warm start, then RL anchored to the SFT policy, in one wall-clock budget |
+# | 8.1 Scaling out | data-parallel RL through accelerate (gloo / NCCL), exact on the combined batch |
+# | 8.2 Training run | the pipeline: SFT warm start, then RL anchored to the SFT policy, in one wall-clock budget |
 # | 9. Results | what RL changed, over seeds, and what each of the seed's choices is worth |
 # | 10. FFT positions | the seed's FFT positional-encoding experiment as a fair ablation |
 # | 11. Chat demo | base vs tuned side by side in gradio |
@@ -152,6 +153,7 @@ CKPT_EVERY = 0  # training run: checkpoint every N iterations (0: off; CKPT_EVER
 CKPT_EVERY_S = 60  # training run: also checkpoint once this many seconds have passed since the last one (0: off); a resume loses at most this much (+ one iteration), for ~1% of the time
 CKPT_KEEP = 2  # training run: checkpoints kept (the oldest are deleted)
 RESUME = False  # training run: continue from RUN_DIR/latest instead of starting fresh
+NUM_PROCESSES = 1  # training run: data-parallel ranks on this machine (section 8.1); > 1 runs the training cell through the accelerate notebook_launcher (CPUs; GPUs: make train-dp N=...)
 EVAL_EVERY = 10  # training run: score a fixed subset of TRAIN prompts greedily every N RL iterations (0: off); never the eval split
 EVAL_MONITOR_N = 16  # training run: size of that fixed train-prompt monitor subset
 # --- FFT positional-encoding experiment ------------------------------------------------------------------
@@ -1912,6 +1914,7 @@ class PPOState:
     iteration: int = 0
     last_rollout: object = None  # the latest Rollout (texts, scores), for logging
     anchor: dict | None = None  # LoRA tensors of the KL reference policy (set_kl_anchor); None: the base model
+    dp: object = None  # the data-parallel ranks (DataParallel, section "Scaling out"); None: one process
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
@@ -2005,11 +2008,46 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean) / std over valid positions; 0 where masked. x, mask: [B, T]."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, dp=None) -> torch.Tensor:
+    """(x − mean) / std over valid positions (of every rank's rows, with `dp`); 0 where masked. x, mask: [B, T]."""
+    mean = global_masked_mean(x, mask, dp)
+    var = global_masked_mean((x - mean) ** 2, mask, dp)
     return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+# Data parallelism (section "Scaling out"): each rank holds a consecutive share of the batch's rows, whole prompts
+# (all K answers) each. The few batch-wide statistics below see every rank's rows, so W ranks compute exactly
+# what one process computes on the combined batch. With dp = None (one process) each helper is the identity.
+def all_rows(dp, x: torch.Tensor) -> torch.Tensor:
+    """This rank's rows x [b, ...] -> every rank's rows [W·b, ...] in rank order (x itself in one process)."""
+    return x if dp is None else dp.gather(x)
+
+
+def own_rows(dp, x):
+    """This rank's consecutive share of a batch (a tensor [W·b, ...] or a list): x itself in one process."""
+    if dp is None:
+        return x
+    if len(x) % dp.world:
+        raise ValueError(f"{len(x)} rows (prompts) do not split evenly over {dp.world} ranks")
+    b = len(x) // dp.world
+    return x[dp.rank * b:(dp.rank + 1) * b]
+
+
+def total(dp, x: torch.Tensor) -> torch.Tensor:
+    """x summed over the ranks (x itself in one process)."""
+    return x if dp is None else dp.sum(x)
+
+
+def everywhere(dp, flag: bool) -> bool:
+    """Whether `flag` holds on every rank (so all ranks take the same branch)."""
+    return flag if dp is None else bool(dp.sum(torch.tensor(float(not flag))) == 0)
+
+
+def global_masked_mean(x: torch.Tensor, mask: torch.Tensor, dp=None) -> torch.Tensor:
+    """masked_mean over every rank's valid positions; exactly masked_mean in one process. x, mask [B, T] -> scalar."""
+    if dp is None:
+        return masked_mean(x, mask)
+    return total(dp, (x * mask).sum()) / total(dp, mask.sum()).clamp(min=1)
 
 
 PolicyOutput = collections.namedtuple("PolicyOutput", "logprobs entropy values hidden kl", defaults=(None,))
@@ -2124,13 +2162,17 @@ def group_advantages(seq_rewards: torch.Tensor, mask: torch.Tensor, group_size: 
     return (rewards - baseline).reshape(-1, 1) * mask.float()
 
 
-def scale_group_advantages(adv: torch.Tensor, mask: torch.Tensor, floor: float = ADVANTAGE_STD_FLOOR) -> torch.Tensor:
-    """Divide by the standard deviation of the per-response advantages over the batch, floored at `floor` (not
-    re-centred: leave-one-out advantages already average to 0 within each prompt, and the floor keeps a batch of
-    near-ties from being blown up to full size). adv, mask [B, T] -> [B, T]."""
+def scale_group_advantages(adv: torch.Tensor, mask: torch.Tensor, floor: float = ADVANTAGE_STD_FLOOR,
+                           dp=None) -> torch.Tensor:
+    """Divide by the standard deviation of the per-response advantages over the batch (every rank's, with `dp`),
+    floored at `floor` (not re-centred: leave-one-out advantages already average to 0 within each prompt, and the
+    floor keeps a batch of near-ties from being blown up to full size). adv, mask [B, T] -> [B, T]."""
     lengths = mask.sum(-1)
     valid = lengths > 0
     per_row = (adv * mask).sum(-1)[valid] / lengths[valid]
+    if dp is not None:  # every rank's responses; an empty response is NaN here and left out, as above
+        rows = all_rows(dp, torch.where(valid, (adv * mask).sum(-1) / lengths.clamp(min=1), torch.nan))
+        per_row = rows[~rows.isnan()]
     std = per_row.std(unbiased=False).item() if per_row.numel() > 1 else 0.0
     return adv / max(std, floor)
 
@@ -2277,9 +2319,10 @@ def compute_advantages(state: PPOState, ro: Rollout) -> Rollout:
     scaled by its std over the batch (scale_group_advantages); no returns (no critic), deltas 0."""
     cfg, mask = state.cfg, ro.mask
     device = mask.device
-    raw, clipped = clip_scores(ro.scores, cfg.reward_clip, state.reward_stats)
+    raw, clipped = clip_scores(all_rows(state.dp, ro.scores), cfg.reward_clip, state.reward_stats)  # whole batch
     state.counters["clipped_reward"] = state.counters.get("clipped_reward", 0) + clipped
-    scores = normalise_scores(raw, cfg.reward_norm, state.reward_stats, cfg.samples_per_prompt).to(device)
+    scores = own_rows(state.dp, normalise_scores(raw, cfg.reward_norm, state.reward_stats, cfg.samples_per_prompt))
+    scores = scores.to(device)
     no_eos = torch.tensor([r != "eos" for r in ro.stop_reason], dtype=torch.float32, device=device)
     scores = scores - cfg.no_eos_penalty * no_eos
     if ro.ref_logprobs is None:
@@ -2289,24 +2332,30 @@ def compute_advantages(state: PPOState, ro: Rollout) -> Rollout:
     ro.rewards = token_rewards(scores, kl, mask, state.kl_ctl.beta)
     if cfg.advantage == "group":
         sequence_rewards = scores - state.kl_ctl.beta * kl.sum(-1)
-        ro.advantages = scale_group_advantages(group_advantages(sequence_rewards, mask, cfg.samples_per_prompt), mask)
+        ro.advantages = scale_group_advantages(group_advantages(sequence_rewards, mask, cfg.samples_per_prompt), mask,
+                                               dp=state.dp)
         ro.returns, ro.deltas = None, torch.zeros_like(mask)
         return ro
     advantages, ro.returns, ro.deltas = gae(ro.rewards, ro.values, mask, cfg.gamma, cfg.lam)
-    ro.advantages = masked_whiten(advantages, mask)
+    ro.advantages = masked_whiten(advantages, mask, dp=state.dp)
     return ro
 
 
-def guarded_step(optimizer, params, loss: torch.Tensor, max_grad_norm: float, counters: dict, scaler=None,
-                 scheduler=None) -> bool:
+def guarded_step(optimizer, params, loss: torch.Tensor | None, max_grad_norm: float, counters: dict, scaler=None,
+                 scheduler=None, reduce_grads=None) -> bool:
     """Backward + gradient-norm clip + optimizer step, unless the loss or the gradient norm is non-finite: then
     nothing reaches the weights, counters['skipped_loss'] / ['skipped_grad'] goes up by one, and the gradients
     are cleared. `scaler`: a torch.amp.GradScaler (fp16) or None; `scheduler` steps with the optimizer.
-    Returns True if it stepped."""
-    if not torch.isfinite(loss):
+    `reduce_grads(params)` (data parallel): sums the gradients over the ranks between backward and the clip, so
+    every rank clips and steps on the same gradient; a rank with no rows passes loss=None, and a non-finite loss
+    on any rank makes the summed norm non-finite, so all ranks skip together. Returns True if it stepped."""
+    if reduce_grads is None and not torch.isfinite(loss):
         counters["skipped_loss"] = counters.get("skipped_loss", 0) + 1
         return False
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if loss is not None:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    if reduce_grads is not None:
+        reduce_grads(params)
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -2330,7 +2379,7 @@ def guarded_step(optimizer, params, loss: torch.Tensor, max_grad_norm: float, co
 def optimizer_step(state: PPOState, loss: torch.Tensor) -> bool:
     """guarded_step on the LoRA + value-head parameters with the state's AdamW, scaler and scheduler."""
     return guarded_step(state.optimizer, state.trainable_parameters(), loss, state.cfg.max_grad_norm, state.counters,
-                        state.scaler, state.scheduler)
+                        state.scaler, state.scheduler, state.dp.reduce_grads if state.dp is not None else None)
 
 
 def sft_batch(tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -2349,14 +2398,15 @@ def sft_batch(tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch
     return ids, mask, labels
 
 
-def reference_nll(state: PPOState, ro: Rollout, idx: torch.Tensor) -> torch.Tensor:
+def reference_nll_terms(state: PPOState, ro: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO-ptx: mean token NLL (temperature 1, as in SFT) of the reference answers of the DISTINCT prompts among
     rows idx, each rendered by sft_batch as chat_prompt(prompt) + reference + EOS with labels on the answer only
-    -> scalar fp32 (has grad; the log-softmax runs in chunks of positions). Prompts without a reference ('' or blank) are left out (their "answer" would be a
-    bare EOS); with none left it is 0."""
+    -> (NLL: scalar fp32 with grad, its number of answer tokens: scalar; the log-softmax runs in chunks of
+    positions). Prompts without a reference ('' or blank) are left out (their "answer" would be a bare EOS); with
+    none left both are 0."""
     pairs = list(dict.fromkeys((ro.prompts[i], ro.references[i]) for i in idx.tolist() if ro.references[i].strip()))
     if not pairs:
-        return torch.zeros((), device=ro.mask.device)
+        return torch.zeros((), device=ro.mask.device), torch.zeros((), device=ro.mask.device)
     ids, attention, labels = sft_batch(state.tokenizer, [{"prompt": p, "reference": r} for p, r in pairs],
                                        ro.mask.device)
     base, targets = state.policy.get_base_model(), labels[:, 1:]
@@ -2365,12 +2415,18 @@ def reference_nll(state: PPOState, ro: Rollout, idx: torch.Tensor) -> torch.Tens
         logp, _, _ = chunked_log_softmax(base.get_output_embeddings(), hidden, targets.clamp(min=0), 1.0,
                                          with_entropy=False)  # [B, L−1] fp32, the vocabulary in chunks
     valid = (targets != -100).float()
-    return -(logp * valid).sum() / valid.sum().clamp(min=1)
+    return -(logp * valid).sum() / valid.sum().clamp(min=1), valid.sum()
 
 
-def minibatch_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
-    """Total PPO loss on the rows idx of a rollout -> (loss, stats dict of floats). With advantage='group' there
-    is no value forward and no value loss (0); with ptx_coef > 0 it adds ptx_coef · reference_nll ('ptx_loss')."""
+def reference_nll(state: PPOState, ro: Rollout, idx: torch.Tensor) -> torch.Tensor:
+    """PPO-ptx's mean token NLL of the references of the distinct prompts among rows idx (reference_nll_terms)."""
+    return reference_nll_terms(state, ro, idx)[0]
+
+
+def minibatch_terms(state: PPOState, ro: Rollout, idx: torch.Tensor):
+    """The PPO loss on the rows idx of a rollout in its two kinds of means -> (token_loss: the terms averaged over
+    the response tokens, ptx: reference_nll or None when ptx_coef = 0, ptx_tokens: its answer tokens, stats dict
+    of floats). With advantage='group' there is no value forward and no value loss (0)."""
     cfg, mask = state.cfg, ro.mask[idx]
     critic = cfg.advantage == "gae"
     with autocast_for(state):
@@ -2383,28 +2439,79 @@ def minibatch_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
     else:
         vf, vf_clip = torch.zeros((), device=mask.device), torch.zeros(())
     entropy = masked_mean(out.entropy, mask)
-    loss = pg + cfg.vf_coef * vf - cfg.ent_coef * entropy + cfg.kl_prev_coef * approx_kl
-    extra = {}
+    token_loss = pg + cfg.vf_coef * vf - cfg.ent_coef * entropy + cfg.kl_prev_coef * approx_kl
+    ptx, ptx_tokens, extra = None, torch.zeros(()), {}
     if cfg.ptx_coef > 0:
-        ptx = reference_nll(state, ro, idx)
-        loss = loss + cfg.ptx_coef * ptx
+        ptx, ptx_tokens = reference_nll_terms(state, ro, idx)
         extra["ptx_loss"] = ptx.item()
     ratio_dev = (((out.logprobs - ro.logprobs[idx]).exp() - 1).abs() * mask).max()
-    return loss, {"ratio_dev": ratio_dev.item(), "policy_loss": pg.item(), "value_loss": vf.item(), "entropy": entropy.item(), "clip_frac": clip_frac.item(),
-                  "value_clip_frac": vf_clip.item(), "approx_kl": approx_kl.item(), **extra}
+    return token_loss, ptx, ptx_tokens, {"ratio_dev": ratio_dev.item(), "policy_loss": pg.item(), "value_loss": vf.item(),
+                                         "entropy": entropy.item(), "clip_frac": clip_frac.item(),
+                                         "value_clip_frac": vf_clip.item(), "approx_kl": approx_kl.item(), **extra}
+
+
+def minibatch_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
+    """Total PPO loss on the rows idx of a rollout -> (loss, stats dict of floats): minibatch_terms' token loss,
+    plus ptx_coef · reference_nll ('ptx_loss') when ptx_coef > 0."""
+    token_loss, ptx, _, stats = minibatch_terms(state, ro, idx)
+    return (token_loss if ptx is None else token_loss + state.cfg.ptx_coef * ptx), stats
+
+
+def rank_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
+    """Data parallel: this rank's part of the loss of one minibatch whose rows are spread over the ranks; idx are
+    this rank's rows of it (maybe none). A mean over all the minibatch's tokens is Σ_ranks (own tokens / all
+    tokens) · own mean, so with each rank's loss weighted by its share (the PPO-ptx mean by its share of answer
+    tokens) the SUM of the ranks' gradients is exactly one process's gradient on the whole minibatch.
+    -> (loss, or None for a rank without rows, which still joins every collective; stats, with approx_kl that
+    of the whole minibatch, so every rank takes the same early-stopping decision)."""
+    dp, cfg = state.dp, state.cfg
+    if len(idx):
+        token_loss, ptx, ptx_tokens, stats = minibatch_terms(state, ro, idx)
+    else:
+        token_loss, ptx, ptx_tokens, stats = None, None, torch.zeros(()), {}
+    tokens = ro.mask[idx].sum().cpu()
+    counts = total(dp, torch.stack([tokens, ptx_tokens.float().cpu()]))
+    share, ptx_share = tokens / counts[0].clamp(min=1), ptx_tokens.float().cpu() / counts[1].clamp(min=1)
+    stats["approx_kl"] = total(dp, share * stats.get("approx_kl", 0.0)).item()
+    if token_loss is None:
+        return None, stats
+    loss = share.to(token_loss.device) * token_loss
+    if ptx is not None:
+        loss = loss + ptx_share.to(ptx.device) * cfg.ptx_coef * ptx
+    return loss, stats
+
+
+def minibatches(state: PPOState, rows: int) -> list[torch.Tensor]:
+    """One epoch's shuffled minibatches of `rows` rows (every rank's: rank 0's permutation, broadcast)."""
+    order = torch.randperm(rows)
+    if state.dp is not None:
+        order = state.dp.broadcast(order)
+    return list(order.split(state.cfg.minibatch_size))
+
+
+def own_indices(dp, idx: torch.Tensor, rows: int) -> torch.Tensor:
+    """The rows of minibatch idx (global row numbers) that this rank holds, as its own row numbers [0, rows)."""
+    if dp is None:
+        return idx
+    first = dp.rank * rows
+    return idx[(idx >= first) & (idx < first + rows)] - first
 
 
 def ppo_update(state: PPOState, ro: Rollout) -> dict:
-    """Epochs over shuffled minibatches of the rollout; stops early once approx-KL passes cfg.target_kl.
-    Returns mean minibatch statistics, plus 'first_ratio_dev' = max |ρ − 1| in the very first minibatch (≈ 0)."""
+    """Epochs over shuffled minibatches of the rollout (every rank's rows, with state.dp: each rank computes its
+    own rows of a minibatch, rank_loss, and the gradients are summed); stops early once approx-KL passes
+    cfg.target_kl. Returns mean minibatch statistics (this rank's, except approx_kl), plus 'first_ratio_dev' =
+    max |ρ − 1| in the very first minibatch (≈ 0)."""
     cfg, rows = state.cfg, ro.sequences.shape[0]
+    world = 1 if state.dp is None else state.dp.world
     state.policy.eval()
     history, first_ratio, stop = collections.defaultdict(list), None, False
     for epoch in range(cfg.epochs):
         epoch_kl = []
-        for idx in torch.randperm(rows).split(cfg.minibatch_size):
-            loss, stats = minibatch_loss(state, ro, idx.to(ro.mask.device))
-            first_ratio = stats["ratio_dev"] if first_ratio is None else first_ratio
+        for idx in minibatches(state, rows * world):
+            idx = own_indices(state.dp, idx, rows).to(ro.mask.device)
+            loss, stats = minibatch_loss(state, ro, idx) if state.dp is None else rank_loss(state, ro, idx)
+            first_ratio = stats.get("ratio_dev", float("nan")) if first_ratio is None else first_ratio
             optimizer_step(state, loss)
             for k, v in stats.items():
                 history[k].append(v)
@@ -2472,7 +2579,8 @@ def ppo_iteration(state: PPOState, prompts: list[str], references: list[str], re
     state.last_rollout = ro
     stats = {"iteration": state.iteration, **rollout_stats(ro), **ro.timings, "t_update": 0.0,
              "kl_coef": state.kl_ctl.beta, "skipped": 0.0}
-    if not (torch.isfinite(ro.scores).all() and torch.isfinite(compute_advantages(state, ro).advantages).all()):
+    finite = everywhere(state.dp, bool(torch.isfinite(ro.scores).all()))  # every rank takes the same branch
+    if not (finite and everywhere(state.dp, bool(torch.isfinite(compute_advantages(state, ro).advantages).all()))):
         state.counters["skipped_reward"] += 1
         stats["skipped"] = 1.0
     else:
@@ -2483,7 +2591,10 @@ def ppo_iteration(state: PPOState, prompts: list[str], references: list[str], re
         stats["update_seconds"] = stats["t_update"] = time.time() - t1
         if ro.entropy is None:  # no π_old forward ran: report the update's mean entropy (≈ π_old's)
             stats["rollout_entropy"] = stats.get("entropy", float("nan"))
-        state.kl_ctl.update(stats["kl_ref_sampled"], len(prompts))
+        kl, n = stats["kl_ref_sampled"], len(prompts)
+        if state.dp is not None:  # the whole batch's mean KL and size (every rank holds as many rows)
+            kl, n = total(state.dp, torch.tensor(kl)).item() / state.dp.world, n * state.dp.world
+        state.kl_ctl.update(kl, n)
     stats["clipped_now"] = float(state.counters.get("clipped_reward", 0) - clipped_before)
     state.iteration += 1
     stats.update({k: float(v) for k, v in state.counters.items()}, seconds=time.time() - t0)
@@ -2599,6 +2710,12 @@ class CheckpointError(FileNotFoundError, ValueError):
     model. The message names the file. Both an OSError and a ValueError, so callers that skip bad folders catch it."""
 
 
+def writes_files(state) -> bool:
+    """Whether this process writes the run's files: the one process, or rank 0 of a data-parallel run (section
+    8.1; the other ranks hold the same weights and optimizer state and write nothing)."""
+    return state.dp is None or state.dp.is_main
+
+
 class PromptSampler:
     """Endless shuffled passes over the training pairs; pass e is the permutation drawn from rng(seed, e).
     Its order and position are part of every checkpoint, so a resumed run sees the same batches."""
@@ -2674,9 +2791,11 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def checkpoint_meta(state: PPOState, sampler: PromptSampler) -> dict:
     """The JSON part of a checkpoint (a copy): iteration, counters, reward statistics, β, sampler, config."""
-    return copy.deepcopy({"iteration": state.iteration, "counters": state.counters,
-                          "reward_stats": state.reward_stats.state_dict(), "kl_beta": state.kl_ctl.beta,
-                          "sampler": sampler.state_dict(), "config": dataclasses.asdict(state.cfg)})
+    meta = {"iteration": state.iteration, "counters": state.counters, "reward_stats": state.reward_stats.state_dict(),
+            "kl_beta": state.kl_ctl.beta, "sampler": sampler.state_dict(), "config": dataclasses.asdict(state.cfg)}
+    if state.dp is not None:  # a data-parallel run resumes only with as many ranks (checkpoint_mismatch)
+        meta["processes"] = state.dp.world
+    return copy.deepcopy(meta)
 
 
 def write_checkpoint_files(folder: Path, state: PPOState, sampler: PromptSampler, logs: list[dict]) -> None:
@@ -2772,6 +2891,10 @@ def checkpoint_mismatch(data: dict, state: PPOState) -> str | None:
                             ("meta", "state.json", ("iteration", "counters", "reward_stats", "kl_beta", "sampler"))):
         if not isinstance(data[key], dict) or not all(k in data[key] for k in keys):
             return f"{name} lacks one of {keys}"
+    saved, now = data["meta"].get("processes", 1), 1 if state.dp is None else state.dp.world
+    if saved != now:
+        return (f"state.json was written by a run of {saved} data-parallel processes and this run has {now}: resume "
+                f"with NUM_PROCESSES / N = {saved} (the batch split, the ranks' RNG streams and the log depend on it)")
     return None
 
 
@@ -2840,11 +2963,20 @@ def log_record(stats: dict, metrics: dict, elapsed: float) -> dict:
     return record
 
 
+def rank_seed(seed: int, rank: int, iteration: int) -> int:
+    """The seed of data-parallel rank > 0 at an iteration (rank 0's RNG streams are checkpointed instead)."""
+    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
+
+
 def run_iteration(state, sampler, reward_fn, metrics_fn) -> tuple[dict, dict]:
     """One ppo_iteration on the sampler's next batch_size / K prompts (each K times), plus metrics_fn(rollout,
-    prompts, references) -> dict; its seconds are stats['t_monitor']."""
+    prompts, references) -> dict; its seconds are stats['t_monitor']. Data parallel (state.dp): every rank draws
+    the same prompts from its own copy of the sampler and answers its consecutive share (own_rows), whole prompts
+    with all K answers each, so the group baselines stay exact."""
     k = state.cfg.samples_per_prompt
-    batch = repeat_each(sampler.next_batch(state.cfg.batch_size // k), k)
+    if state.dp is not None and state.dp.rank > 0:  # rank r's own streams, a function of (seed, rank, iteration):
+        seed_everything(rank_seed(sampler.seed, state.dp.rank, state.iteration))  # a resumed run repeats them
+    batch = repeat_each(own_rows(state.dp, sampler.next_batch(state.cfg.batch_size // k)), k)
     prompts, references = [p["prompt"] for p in batch], [p["reference"] for p in batch]
     stats = ppo_iteration(state, prompts, references, reward_fn)
     t0 = time.time()
@@ -2890,7 +3022,8 @@ def train_iteration(run_path: Path, state, sampler, reward_fn, metrics_fn, eval_
             metrics.update({f"eval_{k}": v for k, v in eval_fn(state).items()})
     stats.update(t_monitor=stats.get("t_monitor", 0.0) + time.time() - t1, t_checkpoint=t_checkpoint)
     logs.append(log_record(stats, metrics, time.time() - t0))
-    append_log(run_path, logs[-1])
+    if writes_files(state):
+        append_log(run_path, logs[-1])
     return stats
 
 
@@ -2917,14 +3050,14 @@ def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, 
     last_ckpt, t_checkpoint = t0, 0.0
     bar = tqdm(total=100, disable=not progress, desc="PPO: ", bar_format=BAR_FORMAT)
     try:
-        while state.iteration < max_iterations and time.time() - t0 + last_seconds <= budget_s:
+        while everywhere(state.dp, state.iteration < max_iterations and time.time() - t0 + last_seconds <= budget_s):
             snapshot = capture(state, sampler, logs)  # the state as of the last completed iteration
             stats = train_iteration(run_path, state, sampler, reward_fn, metrics_fn, eval_fn, eval_every, logs, t0,
                                     t_checkpoint)
             snapshot, last_seconds, t_checkpoint = None, stats["seconds"], 0.0
             show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, stats)
             t1 = time.time()
-            if checkpoint_due(state.iteration, ckpt_every, ckpt_every_s, t1 - last_ckpt):
+            if writes_files(state) and checkpoint_due(state.iteration, ckpt_every, ckpt_every_s, t1 - last_ckpt):
                 save_checkpoint(run_path, state, sampler, logs, keep)
                 last_ckpt = time.time()
                 t_checkpoint = last_ckpt - t1  # logged in the next iteration's line
@@ -2941,14 +3074,16 @@ def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, 
 def start_or_resume(run_path: Path, state: PPOState, sampler: PromptSampler, resume: bool) -> list[dict]:
     """resume: continue from the newest usable checkpoint (`resume_from`) and cut the log back to it. A fresh
     start, or a resume that finds no checkpoint, is a `fresh_start`. Returns the log so far."""
-    run_path.mkdir(parents=True, exist_ok=True)
+    if writes_files(state):
+        run_path.mkdir(parents=True, exist_ok=True)
     logs = resume_from(run_path, state, sampler) if resume else None
     if logs is None:
         if resume:
             print(f"RESUME: no checkpoint in {run_path}; starting fresh")
         fresh_start(run_path, state, sampler.seed)
         logs = []
-    write_log(run_path, logs)
+    if writes_files(state):
+        write_log(run_path, logs)
     return logs
 
 
@@ -2978,7 +3113,7 @@ def resume_from(run_path: Path, state: PPOState, sampler: PromptSampler) -> list
             warnings.warn(f"{e}; trying the previous checkpoint")
             bad.append(folder.name)
             continue
-        if folder.name != pointer_name(run_path):  # `latest` moves back onto the checkpoint resumed from
+        if folder.name != pointer_name(run_path) and writes_files(state):  # `latest` moves back onto it
             write_json_atomic(run_path / CKPT_POINTER, {"checkpoint": folder.name})
         skipped = f" (skipped the unusable {', '.join(bad)})" if bad else ""
         print(f"resumed from {folder} at iteration {state.iteration}{skipped}")
@@ -2995,7 +3130,7 @@ def fresh_start(run_path: Path, state: PPOState, seed: int) -> None:
     if state.iteration:
         raise ValueError(f"this PPOState has already run {state.iteration} iterations: make a new one with "
                          "make_ppo_state for a fresh run, or pass resume=True to continue from its checkpoint")
-    moved = move_previous_run(run_path)
+    moved = move_previous_run(run_path) if writes_files(state) else None
     if moved is not None:
         print(f"fresh run (RESUME = False): moved the previous run's checkpoints, log and outputs to {moved}")
     if reset_trained_adapter(state.policy, seed):
@@ -3066,10 +3201,11 @@ def save_on_interrupt(run_path, state, sampler, logs, keep: int, mid_iteration: 
             apply_checkpoint(snapshot, state, sampler)
             del logs[len(snapshot["logs"]):]
         name = f"ckpt-{state.iteration:06d}"
-        done = f"checkpoint {name} is already saved"
-        if current_pointer(run_path) != name:
+        done = f"checkpoint {name} is already saved" if writes_files(state) else "rank 0 saves the checkpoint"
+        if writes_files(state) and current_pointer(run_path) != name:
             done = f"saved {save_checkpoint(run_path, state, sampler, logs, keep)}"
-        write_log(run_path, logs)
+        if writes_files(state):
+            write_log(run_path, logs)
     except Exception as save_error:
         if error is None:
             raise
@@ -3159,8 +3295,157 @@ def plot_phase_times(logs: list[dict], path=None):
     return fig
 
 
+# %% [markdown] rlft={"section": "scale_out"}
+# ## 8.1 Scaling out: data-parallel RL with Hugging Face accelerate
+#
+# One process is enough for the packaged 135M model. A larger model, more prompts per iteration or several GPUs
+# call for **data parallelism**: $W$ processes (ranks), each holding the whole model, each doing $1/W$ of every
+# iteration. The engine is Hugging Face `accelerate` (gloo between CPU processes, NCCL between GPUs); the method
+# itself stays the functions of section 7, which take the ranks from `state.dp` (`None` = one process).
+#
+# **What each rank does.** Every rank draws the *same* prompts from its own copy of the sampler and answers its
+# consecutive share of them, with all $K$ answers to a prompt on one rank, so the leave-one-out baseline of
+# section 7 needs nothing from other ranks. Generation, scoring, the reward model and the embedder, the reference
+# pass and the advantages all run per rank. Only a handful of batch-wide statistics cross ranks, so that $W$ ranks
+# compute exactly what one process computes on the combined batch:
+# - the scores, all-gathered ($B$ floats) for the outlier clip and the running mean and variance (`all_rows`);
+# - the standard deviation of the group advantages (one float per response), or the GAE whitening (two sums);
+# - the mean KL for the adaptive controller, and whether every rank's scores are finite (one float each).
+#
+# **The gradient.** A minibatch is a set of rows of the *whole* batch (rank 0's permutation, broadcast), and each
+# rank computes the loss on its own rows of it (`rank_loss`). Every term of the loss is a mean over the
+# minibatch's tokens, and a mean over all tokens is $\sum_r \frac{n_r}{n}\,\text{mean}_r$, so each rank weights
+# its loss by its share of tokens $n_r/n$ (the PPO-ptx mean by its share of answer tokens) and the gradients are
+# **summed** over the ranks (`accelerator.reduce`, one flat all-reduce in `DataParallel.reduce_grads`). The sum
+# is exactly one process's gradient on the whole minibatch, so the clip, AdamW and the early-stopping test see
+# the same numbers on every rank, and the weights stay equal without ever being sent again. What crosses the
+# network per optimizer step is the LoRA (and, with `ADVANTAGE = "gae"`, the value head) gradient only, in fp32:
+# 4 bytes × `sum(p.numel() for p in state.trainable_parameters())` (`DataParallel.reduced_bytes` counts it).
+# The base model never moves.
+#
+# With one process (`state.dp = None`) every helper above is the identity: the single-process run is unchanged,
+# bit for bit. `enable_data_parallel(state, accelerator, seed)` makes a state one rank: the weights become rank
+# 0's, as DDP does when it wraps a model, and ranks above 0 reseed their RNGs so their samples are independent.
+
+# %% rlft={"section": "scale_out"}
+#| export
+from accelerate import Accelerator
+from accelerate.utils import broadcast as accelerate_broadcast
+
+
+class DataParallel:
+    """The ranks of one data-parallel run, through a Hugging Face `Accelerator`. Section 7 calls it through
+    all_rows / total / everywhere / minibatches and guarded_step's reduce_grads. Tensors travel on the
+    accelerator's device and come back on their own; `reduced_bytes` counts the gradient bytes all-reduced."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator, self.rank, self.world = accelerator, accelerator.process_index, accelerator.num_processes
+        self.is_main, self.reduced_bytes = accelerator.is_main_process, 0
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, ...] on every rank -> [W·b, ...] in rank order (all-gather)."""
+        return self.accelerator.gather(x.contiguous().to(self.accelerator.device)).to(x.device)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the ranks (all-reduce)."""
+        return self.accelerator.reduce(x.to(self.accelerator.device), "sum").to(x.device)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x, on every rank."""
+        return accelerate_broadcast(x.clone().to(self.accelerator.device), from_process=0).to(x.device)
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        self.accelerator.wait_for_everyone()
+
+    def reduce_grads(self, params: list[torch.Tensor]) -> None:
+        """Sum the gradients of `params` over the ranks in one flat fp32 all-reduce (a rank with no gradient,
+        e.g. no rows in this minibatch, adds zeros); every rank then holds the same p.grad."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.sum(torch.cat([g.detach().float().flatten() for g in grads]))
+        self.reduced_bytes += flat.numel() * flat.element_size()
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p).to(p.dtype).clone()
+
+
+def allreduce_bytes_per_step(state: PPOState) -> int:
+    """The bytes one optimizer step all-reduces: the fp32 gradients of the LoRA and value-head parameters."""
+    return 4 * sum(p.numel() for p in state.trainable_parameters())
+
+
+def enable_data_parallel(state: PPOState, accelerator: Accelerator, seed: int) -> DataParallel:
+    """Make `state` one rank of a data-parallel run: its trainable weights become rank 0's (as DDP does when it
+    wraps a model), ranks > 0 reseed python/numpy/torch with seed + 1000003·rank so their rollouts sample
+    independently (rank 0 keeps its streams), and state.dp is set. Returns the DataParallel."""
+    dp = DataParallel(accelerator)
+    with torch.no_grad():
+        for p in state.trainable_parameters():
+            p.copy_(dp.broadcast(p.detach()))
+    if dp.rank > 0:
+        seed_everything(seed + 1000003 * dp.rank)
+    state.dp = dp
+    return dp
+
+
+DP_RESULT = "pipeline_result.json"  # rank 0's summary of a launched run (PipelineResult's figures), in RUN_DIR
+
+
+def train_rank(model, tokenizer, train_pairs, reward_fn, run_path, params: dict, embedder=None) -> None:
+    """One rank of a data-parallel training run, as notebook_launcher or `accelerate launch` starts it: an
+    Accelerator (gloo between CPU processes, one torch thread each on CPUs: forked OpenMP pools are unsafe),
+    run_pipeline with it, then on rank 0 the final adapter (run_path/adapter) and the run's figures (DP_RESULT),
+    which `launched_pipeline` reads back."""
+    cpu = next(model.parameters()).device.type == "cpu"
+    if cpu:
+        torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=cpu)
+    result = run_pipeline(model, tokenizer, train_pairs, reward_fn, run_path, params, embedder=embedder,
+                          accelerator=accelerator)
+    if accelerator.is_main_process:
+        _save_atomically(Path(run_path) / "adapter", model.save_pretrained)
+        write_json_atomic(Path(run_path) / DP_RESULT, {
+            "seconds": result.seconds, "sft_steps": result.sft_steps, "iterations": result.iterations,
+            "samples_seen": result.samples_seen, "resumed": result.resumed, "processes": accelerator.num_processes})
+    accelerator.wait_for_everyone()
+
+
+def launched_pipeline(model, run_path, params: dict) -> PipelineResult:
+    """After a launched run: rank 0's final adapter loaded into this process's `model`, and the run's
+    PipelineResult (the RL log read from run_path; state None and sft_logs [] stay in the ranks)."""
+    run_path = Path(run_path)
+    set_peft_model_state_dict(model, load_file(run_path / "adapter" / "adapter_model.safetensors"))
+    r = json.loads((run_path / DP_RESULT).read_text())
+    return PipelineResult(params["PIPELINE"], None, [], read_log(run_path), r["seconds"], r["sft_steps"],
+                          r["iterations"], r["samples_seen"], r["resumed"])
+
+
+def run_pipeline_parallel(num_processes: int, model, tokenizer, train_pairs, reward_fn, run_path, params: dict,
+                          embedder=None, port: int = 0) -> PipelineResult:
+    """run_pipeline on `num_processes` ranks of this machine, started by accelerate's notebook_launcher (forked
+    from this kernel, so the model in memory is each rank's copy; on CPUs only: CUDA cannot be forked once used,
+    so GPUs use `make train-dp`). `port`: the rendezvous port (0: a free one). Returns launched_pipeline."""
+    from accelerate import notebook_launcher
+    import socket
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    notebook_launcher(train_rank, (model, tokenizer, train_pairs, reward_fn, run_path, params, embedder),
+                      num_processes=num_processes, use_port=str(port), master_addr="127.0.0.1")
+    return launched_pipeline(model, run_path, params)
+
+
+# %% rlft={"section": "scale_out"}
+# What one optimizer step of a data-parallel run sends between the ranks: the fp32 gradients of the LoRA and the
+# value head (allreduce_bytes_per_step), never the base model; and how the training run's batch splits.
+lora_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+value_numel = model.get_base_model().config.hidden_size + 1
+print(f"all-reduce per optimizer step: {4 * (lora_numel + value_numel):,} bytes ({lora_numel:,} LoRA + {value_numel:,} "
+      f"value-head fp32 parameters); NUM_PROCESSES = {NUM_PROCESSES}: {PPO_BATCH_SIZE // NUM_PROCESSES} answers "
+      f"({PPO_BATCH_SIZE // PPO_SAMPLES_PER_PROMPT // NUM_PROCESSES} prompts) per rank per iteration")
+
 # %% [markdown] rlft={"section": "pipeline"}
-# ## 8.1 The training run: SFT, then RL, in one budget
+# ## 8.2 The training run: SFT, then RL, in one budget
 #
 # This is the InstructGPT recipe (Ouyang et al. 2022) in miniature, run by `run_pipeline`:
 # 1. **Supervised warm start.** The LoRA is fine-tuned on the reference answers (cross-entropy on the answer
@@ -3198,7 +3483,8 @@ def plot_phase_times(logs: list[dict], path=None):
 #| export
 PIPELINES, KL_ANCHORS = ("sft+rl", "sft", "rl"), ("sft", "base")
 SFT_ADAPTER, PIPELINE_META = "sft_adapter", "pipeline.json"
-PIPELINE_OUTPUTS = (SFT_ADAPTER, PIPELINE_META)  # this section's files in RUN_DIR, besides train_loop's
+PIPELINE_OUTPUTS = (SFT_ADAPTER, PIPELINE_META, "pipeline_result.json")  # this section's files in RUN_DIR, besides
+# train_loop's (pipeline_result.json: DP_RESULT, written by a data-parallel run, section 8.1)
 
 
 def sft_train(model, tokenizer, sampler, *, budget_s: float, max_steps: int, batch_size: int, lr: float,
@@ -3276,13 +3562,16 @@ def check_pipeline_params(p: dict) -> None:
         raise ValueError(f"SFT_FRACTION={p['SFT_FRACTION']}: expected a share of the budget in [0, 1]")
 
 
-def sft_stage(model, tokenizer, train_pairs, run_path: Path, p: dict, budget_s: float, progress: bool) -> list[dict]:
-    """SFT with the SFT_* parameters for `budget_s` seconds; the adapter is then saved to run_path/sft_adapter."""
+def sft_stage(model, tokenizer, train_pairs, run_path: Path, p: dict, budget_s: float, progress: bool,
+              writer: bool = True) -> list[dict]:
+    """SFT with the SFT_* parameters for `budget_s` seconds; the adapter is then saved to run_path/sft_adapter
+    (by the `writer` only: rank 0 of a data-parallel run)."""
     counters = {"skipped_loss": 0, "skipped_grad": 0}
     logs = sft_train(model, tokenizer, PromptSampler(train_pairs, p["SEED"]), budget_s=budget_s,
                      max_steps=p["SFT_MAX_STEPS"], batch_size=p["SFT_BATCH_SIZE"], lr=p["SFT_LR"],
                      max_grad_norm=p["MAX_GRAD_NORM"], progress=progress, counters=counters)
-    _save_atomically(run_path / SFT_ADAPTER, model.save_pretrained)
+    if writer:
+        _save_atomically(run_path / SFT_ADAPTER, model.save_pretrained)
     if any(counters.values()):
         print(f"SFT: skipped non-finite steps {counters}")
     return logs
@@ -3311,20 +3600,26 @@ def load_sft_anchor(model, run_path: Path) -> None:
 
 
 def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, p: dict, *, deadline: float, anchor: bool,
-             resume: bool, embedder=None, progress: bool = True):
+             resume: bool, embedder=None, progress: bool = True, accelerator=None):
     """RL (train_loop) from the model's current adapter until `deadline` (time.time() seconds): a fresh PPOState
     (value head, optimizer), the KL anchored to the current policy when `anchor`, the train-split monitor when an
     `embedder` is given. `resume` continues from run_path's checkpoint; otherwise the start of RL (the SFT
     adapter, iteration 0) is saved as a checkpoint first and RL continues from it, so train_loop keeps that
     adapter (a fresh train_loop would re-initialise a trained one) and a kill during RL never repeats SFT.
-    Returns (state, log)."""
+    With an `accelerator` (section 8.1) this process is one rank of a data-parallel RL stage: it starts from rank
+    0's weights (enable_data_parallel), and only rank 0 writes files. Returns (state, log)."""
     state = make_ppo_state(model, tokenizer, ppo_config(p))
+    if accelerator is not None:
+        enable_data_parallel(state, accelerator, p["SEED"])
     if anchor:
         set_kl_anchor(state)
     sampler = PromptSampler(train_pairs, p["SEED"])
     if not resume:
-        start = save_checkpoint(run_path, state, sampler, [], p["CKPT_KEEP"])
-        print(f"RL stage: {deadline - time.time():.0f} s left, from the current adapter (saved as {start.name})")
+        if writes_files(state):
+            start = save_checkpoint(run_path, state, sampler, [], p["CKPT_KEEP"])
+            print(f"RL stage: {deadline - time.time():.0f} s left, from the current adapter (saved as {start.name})")
+        if state.dp is not None:
+            state.dp.barrier()  # the other ranks resume from that checkpoint: it must be complete
     metrics_fn = eval_fn = None
     if embedder is not None:
         metrics_fn, eval_fn = make_monitors(tokenizer, monitor_subset(train_pairs, p["EVAL_MONITOR_N"]), embedder,
@@ -3333,41 +3628,49 @@ def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, p: dict, 
     logs = train_loop(state, sampler, reward_fn, run_path, budget_s=deadline - time.time(),
                       max_iterations=p["TRAIN_MAX_ITERS"], ckpt_every=p["CKPT_EVERY"], keep=p["CKPT_KEEP"],
                       ckpt_every_s=p["CKPT_EVERY_S"], resume=True, metrics_fn=metrics_fn, eval_fn=eval_fn,
-                      eval_every=p["EVAL_EVERY"], progress=progress)
+                      eval_every=p["EVAL_EVERY"], progress=progress and writes_files(state))
     return state, logs
 
 
 def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path, params: dict, *, embedder=None,
-                 progress: bool = True) -> PipelineResult:
+                 progress: bool = True, accelerator=None) -> PipelineResult:
     """PIPELINE 'sft+rl' | 'sft' | 'rl' within TRAIN_BUDGET_S seconds from this call's start: a fresh adapter
     (reset_lora(SEED)), SFT for SFT_FRACTION of the budget (all of it for 'sft'), the SFT adapter saved and made
     the KL anchor (KL_ANCHOR='sft'), then RL for the rest. Ends within the budget plus one step. RESUME with an RL
     checkpoint in run_path continues RL instead (`resume_pipeline`); a fresh run first moves an earlier one aside.
-    `params`: the parameters cell (globals() or a dict). `embedder` turns on the train-split monitor."""
+    `params`: the parameters cell (globals() or a dict). `embedder` turns on the train-split monitor.
+    `accelerator`: this process is one rank of a data-parallel run (section 8.1): SFT runs on every rank alike
+    (not data-parallel yet), RL is data-parallel from rank 0's weights, and only rank 0 writes files."""
     p, t0, run_path = params, time.time(), Path(run_path)
+    writer = accelerator is None or accelerator.is_main_process
     check_pipeline_params(p)
     if p["RESUME"] and p["PIPELINE"] != "sft" and pointer_name(run_path) is not None:  # an RL checkpoint
-        return resume_pipeline(model, tokenizer, train_pairs, reward_fn, run_path, p, embedder, progress, t0)
-    archive_run(run_path)
-    run_path.mkdir(parents=True, exist_ok=True)
+        return resume_pipeline(model, tokenizer, train_pairs, reward_fn, run_path, p, embedder, progress, t0,
+                               accelerator)
+    if writer:
+        archive_run(run_path)
+        run_path.mkdir(parents=True, exist_ok=True)
     reset_lora(model, p["SEED"])
     seed_everything(p["SEED"])
     budget, sft_logs, state, rl_logs = p["TRAIN_BUDGET_S"], [], None, []
     if p["PIPELINE"] != "rl":
         share = 1.0 if p["PIPELINE"] == "sft" else p["SFT_FRACTION"]
-        sft_logs = sft_stage(model, tokenizer, train_pairs, run_path, p, share * budget - (time.time() - t0), progress)
+        sft_logs = sft_stage(model, tokenizer, train_pairs, run_path, p, share * budget - (time.time() - t0),
+                             progress and writer, writer)
     t_sft = time.time() - t0
-    write_json_atomic(run_path / PIPELINE_META, {"pipeline": p["PIPELINE"], "sft_seconds": t_sft, "budget_s": budget,
-                                                 "sft_steps": len(sft_logs), "kl_anchor": p["KL_ANCHOR"]})
+    if writer:
+        write_json_atomic(run_path / PIPELINE_META, {"pipeline": p["PIPELINE"], "sft_seconds": t_sft,
+                                                     "budget_s": budget, "sft_steps": len(sft_logs),
+                                                     "kl_anchor": p["KL_ANCHOR"]})
     if p["PIPELINE"] != "sft":
         state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p, deadline=t0 + budget,
                                   anchor=p["PIPELINE"] == "sft+rl" and p["KL_ANCHOR"] == "sft", resume=False,
-                                  embedder=embedder, progress=progress)
+                                  embedder=embedder, progress=progress, accelerator=accelerator)
     return pipeline_result(p, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False)
 
 
 def resume_pipeline(model, tokenizer, train_pairs, reward_fn, run_path: Path, p: dict, embedder, progress: bool,
-                    t0: float) -> PipelineResult:
+                    t0: float, accelerator=None) -> PipelineResult:
     """RESUME: skip SFT (pipeline.json says what it did), reload the SFT anchor, continue RL from the checkpoint for
     what is left of the budget: TRAIN_BUDGET_S − the SFT seconds − the seconds of the RL iterations already run
     (the run's log: time spent, even on iterations after the checkpoint, which RL repeats)."""
@@ -3378,7 +3681,7 @@ def resume_pipeline(model, tokenizer, train_pairs, reward_fn, run_path: Path, p:
     spent = meta.get("sft_seconds", 0.0) + sum(r.get("seconds", 0.0) for r in read_log(run_path))
     state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p,
                               deadline=t0 + p["TRAIN_BUDGET_S"] - spent, anchor=anchor, resume=True,
-                              embedder=embedder, progress=progress)
+                              embedder=embedder, progress=progress, accelerator=accelerator)
     return pipeline_result(p, state, [], rl_logs, meta.get("sft_steps", 0), 0.0, t0, resumed=True)
 
 
@@ -3395,7 +3698,11 @@ def pipeline_result(p: dict, state, sft_logs, rl_logs, sft_steps: int, t_sft: fl
 # %% rlft={"section": "pipeline"}
 # The training run: PIPELINE within TRAIN_BUDGET_S (see above). `train_state` / `train_logs` are the RL stage's
 # PPOState and log (None / [] for PIPELINE = "sft"); the SFT stage's log is `pipeline.sft_logs`.
-pipeline = run_pipeline(model, tokenizer, train_pairs, reward_fn, RUN_PATH, globals(), embedder=embedder)
+if NUM_PROCESSES > 1:  # data parallel on this machine (section 8.1): the ranks train, this kernel gets the adapter
+    pipeline = run_pipeline_parallel(NUM_PROCESSES, model, tokenizer, train_pairs, reward_fn, RUN_PATH, globals(),
+                                     embedder=embedder)
+else:
+    pipeline = run_pipeline(model, tokenizer, train_pairs, reward_fn, RUN_PATH, globals(), embedder=embedder)
 train_state, train_logs = pipeline.state, pipeline.rl_logs
 t_train = pipeline.seconds["total"]
 print(f"{PIPELINE}: SFT {pipeline.sft_steps} steps ({pipeline.seconds['sft']:.0f}s), RL {len(train_logs)} iterations "
@@ -3437,7 +3744,7 @@ print(f"\nfinal adapter: {final_adapter} (PeftModel.from_pretrained(base_model, 
 #
 # ### The pipeline: SFT, RL, and SFT then RL at one budget (`benchmarks/pipeline_seeds.py`)
 #
-# Each arm ran `run_pipeline` (section 8.1) from a fresh LoRA with `TRAIN_BUDGET_S = 300` s, for seeds 0 and 1,
+# Each arm ran `run_pipeline` (section 8.2) from a fresh LoRA with `TRAIN_BUDGET_S = 300` s, for seeds 0 and 1,
 # one run at a time on this project's 2-core CPU (load average 1.9–2.0, i.e. the run's own two threads). Then all
 # 133 eval prompts were answered greedily (48 new tokens) and paired with the base model's answers. The table is
 # `benchmarks/pipeline_seeds.md`, shown by the cell below. In numbers (gain in 10 × cos, 95% paired-bootstrap
@@ -3629,7 +3936,7 @@ def plot_pipeline(pipeline: dict, path=None):
 
 # %% rlft={"section": "results"}
 # The committed benchmark results (each benchmarks/*.py script writes its .json and .md; rerun one to reproduce).
-# This run's own before/after is in section 8.1 above.
+# This run's own before/after is in section 8.2 above.
 from IPython.display import Markdown, display
 
 bench = Path("benchmarks")

@@ -1,0 +1,301 @@
+"""Scaling-out section (8.1): data-parallel PPO through accelerate, 2 CPU processes joined by gloo, tiny model."""
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nbimport import ROOT
+
+sys.path.insert(0, str(ROOT))
+import rlft_dp  # noqa: E402
+
+PROMPTS = [f"Question number {i}?" for i in range(4)]
+REFERENCES = [f"Answer number {i}." for i in range(4)]
+K = 2  # answers per prompt: 8 rows, 4 on each rank
+
+
+def text_reward(prompts, responses, references):
+    """A deterministic reward of the text alone (so both runs score the fixed batch alike)."""
+    return torch.tensor([float(len(r) % 7) for r in responses])
+
+
+def fixed_batch_state(nb, advantage: str, ptx_coef: float):
+    """A PPO state on the tiny model (seeded) and one rollout of the combined 8-row batch, the same in every
+    process (one thread, seeded)."""
+    nb.seed_everything(0)
+    model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    lora = nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    cfg = nb.PPOConfig(batch_size=len(PROMPTS) * K, samples_per_prompt=K, minibatch_size=3, epochs=2,
+                       max_new_tokens=6, temperature=1.0, advantage=advantage, ptx_coef=ptx_coef,
+                       reward_norm="group" if advantage == "group" else "running", kl_coef=0.05)
+    state = nb.make_ppo_state(lora, tok, cfg)
+    prompts, references = nb.repeat_each(PROMPTS, K), nb.repeat_each(REFERENCES, K)
+    nb.seed_everything(1)
+    return state, nb.rollout(state, prompts, references, text_reward), prompts, references
+
+
+def rows_of(ro, lo: int, hi: int):
+    """Rows lo..hi−1 of a Rollout (every per-row tensor and list)."""
+    rows = ro.sequences.shape[0]
+    cut = lambda v: v[lo:hi] if (torch.is_tensor(v) or isinstance(v, list)) and len(v) == rows else v
+    return dataclasses.replace(ro, **{f.name: cut(getattr(ro, f.name)) for f in dataclasses.fields(ro)})
+
+
+def one_iteration(nb, state, ro, prompts, references, lo, hi):
+    """ppo_iteration over the fixed batch's rows lo..hi−1 (its rollout replaced by those rows)."""
+    real = nb.rollout
+    nb.rollout = lambda *args: rows_of(ro, lo, hi)
+    try:
+        nb.seed_everything(2)  # the same minibatch permutation in every run (rank 0's is broadcast)
+        return nb.ppo_iteration(state, prompts[lo:hi], references[lo:hi], text_reward)
+    finally:
+        nb.rollout = real
+
+
+def trained(state) -> dict:
+    out = {f"lora.{n}": p.detach().clone() for n, p in state.policy.named_parameters() if p.requires_grad}
+    out.update({f"value.{n}": p.detach().clone() for n, p in state.value_head.named_parameters()})
+    return out
+
+
+def summary(state, stats) -> dict:
+    return {"reward_stats": state.reward_stats.state_dict(), "kl_coef": state.kl_ctl.beta,
+            "counters": state.counters, "approx_kl": stats["approx_kl"], "epochs_done": stats["epochs_done"],
+            "reduced_bytes": state.dp.reduced_bytes if state.dp is not None else 0,
+            "bytes_per_step": None}
+
+
+def rank_iteration(out_dir: str, advantage: str, ptx_coef: float) -> None:
+    """One rank of the 2-process run (launched by rlft_dp.launch_local): its half of the fixed batch."""
+    from accelerate import Accelerator
+    nb = rlft_dp.load_notebook()
+    accelerator = Accelerator(cpu=True)
+    state, ro, prompts, references = fixed_batch_state(nb, advantage, ptx_coef)
+    nb.enable_data_parallel(state, accelerator, seed=0)
+    b = len(prompts) // accelerator.num_processes
+    lo = accelerator.process_index * b
+    stats = one_iteration(nb, state, ro, prompts, references, lo, lo + b)
+    out = Path(out_dir)
+    save_file(trained(state), out / f"rank{accelerator.process_index}.safetensors")
+    info = summary(state, stats)
+    info["bytes_per_step"] = nb.allreduce_bytes_per_step(state)
+    (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("advantage,ptx_coef", [("group", 0.5), ("gae", 0.0)])
+def test_two_processes_equal_one_process_on_the_combined_batch(nb, tmp_path, one_thread, advantage, ptx_coef):
+    rlft_dp.launch_local(rank_iteration, (str(tmp_path), advantage, ptx_coef), num_processes=2)
+    state, ro, prompts, references = fixed_batch_state(nb, advantage, ptx_coef)
+    before = trained(state)
+    stats = one_iteration(nb, state, ro, prompts, references, 0, len(prompts))
+    single = trained(state)
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    moved = [k for k in single if "lora_B" in k and not torch.equal(single[k], before[k])]
+    assert moved, "the iteration did not change the LoRA (the check would be vacuous)"
+    for name in single:
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: the ranks' weights differ"
+        assert torch.allclose(ranks[0][name], single[name], atol=1e-5, rtol=0), \
+            f"{name}: max diff {(ranks[0][name] - single[name]).abs().max().item():.2e}"
+    info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert info[0] == info[1]
+    expected = summary(state, stats)
+    for key in ("counters", "epochs_done"):
+        assert info[0][key] == expected[key], key
+    for key in ("mean", "var"):
+        assert info[0]["reward_stats"][key] == pytest.approx(expected["reward_stats"][key], abs=1e-6)
+    assert info[0]["reward_stats"]["count"] == expected["reward_stats"]["count"] == len(prompts)
+    assert info[0]["kl_coef"] == pytest.approx(expected["kl_coef"], rel=1e-6)
+    assert info[0]["approx_kl"] == pytest.approx(expected["approx_kl"], abs=1e-6)
+    # the gradient all-reduce is the only per-step traffic of any size: the trainable parameters, fp32
+    steps = stats["epochs_done"] * 3  # 8 rows in minibatches of 3: 3 optimizer steps per epoch
+    assert info[0]["reduced_bytes"] == steps * info[0]["bytes_per_step"]
+    assert info[0]["bytes_per_step"] == 4 * sum(p.numel() for p in state.trainable_parameters())
+
+
+def test_own_rows_splits_whole_prompts_and_refuses_an_uneven_split(nb):
+    dp = type("FakeRanks", (), {"rank": 1, "world": 2})()
+    assert nb.own_rows(dp, list("abcd")) == ["c", "d"]
+    assert nb.own_rows(None, list("abc")) == list("abc")
+    assert torch.equal(nb.own_indices(dp, torch.tensor([5, 0, 2, 7]), 4), torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="do not split evenly over 2 ranks"):
+        nb.own_rows(dp, list("abc"))
+
+
+def test_benchmark_smoke_two_ranks_and_the_report(tmp_path, one_thread):
+    """benchmarks/data_parallel.py on the tiny model: one real 2-process launch (the notebook's run_iteration on
+    each rank), then the report from it (the lead runs the real, alternated benchmark alone)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import data_parallel as bench
+    P = bench.parameters(str(ROOT / "tests" / "tiny_params.json"),
+                         ["PPO_BATCH_SIZE=4", "PPO_SAMPLES_PER_PROMPT=2", "PPO_MINIBATCH_SIZE=2", "PPO_EPOCHS=1",
+                          "MAX_NEW_TOKENS=3"])
+    P["CACHE_DIR"] = str(Path(P["CACHE_DIR"]).expanduser())
+    record = bench.measure(P, "2p1t", 1, 0, tmp_path)
+    assert record["world"] == 2 and len(record["seconds"]) == 1 and record["seconds"][0] > 0
+    assert record["reduced_bytes"] == 2 * 2 * record["bytes_per_step"]  # 2 iterations x 2 minibatches of 2 rows
+    records = {name: [dict(record, seconds=[s])] for name, s in (("1p2t", 2.0), ("1p1t", 4.0), ("2p1t", 2.5))}
+    r = bench.summarize(P, {**records, "2p1t": [dict(record, seconds=[2.5])]}, (1.0, 1, 1), (2.0, 2, 2), 1, 1)
+    assert r["samples_per_s_1p1t"] == 1.0 and r["samples_per_s_2p1t"] == 1.6 and r["speedup_2p_vs_1p1t"] == 1.6
+    assert r["allreduce_bytes_per_step"] == record["bytes_per_step"] and r["optimizer_steps_per_iteration"] == 2
+    bench.write_report(str(tmp_path / "dp"), r, bench.markdown_report(r))
+    assert json.loads((tmp_path / "dp.json").read_text())["speedup_2p_vs_1p2t"] == 0.8
+    assert "2 processes x 1 thread (gloo) | 1.600" in (tmp_path / "dp.md").read_text()
+
+
+PAIRS = [{"prompt": f"Question number {i}?", "reference": f"Answer number {i}.", "split": "train", "family": "f"}
+         for i in range(10)]
+
+
+def watch_writes(folders: list[Path]) -> list[str]:
+    """An audit hook that records every file-system write (open for writing, rename/replace, remove, mkdir,
+    rmtree) under `folders`; returns the (growing) list of them."""
+    import os
+    seen, roots = [], [str(Path(f).resolve()) for f in folders]
+    inside = lambda path: isinstance(path, (str, bytes, os.PathLike)) and any(
+        os.path.abspath(os.fsdecode(path)).startswith(r) for r in roots)
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+
+    def hook(event, args):
+        if event == "open" and inside(args[0]):
+            mode, flags = args[1], args[2]
+            if (isinstance(mode, str) and set(mode) & set("wax+")) or (isinstance(flags, int) and flags & write_flags):
+                seen.append(f"open {args[0]} {mode}")
+        elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "shutil.copyfile") \
+                and any(inside(a) for a in args[:2]):
+            seen.append(f"{event} {args[0]}")
+    sys.addaudithook(hook)
+    return seen
+
+
+def rank_train(run_dir: str, out_dir: str, iters: int) -> None:
+    """One rank of a 2-process train_loop run (tiny model): rank 1 watches run_dir for writes."""
+    from accelerate import Accelerator
+    nb = rlft_dp.load_notebook()
+    accelerator = Accelerator(cpu=True)
+    rank, out = accelerator.process_index, Path(out_dir)
+    writes = watch_writes([Path(run_dir), out / "probe"]) if rank > 0 else []
+    nb.seed_everything(0)
+    model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    lora = nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    cfg = nb.PPOConfig(batch_size=8, samples_per_prompt=2, minibatch_size=4, epochs=1, max_new_tokens=5,
+                       temperature=1.0, advantage="group", reward_norm="group")
+    state = nb.make_ppo_state(lora, tok, cfg)
+    nb.enable_data_parallel(state, accelerator, seed=0)
+    logs = nb.train_loop(state, nb.PromptSampler(PAIRS, 0), text_reward, run_dir, budget_s=1e9, max_iterations=iters,
+                         ckpt_every=1, progress=False)
+    if rank > 0:
+        (out / "probe").mkdir()  # the hook must see this one (else the check would be vacuous)
+    save_file(trained(state), out / f"rank{rank}.safetensors")
+    (out / f"rank{rank}.json").write_text(json.dumps({"writes": writes, "iterations": len(logs)}))
+
+
+def test_only_rank_0_writes_files_and_the_ranks_stay_equal(tmp_path, one_thread):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    rlft_dp.launch_local(rank_train, (str(run_dir), str(out), 2), num_processes=2)
+    info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert info[0]["iterations"] == info[1]["iterations"] == 2
+    assert info[1]["writes"] == [f"os.mkdir {out / 'probe'}"], info[1]["writes"]  # rank 1 wrote nothing else
+    assert json.loads((run_dir / "latest").read_text()) == {"checkpoint": "ckpt-000002"}  # rank 0 wrote the run
+    assert len((run_dir / "train_log.jsonl").read_text().splitlines()) == 2
+    a, b = (load_file(out / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)
+    # the run's checkpoints are refused by a run with another number of processes (here: one)
+    nb = rlft_dp.load_notebook()
+    nb.seed_everything(0)
+    model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    state = nb.make_ppo_state(nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"]), tok, nb.PPOConfig(
+        batch_size=8, samples_per_prompt=2, minibatch_size=4, epochs=1, max_new_tokens=5, temperature=1.0,
+        advantage="group", reward_norm="group"))
+    with pytest.warns(UserWarning, match="written by a run of 2 data-parallel processes and this run has 1"), \
+            pytest.raises(nb.CheckpointError, match="no usable checkpoint"):
+        nb.train_loop(state, nb.PromptSampler(PAIRS, 0), text_reward, run_dir, budget_s=1e9, max_iterations=3,
+                      resume=True, progress=False)
+
+
+def rank_resumable(run_dir: str, out_dir: str, iters: int, resume: bool, stall_at: int) -> None:
+    """One rank of a 2-process train_loop run that rank 0 stalls (sleeps) at iteration `stall_at` (-1: never),
+    after saying so in out_dir/stalled, so that the test can SIGKILL the whole run there."""
+    import time
+    from accelerate import Accelerator
+    nb = rlft_dp.load_notebook()
+    accelerator = Accelerator(cpu=True)
+    nb.seed_everything(0)
+    model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    cfg = nb.PPOConfig(batch_size=8, samples_per_prompt=2, minibatch_size=3, epochs=2, max_new_tokens=5,
+                       temperature=1.0, advantage="group", reward_norm="group", ptx_coef=0.5)
+    state = nb.make_ppo_state(nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"]), tok, cfg)
+    nb.enable_data_parallel(state, accelerator, seed=0)
+
+    def reward(prompts, responses, references):
+        if state.iteration == stall_at and accelerator.is_main_process:  # generated, not yet updated
+            (Path(out_dir) / "stalled").write_text("")
+            time.sleep(600)
+        return text_reward(prompts, responses, references)
+    nb.train_loop(state, nb.PromptSampler(PAIRS, 0), reward, run_dir, budget_s=1e9, max_iterations=iters,
+                  ckpt_every=1, resume=resume, progress=False)
+    save_file(trained(state), Path(out_dir) / f"final{accelerator.process_index}.safetensors")
+
+
+def timeless(path: Path) -> list[dict]:
+    """The log's records without the wall-clock fields (and NaN made comparable)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: ("nan" if isinstance(v, float) and v != v else v) for k, v in r.items()
+             if "second" not in k and k not in ("elapsed_s", "tokens_per_s") and not k.startswith("t_")}
+            for r in records]
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_and_resumed_ends_where_an_uninterrupted_one_ends(tmp_path, one_thread):
+    import os
+    import signal
+    import subprocess
+    import time
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for d in (straight, killed):
+        d.mkdir()
+    code = ("import sys; sys.path[:0] = [{tests!r}, {root!r}]; import rlft_dp, test_data_parallel as t; "
+            "rlft_dp.launch_local(t.rank_resumable, ({run!r}, {out!r}, 5, False, 3), num_processes=2)").format(
+        tests=str(ROOT / "tests"), root=str(ROOT), run=str(killed / "run"), out=str(killed))
+    victim = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rlft_dp.launch_local(rank_resumable, (str(straight / "run"), str(straight), 5, False, -1), num_processes=2)
+    deadline = time.time() + 300
+    while not (killed / "stalled").exists():
+        assert victim.poll() is None, victim.stdout.read()[-3000:]
+        assert time.time() < deadline, "the run never reached iteration 3"
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)  # both ranks and their launcher, mid-iteration
+    victim.wait()
+    assert json.loads((killed / "run" / "latest").read_text()) == {"checkpoint": "ckpt-000003"}
+    assert not (killed / "final0.safetensors").exists()
+    rlft_dp.launch_local(rank_resumable, (str(killed / "run"), str(killed), 5, True, -1), num_processes=2)
+    for r in (0, 1):
+        a, b = load_file(straight / f"final{r}.safetensors"), load_file(killed / f"final{r}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), r
+    log_a, log_b = timeless(straight / "run" / "train_log.jsonl"), timeless(killed / "run" / "train_log.jsonl")
+    assert len(log_a) == 5 and log_a == log_b
+
+
+def test_num_processes_runs_the_pipeline_on_two_forked_ranks_and_the_kernel_gets_the_adapter(nb, params, tmp_path,
+                                                                                              one_thread):
+    """NUM_PROCESSES > 1: the training cell's run_pipeline_parallel (accelerate's notebook_launcher, forked from
+    this process as from a kernel); the model here then holds rank 0's final adapter."""
+    P = {**params, **json.loads((ROOT / "tests" / "tiny_params.json").read_text()), "TRAIN_BUDGET_S": 8,
+         "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4, "EVAL_MONITOR_N": 2, "RUN_DIR": str(tmp_path / "run")}
+    nb.seed_everything(0)
+    base, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
+    pairs = [dict(p, split="train") for p in PAIRS]
+    result = nb.run_pipeline_parallel(2, model, tok, pairs, text_reward, tmp_path / "run", P)
+    assert result.iterations > 0 and len(result.rl_logs) == result.iterations and result.state is None
+    assert json.loads((tmp_path / "run" / nb.DP_RESULT).read_text())["processes"] == 2
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    live = nb.get_peft_model_state_dict(model)
+    assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in live.items() if "lora_B" in k)  # trained, not the fresh adapter
