@@ -119,6 +119,7 @@ PPO_WARMUP_STEPS = 0  # PPO: linear learning-rate warm-up, in optimizer steps
 PPO_LOGITS_MODE = "full"  # PPO: generate() logits_mode for rollouts; "full" keeps PPO on-policy
 OLD_LOGPROBS = "generate"  # PPO: pi_old log-probs from "generate" (the distribution actually sampled; no extra forward) | "recompute" (one more forward per rollout)
 ROLLOUT_MERGED = False  # PPO: sample rollouts on merged LoRA weights (1.20x / 1.15x tok/s at batch 8 / 16 in benchmarks/generate.md, +0.4 GB); off until a training run is measured with it
+COMPILE_DECODE = False  # PPO rollouts and the generation section's demo: decode steps through torch.compile on a static KV cache (generate(compiled=True)); one-time compile of ~1 min per process; opt-in until measured (see the generation section)
 PPO_CLIP = 0.2  # PPO: surrogate clip range epsilon
 PPO_VALUE_CLIP = 0.2  # PPO: value clip range, in units of normalised returns
 PPO_VF_COEF = 0.1  # PPO: value-loss weight c_V
@@ -612,6 +613,35 @@ print(chat_prompt(tokenizer, train_pairs[0]["prompt"]) + train_pairs[0]["referen
 # sampler's log-probs match the attached policy's within 1e-4 in fp32 (`test_generate.py`), so PPO can take
 # π_old from either.
 #
+# **A compiled decode step** (`generate(..., compiled=True)`, parameter `COMPILE_DECODE`, issue 18; opt-in). The
+# prefill stays eager; every later step is one call of `decode_forward` under `torch.compile` (inductor: C++ kernels
+# built with the system's gcc) on a transformers `StaticCache` of $P$ + `max_new_tokens` slots written in place. It
+# is given the real mask so far, $[B, S]$; the model pads it with zeros to the cache's width and its causal mask
+# hides the slots not yet written, so left padding and positions work as in the eager loop, and finished rows still
+# leave the batch (`select_cache_rows`). With `dynamic=True` the batch size, mask width and cache length are
+# symbolic: one graph serves every prompt length and batch size $\ge 2$; batch 1 gets a second one, and each of
+# merged / attached adapter, dtype and grad mode one more (all compiled once per process). Sampling stays eager and
+# in fp32 on the compiled step's logits, so the returned log-probs are the policy's log-softmax as before. Greedy
+# tokens equal the eager loop's on the tiny model (`test_generate.py`, with a row leaving the batch and new shapes
+# that do not recompile) and on the packaged model in fp32 at batch 1 and 8 over 32 tokens; in bf16 at batch 1
+# too, but at batch 8 only 84% of positions agree (the fused kernels round bf16 differently, a near-tie flips and
+# that row then diverges; the log-probs returned are still those of the distribution sampled, and PPO's
+# `gen_logprob_err` monitor sees any gap to its own recomputation). The price is a one-time
+# compile: about 30 s for the tiny model from a cold cache on this 2-core CPU (10 s with inductor's on-disk cache
+# warm), 30–170 s per graph for the packaged model while other jobs shared the CPU. Rough speed only (packaged
+# model, merged adapter, 2 threads, 32 greedy tokens, 5 alternated runs on a busy machine): fp32 batch 1 21.6 →
+# 25.1 tok/s (medians, 1.16×), batch 8 best of 5 58 → 86 tok/s (its medians were noise); bf16 batch 1 16.4 → 18.1
+# (1.10×), batch 8 best of 5 85 → 97 (1.14×).
+# That is still far from the ~60 tok/s bound: nearly all of a CPU step is the matrix-vector products themselves,
+# which compiling leaves to the same library kernels; it only removes the Python and the small ops around them.
+# Weight freezing (`torch._inductor.config.freezing`) is not used: it bakes the weights into the graph, which is
+# wrong as soon as PPO updates them or the adapter is merged. What transformers offers itself
+# (`cache_implementation="static"` with a `compile_config`) lives inside `model.generate()` (its own sampling, no
+# rows leaving the batch, none of our log-probs or logits modes) and compiles automatically only on CUDA-class
+# devices (on a CPU only through the private `CompileConfig._compile_all_devices`), so our loop reuses its pieces
+# (the `StaticCache`, prefill eager and decode compiled) instead. `benchmarks/generate.py` times it as the
+# "compiled" path beside today's and the new one.
+#
 # **The seed's PCA step** (`logits_mode="pca_seed"`). At every step the seed stacked the logits of all positions
 # so far into $Z \in \mathbb{R}^{n \times V}$ ($n$ positions, $V = 49{,}152$ tokens), called `torch.pca_lowrank(Z)` —
 # randomised, centred over positions, $q = \min(6, n, V)$ components — and sampled from the **first principal
@@ -646,7 +676,7 @@ print(chat_prompt(tokenizer, train_pairs[0]["prompt"]) + train_pairs[0]["referen
 #| export
 from collections.abc import Iterator
 
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 LOGITS_MODES = ("full", "pca_seed", "pca_rank_k")
 
@@ -815,32 +845,84 @@ class LogitsHistory:
         return self.buf[:, :self.length]
 
 
+def decode_forward(net, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    """One decode step of the compiled path: tokens [B, 1] long (the newest token of each row), positions [B, 1]
+    long, mask [B, S] long (the real mask so far, this token included; the model pads it with 0 to the cache's
+    width), cache: a `StaticCache`. Returns logits [B, 1, V] (the model's dtype) of the new position."""
+    return net(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+               logits_to_keep=1).logits
+
+
+_COMPILED_DECODE = {}
+
+
+def compiled_decode_forward():
+    """`decode_forward` under `torch.compile` (inductor; built once per process, compiled lazily on the first call).
+    dynamic=True: the batch size (>1; batch 1 gets its own graph), the mask width and the cache length are
+    symbolic, so new prompt lengths, new batch sizes and rows leaving the batch do not recompile. Guards that do
+    recompile once each: merged vs attached vs disabled adapter, grad vs no-grad/inference mode, dtype."""
+    if "fn" not in _COMPILED_DECODE:
+        _COMPILED_DECODE["fn"] = torch.compile(decode_forward, dynamic=True)
+    return _COMPILED_DECODE["fn"]
+
+
+def select_cache_rows(cache, keep: torch.Tensor) -> None:
+    """Keep only rows `keep` [B'] long of a KV cache: DynamicCache's own `batch_select_indices`; a StaticCache's
+    layers have none, so their keys/values [B, H, L, D] are indexed here (and marked static again, like the
+    tensors they replace, so the compiled step sees the same kind of input)."""
+    if not isinstance(cache, StaticCache):
+        return cache.batch_select_indices(keep)
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+
+
+def forward_step(net, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache, *,
+                 keep_all_logits: bool = False, step_fn=None) -> torch.Tensor:
+    """One forward pass of `decode_steps` -> logits [B, S_in, V] (keep_all_logits: every position, for the PCA
+    modes' prefill) or [B, 1, V]. inputs, positions: [B, S_in] long; mask [B, S] long, S = tokens so far.
+    step_fn: the compiled decode step (`compiled_decode_forward()`), used when given. Eager, the mask is dropped
+    when nothing is padded (attention's fast path), except on a static cache (the compiled path always has one)."""
+    if step_fn is not None:
+        return step_fn(net, inputs, positions, mask, cache)
+    padded = isinstance(cache, StaticCache) or not bool(mask.all())
+    return net(input_ids=inputs, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
+               use_cache=True, logits_to_keep=0 if keep_all_logits else 1).logits
+
+
 @torch.no_grad()
 def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos_ids: list[int],
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, logits_mode: str = "full",
-                 pca_k: int = 16, pca_seed: int = 0, generator: torch.Generator | None = None) -> Iterator[tuple]:
+                 pca_k: int = 16, pca_seed: int = 0, generator: torch.Generator | None = None,
+                 compiled: bool = False) -> Iterator[tuple]:
     """The decoding loop, one `yield` per step. ids, mask: [B, P] left-padded prompts. Yields (tokens [B] long,
     logprobs [B] float32, alive [B] bool — the row had not stopped before this step; dead rows get pad/0).
 
     KV cache (DynamicCache, passed as `cache=`); position_ids = cumsum(mask) - 1; logits of the last position only
     (`logits_to_keep=1`), except that the PCA modes keep every position's logits. Rows that stop are dropped
     from the batch (and from the cache), so the remaining rows run at the smaller batch size.
+    compiled=True: a `StaticCache` of P + max_new_tokens slots, the prefill eager and every later step through
+    `compiled_decode_forward()` (always with the mask); sampling stays eager, in fp32.
     """
     net, B = decoder_of(model), ids.shape[0]
-    cache, keep_all = DynamicCache(config=net.config), logits_mode != "full"
+    keep_all = logits_mode != "full"
+    cache = (StaticCache(config=net.config, max_cache_len=ids.shape[1] + max_new_tokens) if compiled
+             else DynamicCache(config=net.config))
+    step_fn = compiled_decode_forward() if compiled else None
     eos = torch.tensor(eos_ids, device=ids.device)
     rows = torch.arange(B, device=ids.device)  # the original rows still decoding
     alive = torch.ones(B, dtype=torch.bool, device=ids.device)
     inputs, positions, history = ids, (mask.cumsum(-1) - 1).clamp_(min=0), None
-    for _ in range(max_new_tokens):
-        padded = not bool(mask.all())  # without padding the mask is dropped, so attention takes its fast path
-        out = net(input_ids=inputs, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
-                  use_cache=True, logits_to_keep=0 if keep_all and history is None else 1)
+    for step in range(max_new_tokens):
+        out_logits = forward_step(net, inputs, positions, mask, cache, keep_all_logits=keep_all and step == 0,
+                                  step_fn=step_fn if step > 0 else None)
         if keep_all and history is None:
-            history = LogitsHistory(out.logits, ids.shape[1] + max_new_tokens)
+            history = LogitsHistory(out_logits, ids.shape[1] + max_new_tokens)
         elif keep_all:
-            history.append(out.logits)
-        logits = step_logits(logits_mode, history.view if keep_all else out.logits, mask.bool(), pca_k, pca_seed)
+            history.append(out_logits)
+        logits = step_logits(logits_mode, history.view if keep_all else out_logits, mask.bool(), pca_k, pca_seed)
         tokens, logps = sample_tokens(logits, temperature, top_k, top_p, generator)
         full_tokens = torch.full((B,), eos_ids[0], dtype=torch.long, device=ids.device).index_put_((rows,), tokens)
         full_logps = torch.zeros(B, device=ids.device).index_put_((rows,), logps)
@@ -853,7 +935,7 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
         if bool(stopped.any()):
             keep = (~stopped).nonzero().squeeze(-1)
             rows, mask, tokens = rows[keep], mask[keep], tokens[keep]
-            cache.batch_select_indices(keep)
+            select_cache_rows(cache, keep)
             if keep_all:
                 history.select(keep)
         inputs, positions = tokens[:, None], mask.sum(-1, keepdim=True) - 1
@@ -928,12 +1010,13 @@ def prepare_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) -
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, logits_mode: str = "full", pca_k: int = 16, pca_seed: int = 0,
-             generator: torch.Generator | None = None, merged: bool = False) -> Generation:
+             generator: torch.Generator | None = None, merged: bool = False, compiled: bool = False) -> Generation:
     """Sample responses to B rendered prompts, token by token with a KV cache (see `decode_steps`).
     temperature 0 = greedy; top_k 0 / top_p 1.0 = off; logits_mode: 'full' | 'pca_seed' | 'pca_rank_k' (pca_k).
     merged=True samples a LoRA model on merged weights (`merged_adapter`: the adapter out of the per-token path,
     the original weights restored bitwise afterwards); the log-probs then differ from the attached policy's only
-    by rounding (see the tests); a model without LoRA ignores it."""
+    by rounding (see the tests); a model without LoRA ignores it. compiled=True runs the decode steps through
+    `torch.compile` with a static KV cache (`decode_steps`; the first call compiles, once per process)."""
     if logits_mode not in LOGITS_MODES:
         raise ValueError(f"unknown logits_mode {logits_mode!r}; expected one of {LOGITS_MODES}")
     check_sampling(temperature, top_k, top_p)
@@ -942,7 +1025,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     with merged_adapter(model) if merged else contextlib.nullcontext():
         steps = list(decode_steps(model, ids, mask, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                   temperature=temperature, top_k=top_k, top_p=top_p, logits_mode=logits_mode,
-                                  pca_k=pca_k, pca_seed=pca_seed, generator=generator))
+                                  pca_k=pca_k, pca_seed=pca_seed, generator=generator, compiled=compiled))
     tokens, logprobs, alive = (torch.stack(x, 1) for x in zip(*steps))  # each [B, T]
     response_mask = alive.long()
     ended = (torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device)) & alive).any(1)
@@ -979,7 +1062,7 @@ def generate_stream(model, tokenizer, prompt: str, *, max_new_tokens: int, **sam
 t0 = time.time()
 demo_prompts = [chat_prompt(tokenizer, p["prompt"]) for p in train_pairs[:3]]
 gen = generate(model, tokenizer, demo_prompts, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE,
-               top_k=TOP_K, top_p=TOP_P, logits_mode=LOGITS_MODE, pca_k=PCA_K, pca_seed=SEED)
+               top_k=TOP_K, top_p=TOP_P, logits_mode=LOGITS_MODE, pca_k=PCA_K, pca_seed=SEED, compiled=COMPILE_DECODE)
 print(f"{len(demo_prompts)} prompts, {gen.response_mask.sum().item()} tokens in {time.time() - t0:.1f}s; "
       f"stop reasons {gen.stop_reason}")
 for p, text in zip(train_pairs, gen.texts):
@@ -1704,7 +1787,8 @@ print(f"PPO reward: {REWARD_FN!r}; on 3 base eval answers  MLP {gap['mlp'].numpy
 # $[B, T, V]$ fp32 tensor (the update still keeps each chunk's activations for backward); the exact KL reuses $\pi$'s last hidden
 # states ($[B, T, H]$, small) through the shared output head. Passes that cannot matter are skipped: with
 # $\beta = 0$ and no adaptive controller the reference pass is skipped altogether (`t_ref` = 0, `kl_ref` NaN).
-# `ROLLOUT_MERGED = True` samples on merged LoRA weights (`generate(merged=True)`).
+# `ROLLOUT_MERGED = True` samples on merged LoRA weights (`generate(merged=True)`); `COMPILE_DECODE = True` runs the
+# rollouts' decode steps through `torch.compile` (`generate(compiled=True)`, see the generation section).
 # Every iteration reports its phase times `t_generate`, `t_old_logprobs`, `t_ref`, `t_reward`, `t_update` (0 for
 # a pass that did not run). Measured side by side (`benchmarks/iteration_cost.md`, packaged model, 2 threads,
 # medians of 5 alternated iterations): these changes took one iteration from 55.4 s to 48.7 s (1.14×); the old
@@ -1798,6 +1882,7 @@ class PPOConfig:
     logits_mode: str = "full"  # generate()'s logits_mode for rollouts ("full" keeps PPO on-policy)
     old_logprobs: str = "generate"  # π_old from generate()'s log-probs | "recompute" (one more forward per rollout)
     rollout_merged: bool = False  # sample on merged LoRA weights (generate(merged=True))
+    rollout_compiled: bool = False  # compiled decode step on a static KV cache (generate(compiled=True))
     kl_monitor_every: int = 10  # exact full-vocabulary KL + gen_logprob_err every N iterations (0: never)
     clip_range: float = 0.2  # ε of the surrogate
     clip_range_value: float = 0.2  # ε_V, in units of (normalised) returns
@@ -2289,7 +2374,8 @@ def rollout(state: PPOState, prompts: list[str], references: list[str], reward_f
     t0 = time.time()
     rendered = [chat_prompt(state.tokenizer, p) for p in prompts]
     gen = generate(policy, state.tokenizer, rendered, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                   top_k=0, top_p=1.0, logits_mode=cfg.logits_mode, **({"merged": True} if cfg.rollout_merged else {}))
+                   top_k=0, top_p=1.0, logits_mode=cfg.logits_mode, **({"merged": True} if cfg.rollout_merged else {}),
+                   **({"compiled": True} if cfg.rollout_compiled else {}))
     times["t_generate"], t0 = time.time() - t0, time.time()
     mask, monitor = gen.response_mask.float(), kl_monitor_due(state)
     cur = old_policy_pass(state, gen, monitor)
@@ -2555,7 +2641,7 @@ PPO_PARAMETERS = dict(  # PPOConfig field <- parameters-cell name
     reward_norm="REWARD_NORM", no_eos_penalty="NO_EOS_PENALTY", surrogate_target="SURROGATE_TARGET",
     kl_prev_coef="KL_PREV_COEF", target_kl="TARGET_KL", max_grad_norm="MAX_GRAD_NORM", advantage="ADVANTAGE",
     ptx_coef="PTX_COEF", reward_clip="REWARD_CLIP", old_logprobs="OLD_LOGPROBS", rollout_merged="ROLLOUT_MERGED",
-    kl_monitor_every="KL_MONITOR_EVERY")
+    rollout_compiled="COMPILE_DECODE", kl_monitor_every="KL_MONITOR_EVERY")
 
 
 def repeat_each(items: list, k: int) -> list:

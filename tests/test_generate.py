@@ -473,7 +473,8 @@ def test_generate_benchmark_smoke_run_writes_the_issue_18_fields(tmp_path):
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--params",
                     str(ROOT / "tests" / "tiny_params.json"), "--runs", "1", "--new-tokens", "3", "--batches", "1,8",
-                    "--busy-seconds", "30", "--out", str(out)], check=True, capture_output=True, timeout=240, env=env)
+                    "--busy-seconds", "30", "--paths", "today,new", "--out", str(out)], check=True, capture_output=True,
+                   timeout=240, env=env)
     report = json.loads((tmp_path / "gen.json").read_text())
     for key in ("speedup_b1", "speedup_b8", "bound_fraction_b1", "busy_slowdown", "bandwidth_gbs"):
         assert isinstance(report[key], float) and report[key] > 0, key
@@ -487,3 +488,65 @@ def test_generate_benchmark_smoke_run_writes_the_issue_18_fields(tmp_path):
     assert report["greedy_fp32_tokens_identical_to_hf"] is True
     assert "adapter attached" in report["paths"]["today"] and "adapter merged" in report["paths"]["new"]
     assert "| 8 | new |" in (tmp_path / "gen.md").read_text()
+
+
+def forced_eos(nb, eos: int, row: int, step: int):
+    """A sample_tokens that forces EOS on `row` of the active batch at decode step `step` (0-based), per call."""
+    real, calls = nb.sample_tokens, []
+
+    def sample(logits, *args, **kwargs):
+        tokens, logps = real(logits, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == step + 1:
+            tokens = tokens.clone(); tokens[row] = eos
+        return tokens, logps
+    return sample
+
+
+def test_compiled_decode_gives_the_eager_tokens_and_log_probs(nb, tiny_lora, one_thread, monkeypatch):
+    """Issue 18: the torch.compile'd decode step on a StaticCache (compiled=True) samples what the eager loop samples:
+    greedy, left-padded prompts of different lengths, a row leaving the batch at step 2; then other prompt lengths
+    and batch sizes (>1) run without compiling again. One compile of the tiny model: ~30 s from a cold inductor
+    cache on this 2-core CPU, ~10 s warm."""
+    import torch._dynamo.utils as dynamo_utils
+    model, tokenizer = tiny_lora
+    perturb_lora_b(model)
+    prompts, eos = rendered(nb, tokenizer), tokenizer.eos_token_id
+    gens = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(nb, "sample_tokens", forced_eos(nb, eos, row=0, step=2))
+        gens[compiled] = nb.generate(model, tokenizer, prompts, max_new_tokens=8, temperature=0, compiled=compiled)
+    eager, comp = gens[False], gens[True]
+    assert eager.stop_reason == comp.stop_reason == ["eos", "length", "length"]
+    assert torch.equal(eager.sequences, comp.sequences) and torch.equal(eager.attention_mask, comp.attention_mask)
+    assert comp.logprobs.dtype == torch.float32 and (eager.logprobs - comp.logprobs).abs().max() < 1e-5
+    monkeypatch.undo()  # the real sampler again
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    for batch, new in ((prompts[1:], 5), (prompts + prompts[:1], 11)):  # other widths, batch sizes, cache lengths
+        e = nb.generate(model, tokenizer, batch, max_new_tokens=new, temperature=0)
+        c = nb.generate(model, tokenizer, batch, max_new_tokens=new, temperature=0, compiled=True)
+        assert torch.equal(e.sequences, c.sequences) and (e.logprobs - c.logprobs).abs().max() < 1e-5
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # no recompile for new shapes
+
+
+@pytest.mark.slow
+def test_generate_benchmark_compiled_path_smoke_run(tmp_path):
+    """benchmarks/generate.py with its compiled path on the tiny model: two compiles (batch 1, batch >= 2), so slow."""
+    import json
+    import subprocess
+    import sys
+
+    from nbimport import ROOT
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--params",
+                    str(ROOT / "tests" / "tiny_params.json"), "--runs", "1", "--new-tokens", "3", "--batches", "1,8",
+                    "--busy-seconds", "30", "--out", str(tmp_path / "gen")], check=True, capture_output=True,
+                   timeout=900, env=env)
+    report = json.loads((tmp_path / "gen.json").read_text())
+    for key in ("speedup_b1_compiled", "speedup_b8_compiled", "bound_fraction_b1_compiled"):
+        assert isinstance(report[key], float) and report[key] > 0, key
+    assert set(report["compile_s"]) == {"batch_1", "batch_2"} and all(v > 0 for v in report["compile_s"].values())
+    assert "compiled, adapter merged" in report["paths"]["compiled"]
+    for batch in report["batches"].values():
+        assert batch["tokens_identical_compiled_new"] is True and batch["compiled"]["ours"]["median_tokens_per_s"] > 0
+    assert "| 8 | compiled |" in (tmp_path / "gen.md").read_text()

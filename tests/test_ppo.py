@@ -786,6 +786,21 @@ def test_rollout_merged_is_passed_to_generate_only_when_set(nb, tiny_lora, monke
     assert "merged" not in seen[0] and seen[1]["merged"] is True
 
 
+def test_rollout_compiled_is_passed_to_generate_only_when_set(nb, tiny_lora, params, monkeypatch):
+    """COMPILE_DECODE reaches generate(compiled=True); the step runs uncompiled here (the static-cache path, no
+    compile time; the compiled step itself is tested in test_generate.py)."""
+    model, tok = tiny_lora
+    seen, real = [], nb.generate
+    monkeypatch.setattr(nb, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(nb, "compiled_decode_forward", lambda: nb.decode_forward)
+    for compiled in (False, True):
+        state = nb.make_ppo_state(model, tok, small_cfg(nb, rollout_compiled=compiled))
+        nb.rollout(state, PROMPTS[:2], [""] * 2, random_reward)
+    assert "compiled" not in seen[0] and seen[1]["compiled"] is True
+    assert params["COMPILE_DECODE"] is False  # opt-in
+    assert nb.ppo_config({**params, "COMPILE_DECODE": True}).rollout_compiled is True
+
+
 def test_config_rejects_bad_iteration_cost_knobs(nb):
     for bad in (dict(old_logprobs="cached"), dict(kl_monitor_every=-1)):
         with pytest.raises(ValueError):
