@@ -79,7 +79,7 @@ TORCH_THREADS = 0  # CPU threads for torch; 0 keeps torch's default
 LORA_R = 16  # adapter rank
 LORA_ALPHA = 32  # the update is scaled by alpha / r
 LORA_DROPOUT = 0.0  # 0 so rollouts and updates see the same policy
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # modules wrapped
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # modules wrapped (Llama-style names; "all-linear" wraps every linear layer of any other architecture)
 # --- data ----------------------------------------------------------------------------------------------
 DATA_PATH = "data/pairs.jsonl"  # JSON Lines: prompt, reference, split (train/eval), optional family and concept; see data/README.md
 # --- generation ----------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ ADVANTAGE = "group"  # PPO: "group" (critic-free: leave-one-out baseline over th
 PTX_COEF = 0.5  # PPO: weight of the PPO-ptx term, the NLL of the references of each minibatch's prompts (keeps RL near the SFT answers); 0 turns it off
 REWARD_CLIP = 5.0  # PPO: scores are clipped to the batch median +- REWARD_CLIP x max(MAD spread, running std, 1) before normalising, so one absurd score cannot poison the running std (counted as clipped_reward); 0 turns it off
 PPO_DEMO_ITERS = 2  # PPO section: iterations of the demonstration run (the training run comes after)
-PPO_DEMO_BATCH_SIZE = 4  # PPO section: prompts per iteration of the demonstration run
+PPO_DEMO_BATCH_SIZE = 4  # PPO section: responses per iteration of the demonstration run (gcd(PPO_SAMPLES_PER_PROMPT, this) answers per prompt)
 TRAIN_BUDGET_S = 1200  # wall-clock stop for the training run, in seconds (the headline benchmark's budget)
 PIPELINE = "sft+rl"  # training run: "sft+rl" (SFT warm start on the references, then RL with the KL to the SFT policy) | "sft" | "rl"; all within TRAIN_BUDGET_S. At 300 s x 2 seeds: sft+rl +0.58, sft +0.58, rl +0.47 (benchmarks/pipeline_seeds.md)
 SFT_FRACTION = 0.5  # training run, "sft+rl": share of TRAIN_BUDGET_S spent on SFT (RL gets the rest)
@@ -406,8 +406,10 @@ def load_base(name: str, cache_dir: str, device: torch.device, dtype: torch.dtyp
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str]) -> PeftModel:
+def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str] | str) -> PeftModel:
     """Wrap `model` in a fresh LoRA adapter (B = 0, so it starts equal to the base); only LoRA trains.
+    targets: module names (the default list is Llama's: SmolLM2, Llama, Qwen, Mistral) or "all-linear" (peft: every
+    linear layer but the output head, for any architecture); a name that matches nothing raises a ValueError.
     The LoRA tensors are fp32 whatever the base dtype (a bf16/fp16 base stays as it is): peft's LoRA layers cast
     their input to the adapter's dtype and the result back, so no autocast is needed for that on a CPU."""
     config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
@@ -1364,22 +1366,12 @@ for row in base_eval["rows"][:: max(1, len(base_eval["rows"]) // 4)][:4]:
 #
 # $$ r(x, y) = s(y, y^\star_x) = 10 \cdot \cos\big(e(y),\, e(y^\star_x)\big), $$
 #
-# the evaluation's similarity function (section 4) — one definition, so the reward that trains the policy and
-# the figure that judges it can never drift apart. It is batched, runs on the chosen device, caches the
+# the evaluation's `similarity` function (section 4) itself — one definition, so the reward that trains the policy
+# and the figure that judges it can never drift apart. It is batched, runs on the chosen device, caches the
 # reference embeddings (they recur at every step) and gives an empty or whitespace response exactly 0, so the
 # policy cannot be paid for saying nothing. Its limits are the point of the later sections: it needs a
 # reference (the demo's prompts have none — hence the reward model), and it rewards *topical* overlap, so a
 # response that merely repeats the prompt's keywords already scores well.
-
-# %% rlft={"section": "similarity"}
-#| export
-def similarity_reward(responses: list[str], references: list[str], embedder: Embedder) -> torch.Tensor:
-    """The seed's reward, 10 x cos(MiniLM(response), MiniLM(reference)): [B] float32 on the embedder's device.
-
-    Exactly `similarity` (section 4); an empty or whitespace response scores 0.
-    """
-    return similarity(responses, references, embedder)
-
 
 # %% rlft={"section": "similarity"}
 row = base_eval["rows"][0]
@@ -1388,13 +1380,13 @@ probes = {"the reference itself": ref, "the model's greedy answer": row["respons
           "the prompt, echoed": row["prompt"],
           "another prompt's reference": base_eval["rows"][-1]["reference"],
           "an unrelated sentence": "The stock market closed slightly higher on Tuesday.", "empty": "   "}
-scores = similarity_reward(list(probes.values()), [ref] * len(probes), embedder)
+scores = similarity(list(probes.values()), [ref] * len(probes), embedder)
 print(f"reference: {ref}")
 for (name, text), score in zip(probes.items(), scores.tolist()):
     print(f"{score:6.2f}  {name}: {text[:90]!r}")
 t0 = time.time()
 base_rows = base_eval["rows"]
-sims = similarity_reward([r["response"] for r in base_rows], [r["reference"] for r in base_rows], embedder)
+sims = similarity([r["response"] for r in base_rows], [r["reference"] for r in base_rows], embedder)
 print(f"\n{len(sims)} base responses scored in {time.time() - t0:.2f}s: mean {sims.mean():.2f}, "
       f"min {sims.min():.2f}, max {sims.max():.2f}")
 
@@ -1403,9 +1395,10 @@ print(f"\n{len(sims)} base responses scored in {time.time() - t0:.2f}s: mean {si
 # ## 6. Reward model
 #
 # The similarity reward needs a reference; the seed also trained a small **two-layer MLP to imitate it**, so
-# text can be scored on its own (the demo's and users' prompts have no reference). It is PPO's reward by default,
-# as in the seed; `REWARD_FN = "similarity"` switches PPO to the exact score, and any callable
-# `(prompts, responses, references) -> tensor [B]` can replace both.
+# text can be scored on its own (the demo's and users' prompts have no reference). PPO trains on it with
+# `REWARD_FN = "mlp"`, as in the seed; the default, `REWARD_FN = "similarity"`, is the exact score (every train
+# prompt has a reference; the two did as well in `benchmarks/ablations.md`), and any callable
+# `(prompts, responses, references) -> tensor [B]` can replace both. The demo scores answers with the MLP.
 #
 # **Inputs — never the reference.** With $p = e(x)$ the prompt's and $q = e(y)$ the response's unit MiniLM
 # embeddings, the features are $[\,p,\; q,\; p \odot q,\; |p - q|\,]$ ($4 \times 384$), and
@@ -1418,7 +1411,7 @@ print(f"\n{len(sims)} base responses scored in {time.time() - t0:.2f}s: mean {si
 # **Data.** For each train prompt: one sampled response per entry of `RM_TEMPERATURES` from the *base* model
 # (adapter disabled) with `generate()` — low temperatures give fluent answers, high ones drift, so the scores
 # spread — plus **anchors**: the reference itself (score 10) and `RM_MISMATCHED` references of other prompts (a
-# fluent answer to the wrong question). Every row is labelled with `similarity_reward`. The set is cached under
+# fluent answer to the wrong question). Every row is labelled with `similarity`. The set is cached under
 # the run folder (`reward_data.safetensors`: tensors plus the texts as JSON metadata, never a pickle, so a planted
 # file cannot run code), keyed by the model, the data and the settings, so a rerun skips the generation.
 #
@@ -1559,7 +1552,7 @@ def load_reward_data(path: str | Path, key: str) -> dict | None:
 def build_reward_data(model, tokenizer, pairs: list[dict], embedder: Embedder, *, temperatures: list[float],
                       n_mismatched: int, max_new_tokens: int, batch_size: int, seed: int = 0,
                       cache_path: str | Path | None = None, model_name: str = "") -> dict:
-    """Label sampled responses + anchors with similarity_reward; cached at `cache_path` under a key
+    """Label sampled responses + anchors with similarity; cached at `cache_path` under a key
     (a safetensors file, see `save_reward_data`; a file that is not one for this key is regenerated).
 
     Returns {'prompts', 'responses', 'kind' ('generated'|'reference'|'mismatched'): N lists; 'prompt_id' [N] long,
@@ -1577,7 +1570,7 @@ def build_reward_data(model, tokenizer, pairs: list[dict], embedder: Embedder, *
                                batch_size=batch_size, seed=seed)
     rows = [(i, t, text, "generated") for i, t, text in samples] + anchor_rows(pairs, n_mismatched, seed)
     ids, responses = [r[0] for r in rows], [r[2] for r in rows]
-    labels = similarity_reward(responses, [pairs[i]["reference"] for i in ids], embedder).cpu()
+    labels = similarity(responses, [pairs[i]["reference"] for i in ids], embedder).cpu()
     data = {"key": key, "cached": False, "prompts": [prompts[i] for i in ids], "responses": responses,
             "kind": [r[3] for r in rows], "prompt_id": torch.tensor(ids), "label": labels,
             "temperature": torch.tensor([r[1] for r in rows], dtype=torch.float32),
@@ -1677,7 +1670,7 @@ def make_reward_fn(kind, embedder: Embedder, reward_model: RewardMLP | None = No
     if callable(kind):
         fn = kind
     elif kind == "similarity":
-        fn = lambda prompts, responses, references: similarity_reward(responses, references, embedder)
+        fn = lambda prompts, responses, references: similarity(responses, references, embedder)
     elif kind == "mlp":
         if reward_model is None:
             raise ValueError("REWARD_FN='mlp' needs the fitted reward model (section 6)")
@@ -1700,7 +1693,7 @@ def reward_and_similarity(reward_model: RewardMLP, embedder: Embedder, prompts: 
                           references: list[str]) -> dict[str, torch.Tensor]:
     """For one batch: {'mlp': [B] reward-model score, 'similarity': [B] true score, 'gap': mlp - similarity}."""
     mlp = reward_model.score(prompts, responses, embedder).float().cpu()
-    sim = similarity_reward(responses, references, embedder).float().cpu()
+    sim = similarity(responses, references, embedder).float().cpu()
     return {"mlp": mlp, "similarity": sim, "gap": mlp - sim}
 
 
@@ -3613,7 +3606,7 @@ def make_monitors(tokenizer, pairs: list[dict], embedder, *, max_new_tokens: int
     """(metrics_fn, eval_fn) for `train_loop`: the true similarity of each rollout (the reward model only imitates
     it), and the greedy similarity / length / EOS rate on the fixed `pairs` (None when there are none)."""
     def rollout_similarity(ro, prompts, references):
-        return {"similarity": similarity_reward(ro.texts, references, embedder).float().mean().item()}
+        return {"similarity": similarity(ro.texts, references, embedder).float().mean().item()}
 
     def monitor_eval(state):
         rows = evaluate(state.policy, tokenizer, pairs, embedder, max_new_tokens=max_new_tokens,
@@ -4959,7 +4952,7 @@ def serve_demo(notebook: str | Path = "rlft.ipynb", block: bool = True, **overri
     app = build_app(
         base, tokenizer, adapter=adapter, examples=None,
         score_fn=(lambda q, r: float(rm.score([q], [r], embedder)[0])) if rm is not None else None,
-        similarity_fn=lambda r, ref: float(similarity_reward([r], [ref], embedder)[0]),
+        similarity_fn=lambda r, ref: float(similarity([r], [ref], embedder)[0]),
         limits=demo_limits(p),
         sampling=dict(temperature=p["TEMPERATURE"], top_k=p["TOP_K"], top_p=p["TOP_P"],
                       max_new_tokens=p["MAX_NEW_TOKENS"], logits_mode=p["LOGITS_MODE"], pca_k=p["PCA_K"]))
@@ -4972,7 +4965,7 @@ t0 = time.time()
 demo_app = build_app(
     model, tokenizer, adapter=DEMO_ADAPTER or None,
     score_fn=lambda prompt, response: float(reward_model.score([prompt], [response], embedder)[0]),
-    similarity_fn=lambda response, reference: float(similarity_reward([response], [reference], embedder)[0]),
+    similarity_fn=lambda response, reference: float(similarity([response], [reference], embedder)[0]),
     limits=demo_limits(globals()),
     sampling=dict(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, max_new_tokens=MAX_NEW_TOKENS,
                   logits_mode=LOGITS_MODE, pca_k=PCA_K),

@@ -5,7 +5,7 @@ base model and for an SFT model (a fresh LoRA, seed --seed, trained with the not
 --sft-budget seconds with the notebook's LoRA / PPO_LR / PPO_MINIBATCH_SIZE; `ppo_seeds.train_sft`):
 - the greedy answer's similarity (the notebook's evaluation: `evaluate`, temperature 0, EVAL_MAX_NEW_TOKENS);
 - for each temperature T (0.7 and 1.0), K_max = 32 sampled answers per prompt (same cap, TOP_K, TOP_P and
-  LOGITS_MODE as the evaluation), scored with the notebook's `similarity_reward`, from which
+  LOGITS_MODE as the evaluation), scored with the notebook's `similarity`, from which
   - best_of[K] for K = 1, 2, 4, ..., 32: the expected maximum over a random K-subset of the 32 scores, drawn
     without replacement, computed exactly from the sorted scores (`best_of_k`; best_of[1] is the mean score);
   - mean_sample: the mean score of the samples; spread: the std of a prompt's 32 scores (ddof 0), averaged over
@@ -94,7 +94,7 @@ def sample_chunk(nb, P: dict, model, tok, embedder, pairs: list[dict], k: int, t
     gen = nb.generate(model, tok, prompts, max_new_tokens=P["EVAL_MAX_NEW_TOKENS"], temperature=temperature,
                       top_k=P["TOP_K"], top_p=P["TOP_P"], logits_mode=P["LOGITS_MODE"], pca_k=P["PCA_K"],
                       pca_seed=seed, generator=generator)
-    scores = nb.similarity_reward(gen.texts, [p["reference"] for p in pairs for _ in range(k)], embedder).tolist()
+    scores = nb.similarity(gen.texts, [p["reference"] for p in pairs for _ in range(k)], embedder).tolist()
     lengths, eos = gen.response_mask.sum(-1).tolist(), [s == "eos" for s in gen.stop_reason]
     return [{"scores": scores[j * k:(j + 1) * k], "length": float(np.mean(lengths[j * k:(j + 1) * k])),
              "eos": float(np.mean(eos[j * k:(j + 1) * k]))} for j in range(len(pairs))]

@@ -232,3 +232,19 @@ def test_common_cell_sets_passive_omp_waiting_before_torch_loads(nb):
             env["OMP_WAIT_POLICY"] = preset
         out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
         assert json.loads(out.stdout) == [expected, False]  # set while torch is not yet loaded
+
+
+def test_all_linear_targets_wrap_every_linear_layer_but_the_head(nb):
+    """LORA_TARGETS = "all-linear" (for architectures whose module names differ from Llama's): peft wraps every
+    linear layer except the output head; on the tiny Llama that is exactly the seven default names."""
+    base, _ = nb.load_base("tiny", CACHE_DIR, CPU, torch.float32, seed=0)
+    lora = nb.add_lora(base, 4, 8, 0.0, "all-linear")
+    wrapped = {name.rsplit(".", 1)[-1] for name, m in lora.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lm_head" in name and p.requires_grad for name, p in lora.named_parameters())
+
+
+def test_lora_targets_that_match_nothing_are_refused(nb):
+    base, _ = nb.load_base("tiny", CACHE_DIR, CPU, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="not_a_module"):
+        nb.add_lora(base, 4, 8, 0.0, ["not_a_module"])

@@ -19,32 +19,32 @@ def embedder(nb):
 
 def test_similarity_of_a_text_with_itself_is_ten(nb, embedder):
     texts = [REF, "Photosynthesis turns light into chemical energy.", "ok"]
-    assert torch.allclose(nb.similarity_reward(texts, texts, embedder), torch.full((3,), 10.0), atol=1e-4)
+    assert torch.allclose(nb.similarity(texts, texts, embedder), torch.full((3,), 10.0), atol=1e-4)
 
 
 def test_related_text_scores_higher_than_unrelated(nb, embedder):
     related = "A harbor is a protected body of water where boats are moored."
     unrelated = "The stock market closed slightly higher on Tuesday."
-    s = nb.similarity_reward([related, unrelated], [REF, REF], embedder)
+    s = nb.similarity([related, unrelated], [REF, REF], embedder)
     assert s[0] > 6 and s[1] < 3 and s[0] - s[1] > 4, s
 
 
 def test_similarity_is_symmetric(nb, embedder):
     a = ["A cat sat on the mat.", "Water boils at 100 degrees.", REF]
     b = ["Dogs bark at night.", "Ice melts when it is warm.", "Ships anchor in a harbour."]
-    assert torch.allclose(nb.similarity_reward(a, b, embedder), nb.similarity_reward(b, a, embedder), atol=1e-5)
+    assert torch.allclose(nb.similarity(a, b, embedder), nb.similarity(b, a, embedder), atol=1e-5)
 
 
 def test_batched_equals_one_by_one(nb, embedder):
     responses = ["Ships anchor in a harbour.", "no", "A very long answer " * 20, "Bread is baked in an oven."]
     refs = [REF, REF, "Bread is made from flour.", "Bread is made from flour."]
-    batched = nb.similarity_reward(responses, refs, embedder)
-    single = torch.cat([nb.similarity_reward([r], [f], embedder) for r, f in zip(responses, refs)])
+    batched = nb.similarity(responses, refs, embedder)
+    single = torch.cat([nb.similarity([r], [f], embedder) for r, f in zip(responses, refs)])
     assert torch.allclose(batched, single, atol=1e-4)
 
 
 def test_empty_or_whitespace_responses_score_zero(nb, embedder):
-    s = nb.similarity_reward(["", "   ", "\n\t", REF], [REF] * 4, embedder)
+    s = nb.similarity(["", "   ", "\n\t", REF], [REF] * 4, embedder)
     assert s[:3].tolist() == [0.0, 0.0, 0.0] and s[3] == pytest.approx(10.0, abs=1e-4)
 
 
@@ -127,7 +127,7 @@ def test_reward_data_is_labelled_anchored_and_cached(nb, tiny_lora, embedder, tr
     assert data["prompt_emb"].shape == data["response_emb"].shape == (4 * n, embedder.dim)
     refs = [i for i, k in enumerate(data["kind"]) if k == "reference"]
     assert torch.allclose(data["label"][refs], torch.full((n,), 10.0), atol=1e-4)
-    again = nb.similarity_reward(data["responses"], [train_pairs[i]["reference"] for i in data["prompt_id"]], embedder)
+    again = nb.similarity(data["responses"], [train_pairs[i]["reference"] for i in data["prompt_id"]], embedder)
     assert torch.allclose(data["label"], again.cpu(), atol=1e-4)
     monkeypatch.setattr(nb, "generate", lambda *a, **k: pytest.fail("the cache was not used"))
     assert nb.build_reward_data(model, tok, train_pairs, embedder, **kw)["responses"] == data["responses"]
@@ -139,7 +139,7 @@ def test_make_reward_fn_switch(nb, embedder):
     prompts, responses = ["Define 'harbour' in one sentence."] * 2, ["Ships anchor in a harbour.", " "]
     refs = [REF, REF]
     sim = nb.make_reward_fn("similarity", embedder)(prompts, responses, refs)
-    assert torch.allclose(sim, nb.similarity_reward(responses, refs, embedder))
+    assert torch.allclose(sim, nb.similarity(responses, refs, embedder))
     rm = nb.RewardMLP(embedder.dim, hidden=8)
     mlp = nb.make_reward_fn("mlp", embedder, rm)
     out = mlp(prompts, responses, refs)

@@ -46,33 +46,57 @@ def pipeline_block(d: dict) -> list[str]:
     return lines
 
 
-def speed_block(it: dict, gen: dict, threads: dict) -> list[str]:
-    """The cost bullets from benchmarks/iteration_cost.json, generate.json and threads.json."""
-    lines = [f"- **One RL iteration** (`benchmarks/iteration_cost.md`, {it['threads']} threads, medians of "
+def speed_block(it: dict, gen: dict, threads: dict, extra: dict) -> list[str]:
+    """The cost bullets from benchmarks/iteration_cost.json, generate.json, threads.json and, where committed,
+    `extra`: iteration_cost_bf16.json, generate_bf16.json, data_parallel.json (name -> dict)."""
+    cpu = f" on {it['cpu']}" if it.get("cpu") else ""
+    lines = [f"- **One RL iteration** (`benchmarks/iteration_cost.md`{cpu}, {it['threads']} threads, medians of "
              f"{it['iterations_measured']} alternated iterations): {it['s_per_iter_before']:.1f} s before, "
              f"{it['s_per_iter_after']:.1f} s after ({it['speedup']:.2f}x): π_old's log-probs from generate(), "
              "the reference pass on the sampled tokens only, the exact KL every few iterations, checkpoints by time."]
     if "gain_before" in it:
         lines.append(f"  - RL alone for {it['gain_after_budget_s']:.0f} s, seeds {it['gain_after_seeds']}: gain "
                      f"{signed(it['gain_before'])} before ({it['iterations_before']:.1f} iterations per seed on average), "
-                     f"{signed(it['gain_after'])} after ({it['iterations_after']:.1f}).")
-    lines.append(f"- **Rollouts** (`benchmarks/generate.md`, {gen['torch_threads']} threads): the adapter merged for "
-                 f"sampling is {gen['speedup_b1']:.2f}x / {gen['speedup_b8']:.2f}x / {gen['speedup_b16']:.2f}x "
+                     f"{signed(it['gain_after'])} after ({it['iterations_after']:.1f}); measured in an earlier "
+                     "session, on a slower CPU without native bf16.")
+    bf = extra.get("iteration_cost_bf16")
+    if bf:
+        lines.append(f"  - A bf16 base on this CPU (native bf16: avx512_bf16/AMX; `benchmarks/iteration_cost_bf16.md`): "
+                     f"{bf['s_per_iter_after']:.1f} s against {bf['s_per_iter_before']:.1f} s for today's fp32 path "
+                     f"({bf['speedup']:.2f}x), so `DTYPE = \"auto\"` keeps fp32 on CPUs.")
+    lines.append(f"- **Rollouts** (`benchmarks/generate.md`, {gen['torch_threads']} threads, fp32): the adapter merged "
+                 f"for sampling is {gen['speedup_b1']:.2f}x / {gen['speedup_b8']:.2f}x / {gen['speedup_b16']:.2f}x "
                  f"faster at batch 1 / 8 / 16; batch-1 decoding reaches {gen['bound_fraction_b1']:.0%} of the "
-                 f"memory-bandwidth bound ({gen['bandwidth_gbs']:.1f} GB/s measured). This CPU has no bf16, so "
-                 "the bf16 path was not measured here.")
+                 f"memory-bandwidth bound ({gen['bandwidth_gbs']:.1f} GB/s measured).")
+    if gen.get("speedup_b1_compiled") is not None:
+        lines.append(f"  - The decode step under `torch.compile` (merged too): {gen['speedup_b1_compiled']:.2f}x / "
+                     f"{gen['speedup_b8_compiled']:.2f}x at batch 1 / 8, after a one-time compile of "
+                     f"{sum(gen['compile_s'].values()):.0f} s (opt-in, `COMPILE_DECODE`).")
+    gb = extra.get("generate_bf16")
+    if gb:
+        lines.append(f"  - A bf16 base, merged (`benchmarks/generate_bf16.md`): {gb['speedup_b1']:.2f}x / "
+                     f"{gb['speedup_b8']:.2f}x / {gb['speedup_b16']:.2f}x over fp32 attached; greedy tokens agree "
+                     f"{gb['greedy_agreement_fp32_hf']['8']['new']:.0%} with fp32 at batch 8.")
     lines.append(f"- **A busy machine** (`benchmarks/threads.md`): with one competing busy process, batch-8 "
                  f"decoding slows {threads['busy_slowdown_default']:.1f}x with OpenMP's default wait policy and "
                  f"{threads['busy_slowdown_passive']:.1f}x with `OMP_WAIT_POLICY=PASSIVE` (the notebook's default); "
                  f"on a quiet machine passive runs at {threads['quiet_ratio_passive']:.2f}x the default at batch 8.")
+    dp = extra.get("data_parallel")
+    if dp:
+        lines.append(f"- **Data parallel** (`benchmarks/data_parallel.md`): {dp['samples_per_s_2p1t']:.2f} samples/s "
+                     f"with 2 processes x 1 thread, {dp['samples_per_s_1p1t']:.2f} with 1 x 1 "
+                     f"({dp['speedup_2p_vs_1p1t']:.2f}x) and {dp['samples_per_s_1p2t']:.2f} with 1 x 2; "
+                     f"{dp['allreduce_bytes_per_step'] / 1e6:.1f} MB all-reduced per optimizer step.")
     return lines
 
 
 def block() -> str:
     d = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
     load = lambda name: json.loads((ROOT / "benchmarks" / f"{name}.json").read_text())  # noqa: E731
+    extra = {name: load(name) for name in ("iteration_cost_bf16", "generate_bf16", "data_parallel")
+             if (ROOT / "benchmarks" / f"{name}.json").exists()}
     return "\n".join([BEGIN, *pipeline_block(d), *speed_block(load("iteration_cost"), load("generate"),
-                                                               load("threads")), END])
+                                                               load("threads"), extra), END])
 
 
 def replaced(text: str, new_block: str) -> str:
