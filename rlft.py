@@ -2131,6 +2131,15 @@ def global_masked_mean(x: torch.Tensor, mask: torch.Tensor, dp=None) -> torch.Te
 PolicyOutput = collections.namedtuple("PolicyOutput", "logprobs entropy values hidden kl", defaults=(None,))
 
 
+def flat_head(head, hidden: torch.Tensor) -> torch.Tensor:
+    """head(hidden) for hidden [B, c, H] (often a strided slice) -> logits [B, c, V], the head applied to a 2-D
+    [B·c, H] copy. A strided 3-D input makes torch's matmul fall back to a batched matmul over a copy of the
+    [V, H] weight, once per call: in bf16 on a CPU that copy cost ~1 s per chunk of 16 positions (SmolLM2, batch
+    16; benchmarks/bf16_passes_unfixed.md). The 2-D product reads the weight in place."""
+    B, c, H = hidden.shape
+    return head(hidden.reshape(B * c, H)).view(B, c, -1)
+
+
 def chunked_log_softmax(head, hidden, tokens, temperature: float, chunk: int = LOGPROB_CHUNK, kl_hidden=None,
                         with_entropy: bool = True):
     """log_softmax(head(hidden)/τ) read chunk by chunk over time, so at most one [B, chunk, V] fp32 distribution
@@ -2140,13 +2149,13 @@ def chunked_log_softmax(head, hidden, tokens, temperature: float, chunk: int = L
     [B, T, H]: the hidden states of another policy q through the same head; kl = Σ_v q(v)·(log q(v) − log p(v))."""
     logprobs, entropy, kls = [], [], []
     for s in range(0, max(hidden.shape[1], 1), chunk):
-        z_p = head(hidden[:, s:s + chunk]).float() / temperature
+        z_p = flat_head(head, hidden[:, s:s + chunk]).float() / temperature
         log_p = z_p.log_softmax(-1)  # [B, c, V], as generate() computes it for the token it samples
         logprobs.append(log_p.gather(-1, tokens[:, s:s + chunk, None]).squeeze(-1))
         if with_entropy:
             entropy.append(-(log_p.exp() * log_p).sum(-1))
         if kl_hidden is not None:  # the monitor (no grad, every N iterations): in float64, so the difference of
-            z_q, z_pd = head(kl_hidden[:, s:s + chunk]).double() / temperature, z_p.double()  # two lse of ~11
+            z_q, z_pd = flat_head(head, kl_hidden[:, s:s + chunk]).double() / temperature, z_p.double()  # two lse of ~11
             log_q = z_q.log_softmax(-1)  # is not lost to fp32 rounding
             kls.append((log_q.exp() * (log_q - z_pd.log_softmax(-1))).sum(-1).float())
     return torch.cat(logprobs, 1), torch.cat(entropy, 1) if entropy else None, torch.cat(kls, 1) if kls else None

@@ -703,12 +703,24 @@ def test_chunked_log_softmax_never_builds_the_whole_distribution(nb, tiny_lora, 
     model, tok = tiny_lora
     gen = nb.generate(model, tok, [nb.chat_prompt(tok, p) for p in PROMPTS[:2]], max_new_tokens=9, temperature=1.0)
     head = model.get_base_model().get_output_embeddings()
-    widths, real = [], head.forward
-    monkeypatch.setattr(head, "forward", lambda h: widths.append(h.shape[1]) or real(h))
+    rows, real = [], head.forward
+    monkeypatch.setattr(head, "forward", lambda h: rows.append(tuple(h.shape)) or real(h))
     with torch.no_grad():
         nb.policy_logprobs(model, None, gen.sequences, gen.attention_mask, gen.prompt_len, 1.0, chunk=4)
-    T = gen.sequences.shape[1] - gen.prompt_len
+    B, T = gen.sequences.shape[0], gen.sequences.shape[1] - gen.prompt_len
+    assert all(len(shape) == 2 for shape in rows)  # flat [B*c, H] inputs (flat_head): never a strided 3-D matmul
+    widths = [shape[0] // B for shape in rows]
     assert T > 4 and max(widths) == 4 and sum(widths) == T  # the head only ever sees 4 positions at once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_head_equals_the_head_on_a_strided_slice(nb, dtype):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False).to(dtype)
+    hidden = torch.randn(3, 11, 8).to(dtype)[:, 2:-1]  # a strided [3, 8, 8] slice, as policy_logprobs passes it
+    out = nb.flat_head(head, hidden[:, 1:5])
+    assert out.shape == (3, 4, 50) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), head(hidden[:, 1:5].contiguous()).float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
 
 
 def test_reference_nll_chunked_equals_the_full_forward(nb, tiny_lora, monkeypatch):
