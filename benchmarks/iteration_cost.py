@@ -108,7 +108,8 @@ def gains(before_json: str, after_json: str) -> dict:
         arm = r["arms"]["rl"]
         out |= {f"gain_{tag}": arm["gain_mean"], f"gain_{tag}_ci": [arm["gain_ci_low"], arm["gain_ci_high"]],
                 f"iterations_{tag}": arm["iterations"], f"gain_{tag}_source": str(path),
-                f"gain_{tag}_budget_s": r.get("budget_s"), f"gain_{tag}_seeds": r.get("seeds")}
+                f"gain_{tag}_budget_s": r.get("budget_s"), f"gain_{tag}_seeds": r.get("seeds"),
+                f"gain_{tag}_cpu": r.get("cpu") or "not recorded (an earlier session)"}
     return out
 
 
@@ -116,7 +117,8 @@ def markdown_report(r: dict) -> str:
     """The table: per-phase median (mean) seconds of each arm, the whole iteration, the speedup, the gains."""
     cell = lambda arm, k: f"{r[f'phases_{arm}'][k]['median']:.2f} ({r[f'phases_{arm}'][k]['mean']:.2f})"
     lines = ["# One RL iteration before and after issue 19", "",
-             f"{r['model']} on {r['threads']} threads; {r['iterations_measured']} measured iterations per arm after "
+             f"{r['model']} on {r['threads']} threads of {r.get('cpu') or 'a CPU not recorded'}; "
+             f"{r['iterations_measured']} measured iterations per arm after "
              f"one warm-up, alternated; base dtype before {r['dtype_before']}, after {r['dtype_after']}; "
              f"load average (1 min) {r['loadavg']['before'][0]:.2f} before, {r['loadavg']['after'][0]:.2f} after.",
              "", "Seconds per phase: median (mean).", "", "| phase | before | after |", "|---|---|---|"]
@@ -127,7 +129,10 @@ def markdown_report(r: dict) -> str:
         ci = lambda tag: f"[{r[f'gain_{tag}_ci'][0]:+.2f}, {r[f'gain_{tag}_ci'][1]:+.2f}]"
         lines += ["", "| 300 s RL run | gain | 95% CI | iterations (mean per seed) |", "|---|---|---|---|",
                   f"| before | {r['gain_before']:+.2f} | {ci('before')} | {r['iterations_before']:.1f} |",
-                  f"| after | {r['gain_after']:+.2f} | {ci('after')} | {r['iterations_after']:.1f} |"]
+                  f"| after | {r['gain_after']:+.2f} | {ci('after')} | {r['iterations_after']:.1f} |", "",
+                  f"Gains from `{r['gain_before_source']}` (CPU: {r.get('gain_before_cpu', 'not recorded')}) and "
+                  f"`{r['gain_after_source']}` (CPU: {r.get('gain_after_cpu', 'not recorded')}); iterations per "
+                  "300 s depend on the CPU, so compare the gains with each other, not with the timings above."]
     return "\n".join(lines) + "\n"
 
 
