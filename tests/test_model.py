@@ -248,3 +248,23 @@ def test_lora_targets_that_match_nothing_are_refused(nb):
     base, _ = nb.load_base("tiny", CACHE_DIR, CPU, torch.float32, seed=0)
     with pytest.raises(ValueError, match="not_a_module"):
         nb.add_lora(base, 4, 8, 0.0, ["not_a_module"])
+
+
+def test_bf16_passes_benchmark_smoke_run(tmp_path):
+    """benchmarks/bf16_passes.py on the tiny model: every arm and pass timed, the JSON and table written."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "bf16p"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bf16_passes.py"), "--params",
+                    str(root / "tests" / "tiny_params.json"), "--runs", "1", "--threads", "1", "--batch", "2",
+                    "--prompt-len", "5", "--response-len", "6", "--chunks", "4", "--out", str(out)],
+                   check=True, cwd=root, timeout=300, capture_output=True)
+    r = json.loads(out.with_suffix(".json").read_text())
+    assert set(r["arms"]) == {"fp32", "bf16", "bf16_autocast"}
+    for arm in r["arms"].values():
+        assert set(arm) == {"policy_logprobs_chunk4", "whole_logits"}
+        assert all(v["fwd_s"] > 0 and v["fwdbwd_s"] > 0 and len(v["fwd_runs"]) == 1 for v in arm.values())
+    assert "| policy_logprobs_chunk4 |" in out.with_suffix(".md").read_text()
