@@ -61,9 +61,14 @@ def speed_block(it: dict, gen: dict, threads: dict, extra: dict) -> list[str]:
                      "session, on a slower CPU without native bf16.")
     bf = extra.get("iteration_cost_bf16")
     if bf:
+        agree = [v["new"] for v in extra["generate_bf16"]["greedy_agreement_fp32_hf"].values()] \
+            if "generate_bf16" in extra else []
+        tokens = f", greedy tokens {min(agree):.0%}-{max(agree):.0%} the same as fp32's" if agree else ""
         lines.append(f"  - A bf16 base on this CPU (native bf16: avx512_bf16/AMX; `benchmarks/iteration_cost_bf16.md`): "
-                     f"{bf['s_per_iter_after']:.1f} s against {bf['s_per_iter_before']:.1f} s for today's fp32 path "
-                     f"({bf['speedup']:.2f}x), so `DTYPE = \"auto\"` keeps fp32 on CPUs.")
+                     f"{bf['s_per_iter_after']:.1f} s against {bf['s_per_iter_before']:.1f} s for the fp32 path before "
+                     f"({bf['speedup']:.2f}x) and {it['s_per_iter_after']:.1f} s for today's fp32 path (a separate run): "
+                     f"{1 - bf['s_per_iter_after'] / it['s_per_iter_after']:.0%} faster{tokens}, learning not yet "
+                     "measured over seeds, so `DTYPE = \"auto\"` keeps fp32 on CPUs.")
     lines.append(f"- **Rollouts** (`benchmarks/generate.md`, {gen['torch_threads']} threads, fp32): the adapter merged "
                  f"for sampling is {gen['speedup_b1']:.2f}x / {gen['speedup_b8']:.2f}x / {gen['speedup_b16']:.2f}x "
                  f"faster at batch 1 / 8 / 16; batch-1 decoding reaches {gen['bound_fraction_b1']:.0%} of the "
