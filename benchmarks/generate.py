@@ -139,7 +139,7 @@ def peak_rss_mb(fn) -> float:
 def perturb_lora_b(model, std: float = 0.05, seed: int = 0):
     """Give the LoRA B matrices (zero at init) seeded random values, so the adapter changes the model.
 
-    The same helper as tests/conftest.py's; restated here so the benchmark does not import the test folder."""
+    The tests import it from here (tests/conftest.py), so the benchmark never imports the test folder."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

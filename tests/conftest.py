@@ -9,6 +9,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # nbimport.py, at the repository root
 from nbimport import ROOT, load_notebook, notebook_parameters  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from generate import perturb_lora_b  # noqa: E402,F401  (one definition, shared with benchmarks/generate.py)
+
 CACHE_DIR = os.environ.get("RLFT_CACHE", "~/.cache/rlft")
 CPU = torch.device("cpu")
 
@@ -23,16 +26,6 @@ def nb():
 def params():
     """The notebook's default parameters, read from its `parameters` cell (so tests follow the defaults)."""
     return notebook_parameters(ROOT / "rlft.ipynb")
-
-
-def perturb_lora_b(model, std: float = 0.05, seed: int = 0):
-    """Give the LoRA B matrices (zero at init) seeded random values, so the adapter changes the model."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
 
 
 @pytest.fixture
