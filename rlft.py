@@ -1788,7 +1788,7 @@ print(f"PPO reward: {REWARD_FN!r}; on 3 base eval answers  MLP {gap['mlp'].numpy
 # a pass that did not run). Each chunk reaches the output head as a flat $[B\cdot c, H]$ matrix (`flat_head`): a
 # strided 3-D slice made torch's matmul copy the $[V, H]$ head weight on every call, which cost ~1 s per chunk on a
 # bf16 base (`benchmarks/bf16_passes_unfixed.md`: 1.98× fp32's forward time; after the fix, `bf16_passes.md`:
-# 0.60×) and 20% of the fp32 forward (2.60 → 2.03 s over [16, 88] tokens). Measured side by side
+# 0.60×) and 22% of the fp32 forward (2.60 → 2.03 s over [16, 88] tokens). Measured side by side
 # (`benchmarks/iteration_cost.md`, packaged model, an Intel Xeon with 2 cores, 2 threads, medians of 5 alternated
 # iterations): these changes took one iteration from 21.9 s to 19.6 s (1.12×); the old log-prob pass (2.2 s) is
 # gone and the reference pass fell from 2.6 s to 1.9 s, but generation (~8.4 s) and the update (~9.2 s) are most
