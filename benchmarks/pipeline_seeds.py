@@ -5,7 +5,9 @@ PIPELINE = arm and TRAIN_BUDGET_S = --budget (the same call the notebook's train
 monitor is off, so every second of the budget trains), then the whole eval split answered greedily and paired
 with the base model's answers (ppo_seeds.py's Context, evaluation and caching). The load average is recorded
 before and after each run: the budget is wall time, so a busy machine silently trains less. Each run is cached
-as JSON under --cache, so a killed benchmark resumes with the runs still missing.
+as JSON under --cache, so a killed benchmark resumes with the runs still missing. `--reuse FILE` takes the runs
+of an earlier, committed output whose configuration key matches (so a headline too long for one session can be
+finished in the next: each run records the CPU and commit it was measured on, `measured_on`).
 
     .venv/bin/python benchmarks/pipeline_seeds.py          # 3 arms x 3 seeds x 1200 s (~3.5 h), alone on the machine
     .venv/bin/python benchmarks/pipeline_seeds.py --arms sft+rl --seeds 0 --budget 300 --set SFT_FRACTION=0.3 \
@@ -19,7 +21,9 @@ eos_rate_after, mean_len_after, samples_seen, iterations, loadavg (and every run
 machine. And <out>.md, a table of the arms.
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,8 +33,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ppo_seeds import (Context, cached_json, common_args, evaluate_after, fresh_model, key_of,  # noqa: E402
-                       parameters, run_metadata, summarize, write_report)
+from ppo_seeds import (Context, cached_json, common_args, cpu_name, evaluate_after, fresh_model,  # noqa: E402
+                       key_of, parameters, run_metadata, summarize, write_report)
 
 ARMS, DEFAULT_ARM = ("sft", "rl", "sft+rl"), "sft+rl"
 
@@ -48,7 +52,8 @@ def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
         model.to(getattr(torch, ctx.eval_dtype))
     train = {"pipeline": arm, "iterations": result.iterations, "sft_steps": result.sft_steps,
              "samples_seen": result.samples_seen, "seconds": result.seconds,
-             "sft_curve": [{k: r[k] for k in ("step", "loss")} for r in result.sft_logs],
+             "sft_curve": [{k: r[k] for k in ("step", "loss", "val_nll", "restored_step") if k in r}
+                           for r in result.sft_logs],
              "curve": [{k: r.get(k) for k in ("iteration", "score", "kl_ref", "response_len", "eos_rate")}
                        for r in result.rl_logs]}
     out = evaluate_after(ctx, Q, model, tok, seed, t0, {"arm": arm, "train": train, "train_dtype": Q["DTYPE"],
@@ -56,21 +61,64 @@ def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
     return out | {"loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
 
 
-def run_arms(ctx: Context, P: dict, arms: list[str], seeds: list[int]) -> dict[str, list[dict]]:
+def config_key(ctx: Context, P: dict, arm: str) -> str:
+    """What makes two runs of one arm and seed the same run: every parameter but the arm and the demo/FFT/run-folder
+    ones (the budget included; for `rl`, which runs no SFT, the SFT ones too), and the eval dtype."""
+    skip = ("DEMO", "FFT", "RUN_DIR", "RESUME", "PIPELINE") + (("SFT_", "KL_ANCHOR") if arm == "rl" else ())
+    return key_of({k: v for k, v in P.items() if not k.startswith(skip)}
+                  | ({"eval_dtype": ctx.eval_dtype} if ctx.eval_dtype else {}))
+
+
+def run_cache_path(ctx: Context, key: str, arm: str, seed: int) -> Path:
+    return ctx.cache / f"pipeline-{arm.replace('+', '_')}-{key}-s{seed}.json"
+
+
+def git_head() -> str:
+    """The checkout's commit ('' outside a git checkout)."""
+    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def reuse_runs(ctx: Context, keys: dict[str, str], source: Path) -> int:
+    """Seed the cache with the runs of an earlier output (pipeline_seeds.json) whose arm was measured under the
+    same config key (`keys`: arm -> key); runs without `measured_on` get the source's CPU and commit. Returns how
+    many runs were taken."""
+    src, taken = json.loads(source.read_text()), 0
+    for arm, summary in src["arms"].items():
+        key = keys.get(arm)
+        if src.get("config_keys", {}).get(arm) != key:
+            print(f"--reuse {source}: arm {arm}'s config key is not this run's {key}; nothing reused for it")
+            continue
+        for run in summary["runs"]:
+            path = run_cache_path(ctx, key, arm, run["seed"])
+            if not path.exists():
+                run.setdefault("measured_on", {"cpu": src.get("cpu", ""), "commit": src.get("commit", "")})
+                path.parent.mkdir(parents=True, exist_ok=True)
+                ctx.nb.write_json_atomic(path, run)
+                taken += 1
+    return taken
+
+
+def run_arms(ctx: Context, P: dict, arms: list[str], seeds: list[int], stamp: dict,
+             cached_only: bool = False) -> dict[str, list[dict]]:
     """run_arm for each arm and seed (seeds alternate across arms), each cached as
-    <cache>/pipeline-<arm>-<config key>-s<seed>.json."""
-    key = key_of({k: v for k, v in P.items() if not k.startswith(("DEMO", "FFT", "RUN_DIR", "RESUME", "PIPELINE"))}
-                 | ({"eval_dtype": ctx.eval_dtype} if ctx.eval_dtype else {}))
+    <cache>/pipeline-<arm>-<config key>-s<seed>.json; `stamp` (CPU, commit) goes to runs that lack one.
+    cached_only: train nothing, take the runs already cached (arms may then have different seeds; empty arms go)."""
     runs = {arm: [] for arm in arms}
     for seed in seeds:
         for arm in arms:
-            path = ctx.cache / f"pipeline-{arm.replace('+', '_')}-{key}-s{seed}.json"
-            run = cached_json(ctx.nb, path, lambda: run_arm(ctx, P, arm, seed, ctx.cache / "runs" / path.stem))
+            path = run_cache_path(ctx, config_key(ctx, P, arm), arm, seed)
+            if cached_only and not path.exists():
+                print(f"{arm} seed {seed}: not run yet (--cached-only)", flush=True)
+                continue
+            run = cached_json(ctx.nb, path, lambda: run_arm(ctx, P, arm, seed, ctx.cache / "runs" / path.stem)
+                              | {"measured_on": stamp})
+            run.setdefault("measured_on", stamp)
             runs[arm].append(run)
             print(f"{arm} seed {seed}: gain {run['gain']:+.3f} (SFT {run['train']['sft_steps']} steps, RL "
                   f"{run['train']['iterations']} iterations, {run['wall_s']:.0f} s, load "
                   f"{run['loadavg_before'][0]:.1f} -> {run['loadavg_after'][0]:.1f})", flush=True)
-    return runs
+    return {arm: rs for arm, rs in runs.items() if rs}
 
 
 def per_prompt_similarity(runs: list[dict]) -> dict[str, float]:
@@ -99,6 +147,7 @@ def summarize_arm(ctx: Context, runs: list[dict], sft_runs: list[dict] | None) -
     mean = lambda key: float(np.mean([r["train"][key] for r in runs]))
     loads = [r["loadavg_before"][0] for r in runs] + [r["loadavg_after"][0] for r in runs]
     return summarize(ctx, runs) | over_sft(ctx, runs, sft_runs) | {
+        "seeds": [r["seed"] for r in runs],
         "samples_seen": mean("samples_seen"), "iterations": mean("iterations"), "sft_steps": mean("sft_steps"),
         "loadavg": {"mean_1min": float(np.mean(loads)), "max_1min": float(max(loads)),
                     "per_run": [{"seed": r["seed"], "before": r["loadavg_before"], "after": r["loadavg_after"]}
@@ -132,10 +181,12 @@ def markdown_report(r: dict) -> str:
         f"({r['eval_max_new_tokens']} new tokens) before and after `run_pipeline` with TRAIN_BUDGET_S = "
         f"{r['budget_s']:g} s per run, seeds {r['seeds']} ({r['threads']} torch thread(s), {r['machine']}). "
         "Similarity = 10 × cos(all-MiniLM-L6-v2). Intervals: 95% paired bootstrap over prompts of the "
-        f"seed-averaged difference. {r.get('note', '')}", "",
+        f"seed-averaged difference. Runs measured on: {', '.join(r.get('cpus_of_runs', [])) or 'n/a'}. "
+        f"{r.get('note', '')}", "",
         "| figure | " + " | ".join(f"`{x}`" for x in arms) + " |", "|---" * (len(arms) + 1) + "|",
         row("gain over the base, mean (per seed)", lambda x: f"**{x['gain_mean']:+.2f}** ("
             + ", ".join(f"{g:+.2f}" for g in x["gains"]) + ")"),
+        row("seeds", lambda x: ", ".join(str(v) for v in x.get("seeds", []))),
         row("95% interval", lambda x: f"[{x['gain_ci_low']:+.2f}, {x['gain_ci_high']:+.2f}]"),
         row("minus `sft` (95% interval)", lambda x: f"{fmt(x['rl_over_sft_mean'])} [{fmt(x['rl_over_sft_ci_low'])}, "
             f"{fmt(x['rl_over_sft_ci_high'])}]"),
@@ -162,15 +213,24 @@ def main():
     ap.add_argument("--eval-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="cast the trained model to this dtype before the eval split (default: the run's DTYPE)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "pipeline_seeds"), help="output path without suffix")
+    ap.add_argument("--reuse", default=None, help="an earlier output JSON whose runs (same config key) are taken")
+    ap.add_argument("--cached-only", action="store_true", help="train nothing: summarise the runs cached so far")
+    ap.add_argument("--stamp-commit", default="", help="commit recorded on runs without one (default: HEAD)")
     args = ap.parse_args()
     P = parameters(args.params, args.set) | {"TRAIN_BUDGET_S": args.budget}
     t0 = time.time()
     ctx = Context(P, Path(args.cache), args.threads)
     ctx.eval_dtype = args.eval_dtype
-    runs = run_arms(ctx, P, args.arms, args.seeds)
-    arms = {arm: summarize_arm(ctx, runs[arm], runs.get("sft")) for arm in args.arms}
-    default = DEFAULT_ARM if DEFAULT_ARM in arms else args.arms[0]
+    keys = {arm: config_key(ctx, P, arm) for arm in args.arms}
+    if args.reuse:
+        print(f"--reuse {args.reuse}: {reuse_runs(ctx, keys, Path(args.reuse))} run(s) taken")
+    stamp = {"cpu": cpu_name(), "commit": args.stamp_commit or git_head()}
+    runs = run_arms(ctx, P, args.arms, args.seeds, stamp, args.cached_only)
+    arms = {arm: summarize_arm(ctx, runs[arm], runs.get("sft")) for arm in runs}
+    default = DEFAULT_ARM if DEFAULT_ARM in arms else next(iter(arms))
     r = {k: arms[default][k] for k in HEADLINE_FIELDS} | run_metadata(ctx, args, t0) | {
+        "config_keys": keys, "commit": stamp["commit"],
+        "cpus_of_runs": sorted({run["measured_on"]["cpu"] for rs in runs.values() for run in rs}),
         "eval_dtype": args.eval_dtype or P["DTYPE"], "default_arm": default, "acceptance": acceptance(arms[default]),
         "wall_s": float(sum(a["wall_s"] for a in arms.values())), "arms": arms}
     write_report(args.out, r, markdown_report(r))

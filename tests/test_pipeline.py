@@ -113,6 +113,66 @@ def test_sft_train_keeps_its_signature_for_the_benchmarks(nb, tiny_lora, train_p
     assert [r["step"] for r in logs] == [1, 2] and all(r["stepped"] for r in logs)
 
 
+# --- SFT's held-out stop ------------------------------------------------------------------------------------------
+def test_held_out_split_is_even_disjoint_and_off_at_zero(nb):
+    pairs = [{"prompt": f"p{i}", "reference": "r"} for i in range(40)]
+    fit, held = nb.held_out_split(pairs, 0.1)
+    assert [x["prompt"] for x in held] == ["p0", "p10", "p20", "p30"] and len(fit) == 36
+    assert {x["prompt"] for x in fit} | {x["prompt"] for x in held} == {x["prompt"] for x in pairs}
+    assert nb.held_out_split(pairs, 0.0) == (pairs, []) and nb.held_out_split(pairs[:3], 0.5) == (pairs[:3], [])
+
+
+def test_held_out_nll_is_the_token_weighted_mean_and_falls_when_trained_on(nb, tiny_lora, train_pairs):
+    model, tok = tiny_lora
+    pairs = train_pairs[:5]
+    per_pair = []
+    for x in pairs:
+        ids, mask, labels = nb.sft_batch(tok, [x], "cpu")
+        with torch.no_grad():
+            per_pair.append((model(input_ids=ids, attention_mask=mask, labels=labels).loss.item(),
+                             int((labels[:, 1:] != -100).sum())))
+    want = sum(loss * n for loss, n in per_pair) / sum(n for _, n in per_pair)
+    assert nb.held_out_nll(model, tok, pairs, batch_size=2) == pytest.approx(want, rel=1e-4)
+    nb.sft_train(model, tok, nb.PromptSampler(pairs, 0), budget_s=60, max_steps=10, batch_size=5, lr=2e-2,
+                 progress=False)
+    assert nb.held_out_nll(model, tok, pairs, batch_size=2) < want - 0.1
+
+
+def test_sft_stops_after_patience_and_puts_the_best_adapter_back(nb, tiny_lora, train_pairs, monkeypatch):
+    model, tok = tiny_lora
+    nlls, seen = iter([3.0, 2.0, 1.5, 1.7, 1.6, 9.9]), []  # checks at steps 0, 2, 4, 6, 8: lowest at step 4
+    monkeypatch.setattr(nb, "held_out_nll", lambda m, *a: (seen.append(lora_tensors(m)), next(nlls))[1])
+    stop = nb.HeldOutStop(model, tok, train_pairs[:2], every=2, patience=2, batch_size=2)
+    logs = nb.sft_train(model, tok, nb.PromptSampler(train_pairs, 0), budget_s=60, max_steps=50, batch_size=2,
+                        lr=1e-2, progress=False, stopper=stop)
+    assert len(logs) == 8 and [r["step"] for r in logs if "val_nll" in r] == [2, 4, 6, 8]
+    assert logs[-1]["restored_step"] == 4 and stop.best == 1.5
+    assert same_tensors(lora_tensors(model), seen[2]) and not same_tensors(seen[2], seen[4])  # step 4's adapter
+
+
+def test_sft_ended_by_the_budget_checks_its_last_weights_once_more(nb, tiny_lora, train_pairs, monkeypatch):
+    model, tok = tiny_lora
+    nlls = iter([3.0, 2.0, 1.0])  # steps 0, 4, then the last step (5, between checks): the last is kept
+    monkeypatch.setattr(nb, "held_out_nll", lambda m, *a: next(nlls))
+    stop = nb.HeldOutStop(model, tok, train_pairs[:2], every=4, patience=2, batch_size=2)
+    logs = nb.sft_train(model, tok, nb.PromptSampler(train_pairs, 0), budget_s=60, max_steps=5, batch_size=2,
+                        lr=1e-2, progress=False, stopper=stop)
+    assert [r.get("val_nll") for r in logs] == [None, None, None, 2.0, 1.0] and logs[-1]["restored_step"] == 5
+
+
+def test_sft_stage_trains_on_the_train_pairs_less_the_held_out_ones(nb, tiny_lora, train_pairs, P, tmp_path,
+                                                                    monkeypatch):
+    model, tok = tiny_lora
+    sampled, real_sampler = [], nb.PromptSampler
+    monkeypatch.setattr(nb, "PromptSampler", lambda pairs, seed: (sampled.append(pairs), real_sampler(pairs, seed))[1])
+    logs = nb.sft_stage(model, tok, train_pairs, tmp_path, P | {"SFT_VAL_FRAC": 0.25, "SFT_MAX_STEPS": 3}, 60, False)
+    fit, held = nb.held_out_split(train_pairs, 0.25)
+    assert sampled == [fit] and held and not any(x in fit for x in held)
+    assert "restored_step" in logs[-1] and (tmp_path / nb.SFT_ADAPTER / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="SFT_VAL_FRAC"):
+        nb.check_pipeline_params(P | {"SFT_VAL_FRAC": 1.0})
+
+
 # --- run_pipeline: the arms, the budget, re-runs, resume ----------------------------------------------------------
 @pytest.mark.parametrize("arm", ["sft", "rl", "sft+rl"])
 def test_each_arm_runs_end_to_end(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch, arm):
@@ -294,6 +354,26 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     assert "`sft+rl`" in md and "minus `sft`" in md
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # every run cached now
     assert again.returncode == 0 and json.loads(out.with_suffix(".json").read_text())["gain_mean"] == r["gain_mean"]
+    assert set(r["config_keys"]) == set(r["arms"]) and all(run["measured_on"]["cpu"] == r["cpus_of_runs"][0] and "commit" in run["measured_on"]
+                                   for a in r["arms"].values() for run in a["runs"])
+    # --reuse: a fresh cache filled from the committed output (a headline finished in a later session), no training
+    cmd2 = [c if c != str(tmp_path / "cache") else str(tmp_path / "cache2") for c in cmd]
+    cmd2[cmd2.index("--out") + 1] = str(tmp_path / "reused")
+    reused = subprocess.run(cmd2 + ["--reuse", str(out.with_suffix(".json"))], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert reused.returncode == 0 and "3 run(s) taken" in reused.stdout, reused.stdout[-2000:] + reused.stderr[-2000:]
+    r2 = json.loads((tmp_path / "reused.json").read_text())
+    assert r2["gain_mean"] == r["gain_mean"] and not (tmp_path / "cache2" / "runs").exists()  # nothing retrained
+    other = subprocess.run(cmd2 + ["--reuse", str(out.with_suffix(".json")), "--set", "PPO_LR=0.1", "--arms", "sft"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # another config: nothing taken
+    assert other.returncode == 0 and "nothing reused for it" in other.stdout
+    cmd3 = list(cmd) + ["--cached-only", "--arms", "sft", "sft+rl"]
+    cmd3[cmd3.index("--seeds") + 1:cmd3.index("--seeds") + 2] = ["0", "1"]
+    cmd3[cmd3.index("--out") + 1] = str(tmp_path / "partial")
+    partial = subprocess.run(cmd3, cwd=ROOT, capture_output=True, text=True, timeout=600)  # seed 1 never ran
+    assert partial.returncode == 0 and "sft seed 1: not run yet" in partial.stdout, partial.stderr[-2000:]
+    r3 = json.loads((tmp_path / "partial.json").read_text())
+    assert set(r3["arms"]) == {"sft", "sft+rl"} and r3["arms"]["sft"]["seeds"] == [0] and r3["gain_mean"] == r["gain_mean"]
     fig = nb.plot_pipeline(r, tmp_path / "pipeline.png")  # the results section's figure of this JSON
     assert (tmp_path / "pipeline.png").stat().st_size > 10_000 and len(fig.axes) == 3
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(r["arms"])
