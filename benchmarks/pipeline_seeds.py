@@ -1,6 +1,6 @@
 """The headline of issue 20: the notebook's training pipeline (run_pipeline) per arm, over seeds, at one budget.
 
-For every arm (`sft`, `rl`, `sft+rl`, the default) and seed: a fresh base model + LoRA, `run_pipeline` with
+For every arm (`sft`, `rl`, `sft+rl`; the default is the notebook's PIPELINE) and seed: a fresh base model + LoRA, `run_pipeline` with
 PIPELINE = arm and TRAIN_BUDGET_S = --budget (the same call the notebook's training cell makes; the train-split
 monitor is off, so every second of the budget trains), then the whole eval split answered greedily and paired
 with the base model's answers (ppo_seeds.py's Context, evaluation and caching). The load average is recorded
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from ppo_seeds import (Context, cached_json, common_args, cpu_name, evaluate_after, fresh_model,  # noqa: E402
                        key_of, parameters, run_metadata, summarize, write_report)
 
-ARMS, DEFAULT_ARM = ("sft", "rl", "sft+rl"), "sft+rl"
+ARMS = ("sft", "rl", "sft+rl")  # the default arm is the notebook's PIPELINE (--set PIPELINE=... to change it)
 
 
 def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
@@ -227,7 +227,7 @@ def main():
     stamp = {"cpu": cpu_name(), "commit": args.stamp_commit or git_head()}
     runs = run_arms(ctx, P, args.arms, args.seeds, stamp, args.cached_only)
     arms = {arm: summarize_arm(ctx, runs[arm], runs.get("sft")) for arm in runs}
-    default = DEFAULT_ARM if DEFAULT_ARM in arms else next(iter(arms))
+    default = P["PIPELINE"] if P["PIPELINE"] in arms else next(iter(arms))
     r = {k: arms[default][k] for k in HEADLINE_FIELDS} | run_metadata(ctx, args, t0) | {
         "config_keys": keys, "commit": stamp["commit"],
         "cpus_of_runs": sorted({run["measured_on"]["cpu"] for rs in runs.values() for run in rs}),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nbimport import ROOT
+from nbimport import ROOT, notebook_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -337,7 +337,8 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     for field in ("gain_mean", "gain_min", "gain_ci_low", "gain_ci_high", "distinct2_ratio", "rl_over_sft_mean",
                   "rl_over_sft_ci_low", "budget_s", "seeds", "threads", "machine", "arms"):
         assert field in r, field
-    assert set(r["arms"]) == {"sft", "rl", "sft+rl"} and r["default_arm"] == "sft+rl" and r["threads"] == 1
+    default = notebook_parameters()["PIPELINE"]  # the headline's default arm is the notebook's PIPELINE
+    assert set(r["arms"]) == {"sft", "rl", "sft+rl"} and r["default_arm"] == default and r["threads"] == 1
     for arm, a in r["arms"].items():
         for field in ("gain_mean", "gain_min", "gain_ci_low", "gain_ci_high", "distinct2_ratio", "rl_over_sft_mean",
                       "rl_over_sft_ci_low", "family_gains", "kl_mean", "eos_rate_after", "mean_len_after",
@@ -348,8 +349,8 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     assert r["arms"]["sft"]["iterations"] == 0 and r["arms"]["rl"]["sft_steps"] == 0
     assert r["arms"]["sft+rl"]["sft_steps"] >= 1 and r["arms"]["sft+rl"]["iterations"] >= 1
     assert r["arms"]["sft"]["rl_over_sft_mean"] == 0.0
-    assert r["gain_mean"] == r["arms"]["sft+rl"]["gain_mean"]
-    assert r["rl_over_sft_ci_low"] <= r["rl_over_sft_mean"] <= r["arms"]["sft+rl"]["rl_over_sft_ci_high"]
+    assert r["gain_mean"] == r["arms"][default]["gain_mean"]
+    assert r["rl_over_sft_ci_low"] <= r["rl_over_sft_mean"] <= r["arms"][default]["rl_over_sft_ci_high"]
     md = out.with_suffix(".md").read_text()
     assert "`sft+rl`" in md and "minus `sft`" in md
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # every run cached now
@@ -367,13 +368,14 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     other = subprocess.run(cmd2 + ["--reuse", str(out.with_suffix(".json")), "--set", "PPO_LR=0.1", "--arms", "sft"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # another config: nothing taken
     assert other.returncode == 0 and "nothing reused for it" in other.stdout
-    cmd3 = list(cmd) + ["--cached-only", "--arms", "sft", "sft+rl"]
+    cmd3 = list(cmd) + ["--cached-only", "--arms", "sft", "sft+rl", "--set", "PIPELINE=sft+rl"]  # another default
     cmd3[cmd3.index("--seeds") + 1:cmd3.index("--seeds") + 2] = ["0", "1"]
     cmd3[cmd3.index("--out") + 1] = str(tmp_path / "partial")
     partial = subprocess.run(cmd3, cwd=ROOT, capture_output=True, text=True, timeout=600)  # seed 1 never ran
     assert partial.returncode == 0 and "sft seed 1: not run yet" in partial.stdout, partial.stderr[-2000:]
     r3 = json.loads((tmp_path / "partial.json").read_text())
-    assert set(r3["arms"]) == {"sft", "sft+rl"} and r3["arms"]["sft"]["seeds"] == [0] and r3["gain_mean"] == r["gain_mean"]
+    assert set(r3["arms"]) == {"sft", "sft+rl"} and r3["arms"]["sft"]["seeds"] == [0] and r3["default_arm"] == "sft+rl"
+    assert r3["gain_mean"] == r["arms"]["sft+rl"]["gain_mean"]
     fig = nb.plot_pipeline(r, tmp_path / "pipeline.png")  # the results section's figure of this JSON
     assert (tmp_path / "pipeline.png").stat().st_size > 10_000 and len(fig.axes) == 3
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(r["arms"])

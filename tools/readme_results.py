@@ -12,18 +12,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-ARM_NAMES = {"sft+rl": "SFT then RL (the default)", "sft": "SFT alone", "rl": "RL alone"}
+ARM_NAMES = {"sft+rl": "SFT then RL", "sft": "SFT alone", "rl": "RL alone (PPO-ptx)"}
 
 
 def signed(x: float) -> str:
     return f"{x:+.2f}"
 
 
-def arm_line(name: str, arm: dict) -> str:
+def arm_line(name: str, arm: dict, default: bool = False) -> str:
     """One bullet: an arm's gain, its interval, per-seed gains, length and EOS after."""
     seeds = ", ".join(f"{signed(g)} (seed {k})" for g, k in zip(arm["gains"], arm["seeds"])) if "seeds" in arm \
         else ", ".join(signed(g) for g in arm["gains"])
-    return (f"  - {ARM_NAMES.get(name, name)}: **{signed(arm['gain_mean'])}** [{signed(arm['gain_ci_low'])}, "
+    label = ARM_NAMES.get(name, name) + (", the default" if default else "")
+    return (f"  - {label}: **{signed(arm['gain_mean'])}** [{signed(arm['gain_ci_low'])}, "
             f"{signed(arm['gain_ci_high'])}]; per seed {seeds}; {arm['samples_seen']:.0f} samples seen; answers "
             f"{arm['mean_len_after']:.1f} tokens long, EOS rate {arm['eos_rate_after']:.2f}, "
             f"KL to the base {arm['kl_mean']:.1f} nats.")
@@ -31,17 +32,19 @@ def arm_line(name: str, arm: dict) -> str:
 
 def pipeline_block(d: dict) -> list[str]:
     """The headline bullets from benchmarks/pipeline_seeds.json."""
-    order = [a for a in ("sft+rl", "sft", "rl") if a in d["arms"]]
+    default = d.get("default_arm", "sft+rl")
+    order = [default] + [a for a in ("sft+rl", "sft", "rl") if a in d["arms"] and a != default]
     counts = sorted({len(a.get("seeds", d["seeds"])) for a in d["arms"].values()})
     n_seeds = " or ".join(str(n) for n in counts)
     lines = [f"- **Headline** (`benchmarks/pipeline_seeds.md`): {n_seeds} seed(s) × {d['budget_s']:.0f} s per "
              f"run, one run at a time on the {d['threads']}-thread CPU; gain in similarity to held-out references "
              f"(10 × cos of all-MiniLM-L6-v2, {d['eval_prompts']} eval prompts, greedy), 95% paired-bootstrap "
              "intervals:"]
-    lines += [arm_line(a, d["arms"][a]) for a in order]
-    if d.get("rl_over_sft_mean") is not None:
-        lines.append(f"  - The default minus SFT alone, same prompts: **{signed(d['rl_over_sft_mean'])}** "
-                     f"[{signed(d['rl_over_sft_ci_low'])}, {signed(d['rl_over_sft_ci_high'])}].")
+    lines += [arm_line(a, d["arms"][a], a == default) for a in order]
+    for a in (x for x in order if x != "sft" and d["arms"][x].get("rl_over_sft_mean") is not None):
+        arm, name = d["arms"][a], ARM_NAMES.get(a, a).split(" (")[0] + (" (the default)" if a == default else "")
+        lines.append(f"  - {name} minus SFT alone, same prompts: **{signed(arm['rl_over_sft_mean'])}** "
+                     f"[{signed(arm['rl_over_sft_ci_low'])}, {signed(arm['rl_over_sft_ci_high'])}].")
     met = [k for k, v in d["acceptance"].items() if v]
     missed = [k for k, v in d["acceptance"].items() if not v]
     short = [f"{d['budget_s']:.0f} s, not its 1200 s"] if d["budget_s"] < 1200 else []
