@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-ARM_NAMES = {"sft+rl": "SFT then RL", "sft": "SFT alone", "rl": "RL alone (PPO-ptx)"}
+ARM_NAMES = {"sft+rl": "SFT then RL", "sft": "SFT alone", "rl": "RL alone"}
+ARM_DETAILS = {"rl": " (PPO-ptx)"}  # shown on the arm's own bullet only
 
 
 def signed(x: float) -> str:
@@ -23,7 +24,7 @@ def arm_line(name: str, arm: dict, default: bool = False) -> str:
     """One bullet: an arm's gain, its interval, per-seed gains, length and EOS after."""
     seeds = ", ".join(f"{signed(g)} (seed {k})" for g, k in zip(arm["gains"], arm["seeds"])) if "seeds" in arm \
         else ", ".join(signed(g) for g in arm["gains"])
-    label = ARM_NAMES.get(name, name) + (", the default" if default else "")
+    label = ARM_NAMES.get(name, name) + ARM_DETAILS.get(name, "") + (", the default" if default else "")
     return (f"  - {label}: **{signed(arm['gain_mean'])}** [{signed(arm['gain_ci_low'])}, "
             f"{signed(arm['gain_ci_high'])}]; per seed {seeds}; {arm['samples_seen']:.0f} samples seen; answers "
             f"{arm['mean_len_after']:.1f} tokens long, EOS rate {arm['eos_rate_after']:.2f}, "
@@ -42,7 +43,7 @@ def pipeline_block(d: dict) -> list[str]:
              "intervals:"]
     lines += [arm_line(a, d["arms"][a], a == default) for a in order]
     for a in (x for x in order if x != "sft" and d["arms"][x].get("rl_over_sft_mean") is not None):
-        arm, name = d["arms"][a], ARM_NAMES.get(a, a).split(" (")[0] + (" (the default)" if a == default else "")
+        arm, name = d["arms"][a], ARM_NAMES.get(a, a) + (" (the default)" if a == default else "")
         lines.append(f"  - {name} minus SFT alone, same prompts: **{signed(arm['rl_over_sft_mean'])}** "
                      f"[{signed(arm['rl_over_sft_ci_low'])}, {signed(arm['rl_over_sft_ci_high'])}].")
     met = [k for k, v in d["acceptance"].items() if v]
