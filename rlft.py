@@ -230,6 +230,8 @@ def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return False
 
 
+# %% rlft={"section": "common"}
+#| export
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The dtype of the frozen base weights.
 
@@ -349,6 +351,8 @@ def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
         return LlamaForCausalLM(config)
 
 
+# %% rlft={"section": "model"}
+#| export
 def prepare_tokenizer(tokenizer):
     """Left padding; pad = EOS when the model has no pad token (padding is found by mask, never by id)."""
     if tokenizer.pad_token is None:
@@ -395,6 +399,8 @@ def hub_load_kwargs(name: str, timeout: float = 3.0) -> dict:
         'Use MODEL = "packaged" (the SmolLM2 shipped with pip, no network needed), or a local folder.')
 
 
+# %% rlft={"section": "model"}
+#| export
 def load_base(name: str, cache_dir: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """Load (model, tokenizer): 'packaged', 'tiny', a hub id or a local folder; eval mode, on `device`."""
     if name == "tiny":
@@ -516,6 +522,8 @@ def load_pairs(path: str) -> list[dict]:
     return pairs
 
 
+# %% rlft={"section": "data"}
+#| export
 def _encodable(text: str) -> bool:
     """False for text that UTF-8 cannot encode (a lone surrogate from a JSON escape such as "\\ud800")."""
     try:
@@ -726,6 +734,8 @@ def eos_ids_of(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+# %% rlft={"section": "generate"}
+#| export
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rendered prompts -> (ids [B, P] long, mask [B, P] long), left-padded with the pad id.
 
@@ -771,6 +781,8 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+# %% rlft={"section": "generate"}
+#| export
 def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] -> (tokens [B] long, their log-probs [B] float32). temperature 0: argmax of the logits, with
@@ -830,6 +842,8 @@ def step_logits(mode: str, logits: torch.Tensor, valid: torch.Tensor | None, pca
     return torch.stack(rows)
 
 
+# %% rlft={"section": "generate"}
+#| export
 class LogitsHistory:
     """The logits of every position so far, kept for the PCA modes: a float32 buffer [B, capacity, V] filled
     left to right (no re-concatenation of the whole history at each step). `view`: [B, L, V]."""
@@ -886,6 +900,8 @@ def select_cache_rows(cache, keep: torch.Tensor) -> None:
             torch._dynamo.mark_static_address(layer.values)
 
 
+# %% rlft={"section": "generate"}
+#| export
 def forward_step(net, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache, *,
                  keep_all_logits: bool = False, step_fn=None) -> torch.Tensor:
     """One forward pass of `decode_steps` -> logits [B, S_in, V] (keep_all_logits: every position, for the PCA
@@ -899,6 +915,8 @@ def forward_step(net, inputs: torch.Tensor, positions: torch.Tensor, mask: torch
                use_cache=True, logits_to_keep=0 if keep_all_logits else 1).logits
 
 
+# %% rlft={"section": "generate"}
+#| export
 @torch.no_grad()
 def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos_ids: list[int],
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, logits_mode: str = "full",
@@ -948,6 +966,8 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
         inputs, positions = tokens[:, None], mask.sum(-1, keepdim=True) - 1
 
 
+# %% rlft={"section": "generate"}
+#| export
 def mergeable_lora_layers(model) -> list:
     """The plain LoRA linear layers of `model` whose adapter is active (not disabled, not already merged); [] when
     there are none, or when any layer is of a kind whose update is not W + (alpha/r)·B·A (DoRA, other layer types),
@@ -1006,6 +1026,8 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
 
 
+# %% rlft={"section": "generate"}
+#| export
 def prepare_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode prompts for `decode_steps`, leaving room for `max_new_tokens` in the model's context window."""
     context = model.config.max_position_embeddings
@@ -1042,6 +1064,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
                       stop_reason=["eos" if e else "length" for e in ended.tolist()], texts=texts)
 
 
+# %% rlft={"section": "generate"}
+#| export
 def generate_stream(model, tokenizer, prompt: str, *, max_new_tokens: int, **sampling) -> Iterator[str]:
     """Yield the response to one rendered prompt piece by piece, as its tokens arrive (for the chat demo).
     `sampling`: the keyword arguments of `generate()` (temperature, top_k, top_p, logits_mode, ...)."""
@@ -1153,6 +1177,8 @@ def packaged_embedder_folder() -> Path:
     return folder
 
 
+# %% rlft={"section": "evaluate"}
+#| export
 class Embedder:
     """all-MiniLM-L6-v2 sentence embeddings: unit vectors `[N, 384] float32` on `device`; empty text -> zeros.
 
@@ -1202,6 +1228,8 @@ class Embedder:
         return out
 
 
+# %% rlft={"section": "evaluate"}
+#| export
 def similarity(responses: list[str], references: list[str], embedder: Embedder) -> torch.Tensor:
     """10 x cos(MiniLM(response), MiniLM(reference)) -> [B] float32 on the embedder's device.
 
@@ -1260,6 +1288,8 @@ def exact_kl(model, gen) -> torch.Tensor:
     return (per_token * gen.response_mask.float()).sum(-1)
 
 
+# %% rlft={"section": "evaluate"}
+#| export
 def summarize_rows(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
     """Figures of one group of evaluated rows (see `evaluate`): n, similarity + 95% CI, length, EOS, distinct-2, KL."""
     sims = [r["similarity"] for r in rows]
@@ -1281,6 +1311,8 @@ def summarize_by_family(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> 
     return table
 
 
+# %% rlft={"section": "evaluate"}
+#| export
 def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, *, max_new_tokens: int = 48,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, logits_mode: str = "full",
              pca_k: int = 16, batch_size: int = 16, with_kl: bool = False, n_boot: int = 1000, seed: int = 0,
@@ -1319,6 +1351,8 @@ def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, *, max_new
     return {"rows": rows, "table": summarize_by_family(rows, n_boot, seed), "settings": settings}
 
 
+# %% rlft={"section": "evaluate"}
+#| export
 def paired_comparison(result_a: dict, result_b: dict, n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
     """Per family and overall: mean of s_B - s_A over the same prompts, with a paired-bootstrap 95% interval."""
     a = {r["prompt"]: r for r in result_a["rows"]}
@@ -1499,6 +1533,8 @@ def data_key(pairs: list[dict], **settings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# %% rlft={"section": "reward_model"}
+#| export
 def anchor_rows(pairs: list[dict], n_mismatched: int, seed: int = 0) -> list[tuple]:
     """Anchor rows (prompt index, nan, text, kind): each prompt's own reference and `n_mismatched` of others'."""
     rng, rows = random.Random(seed), []
@@ -1554,6 +1590,8 @@ def load_reward_data(path: str | Path, key: str) -> dict | None:
     return data | {"key": key, "cached": True}
 
 
+# %% rlft={"section": "reward_model"}
+#| export
 def build_reward_data(model, tokenizer, pairs: list[dict], embedder: Embedder, *, temperatures: list[float],
                       n_mismatched: int, max_new_tokens: int, batch_size: int, seed: int = 0,
                       cache_path: str | Path | None = None, model_name: str = "") -> dict:
@@ -1597,6 +1635,8 @@ def split_by_prompt(prompt_id: torch.Tensor, val_frac: float, test_frac: float, 
     return {k: torch.nonzero(torch.isin(prompt_id, v)).squeeze(-1) for k, v in parts.items()}
 
 
+# %% rlft={"section": "reward_model"}
+#| export
 def fit_reward_mlp(prompt_emb: torch.Tensor, response_emb: torch.Tensor, labels: torch.Tensor,
                    train_idx: torch.Tensor, val_idx: torch.Tensor, *, hidden: int = 256, dropout: float = 0.1,
                    lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 64, max_epochs: int = 300,
@@ -1653,6 +1693,8 @@ def reward_metrics(pred: torch.Tensor, target: torch.Tensor, prompt_id: torch.Te
             "mse_constant": float(np.mean((constant - t) ** 2))}
 
 
+# %% rlft={"section": "reward_model"}
+#| export
 def evaluate_reward_model(rm: RewardMLP, data: dict, idx: torch.Tensor, train_idx: torch.Tensor) -> dict:
     """reward_metrics on the generated rows of `idx` (anchors excluded); constant = train generated mean."""
     gen_mask = torch.tensor([k == "generated" for k in data["kind"]])
@@ -1869,6 +1911,8 @@ LOGPROB_CHUNK = 16  # response positions per log-softmax chunk: [B, 16, V] fp32 
 ADVANTAGE_STD_FLOOR = 0.1  # 'group' advantages are divided by max(std, this), so a batch of near-ties stays small
 
 
+# %% rlft={"section": "ppo"}
+#| export
 @dataclasses.dataclass
 class PPOConfig:
     """Every knob of one PPO iteration; the notebook fills it from the parameters cell."""
@@ -1931,6 +1975,8 @@ class PPOConfig:
             raise ValueError(f"ptx_coef={self.ptx_coef} and reward_clip={self.reward_clip} must be >= 0")
 
 
+# %% rlft={"section": "ppo"}
+#| export
 class ValueHead(nn.Module):
     """V(s_t) = w·h_t + b on the last hidden state: hidden [B, T, H] -> values [B, T] float32 (small init)."""
 
@@ -1983,6 +2029,8 @@ class AdaptiveKLController:
             self.beta *= 1.0 + error * n / self.horizon
 
 
+# %% rlft={"section": "ppo"}
+#| export
 @dataclasses.dataclass
 class PPOState:
     """Everything one PPO run carries between iterations (the training run checkpoints all of it)."""
@@ -2048,6 +2096,8 @@ def set_kl_anchor(state: PPOState) -> None:
     state.anchor = {name: p.detach().clone() for name, p in lora_parameters(state.policy).items()}
 
 
+# %% rlft={"section": "ppo"}
+#| export
 @contextlib.contextmanager
 def anchored_reference(state: PPOState):
     """Inside the block the policy IS π_ref: with no anchor the adapter is disabled (the base model); with an
@@ -2110,6 +2160,8 @@ def all_rows(dp, x: torch.Tensor) -> torch.Tensor:
     return x if dp is None else dp.gather(x)
 
 
+# %% rlft={"section": "ppo"}
+#| export
 def own_rows(dp, x):
     """This rank's consecutive share of a batch (a tensor [W·b, ...] or a list): x itself in one process."""
     if dp is None:
@@ -2170,6 +2222,8 @@ def chunked_log_softmax(head, hidden, tokens, temperature: float, chunk: int = L
     return torch.cat(logprobs, 1), torch.cat(entropy, 1) if entropy else None, torch.cat(kls, 1) if kls else None
 
 
+# %% rlft={"section": "ppo"}
+#| export
 def policy_logprobs(policy, value_head, sequences, attention_mask, prompt_len: int, temperature: float,
                     kl_from_hidden: torch.Tensor | None = None, chunk: int = LOGPROB_CHUNK) -> PolicyOutput:
     """One backbone forward over prompt + response -> PolicyOutput of the response tokens:
@@ -2230,6 +2284,8 @@ def normalise_scores(scores: torch.Tensor, mode: str, stats: RunningMoments, gro
     return scores
 
 
+# %% rlft={"section": "ppo"}
+#| export
 def clip_scores(scores: torch.Tensor, c: float, stats: RunningMoments) -> tuple[torch.Tensor, int]:
     """Outlier guard, before any score reaches the running statistics: clip each score to median ± c·s with
     s = max(1.4826·MAD of the batch, the running σ once it has data, 1.0). The median and MAD ignore one absurd
@@ -2273,6 +2329,8 @@ def scale_group_advantages(adv: torch.Tensor, mask: torch.Tensor, floor: float =
     return adv / max(std, floor)
 
 
+# %% rlft={"section": "ppo"}
+#| export
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation over valid tokens (masked positions are skipped; the value after the
     last valid token is 0). rewards, values, mask: [B, T] -> (advantages, returns, deltas) [B, T], 0 where masked."""
@@ -2310,6 +2368,8 @@ def value_loss(values, old_values, returns, mask, clip_range_value: float):
     return loss, masked_mean((clipped_err > unclipped_err).float(), mask).detach()
 
 
+# %% rlft={"section": "ppo"}
+#| export
 @dataclasses.dataclass
 class Rollout:
     """One batch of sampled responses with everything the update needs. [B, P+T] or [B, T] unless noted."""
@@ -2362,6 +2422,8 @@ def old_policy_pass(state: PPOState, gen, monitor: bool) -> PolicyOutput | None:
                                gen.prompt_len, cfg.temperature)
 
 
+# %% rlft={"section": "ppo"}
+#| export
 def reference_pass(state: PPOState, gen, mask: torch.Tensor, kl_hidden: torch.Tensor | None):
     """π_ref's forward (anchored_reference) -> (ref_logprobs [B, T] of the sampled tokens, kl_exact [B] or None):
     the exact KL summed over the response only when π's hidden states `kl_hidden` are given (a monitor
@@ -2408,6 +2470,8 @@ def rollout(state: PPOState, prompts: list[str], references: list[str], reward_f
                    timings=times, prompts=list(prompts), references=list(references))
 
 
+# %% rlft={"section": "ppo"}
+#| export
 def compute_advantages(state: PPOState, ro: Rollout) -> Rollout:
     """Fill ro.rewards / advantages / returns / deltas. The scores are clipped (clip_scores, counted in
     counters['clipped_reward']) and normalised, minus the no-EOS penalty. 'gae': the score on the last token,
@@ -2438,6 +2502,8 @@ def compute_advantages(state: PPOState, ro: Rollout) -> Rollout:
     return ro
 
 
+# %% rlft={"section": "ppo"}
+#| export
 def guarded_step(optimizer, params, loss: torch.Tensor | None, max_grad_norm: float, counters: dict, scaler=None,
                  scheduler=None, reduce_grads=None) -> bool:
     """Backward + gradient-norm clip + optimizer step, unless the loss or the gradient norm is non-finite: then
@@ -2479,6 +2545,8 @@ def optimizer_step(state: PPOState, loss: torch.Tensor) -> bool:
                         state.scaler, state.scheduler, state.dp.reduce_grads if state.dp is not None else None)
 
 
+# %% rlft={"section": "ppo"}
+#| export
 def sft_batch(tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chat-rendered prompt + reference + EOS, right-padded -> input_ids, attention_mask, labels [B, L]
     (labels −100 on the prompt and the padding, so only the reference tokens are learned)."""
@@ -2520,6 +2588,8 @@ def reference_nll(state: PPOState, ro: Rollout, idx: torch.Tensor) -> torch.Tens
     return reference_nll_terms(state, ro, idx)[0]
 
 
+# %% rlft={"section": "ppo"}
+#| export
 def minibatch_terms(state: PPOState, ro: Rollout, idx: torch.Tensor):
     """The PPO loss on the rows idx of a rollout in its two kinds of means -> (token_loss: the terms averaged over
     the response tokens, ptx: reference_nll or None when ptx_coef = 0, ptx_tokens: its answer tokens, stats dict
@@ -2554,6 +2624,8 @@ def minibatch_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
     return (token_loss if ptx is None else token_loss + state.cfg.ptx_coef * ptx), stats
 
 
+# %% rlft={"section": "ppo"}
+#| export
 def rank_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
     """Data parallel: this rank's part of the loss of one minibatch whose rows are spread over the ranks; idx are
     this rank's rows of it (maybe none). A mean over all the minibatch's tokens is Σ_ranks (own tokens / all
@@ -2594,6 +2666,8 @@ def own_indices(dp, idx: torch.Tensor, rows: int) -> torch.Tensor:
     return idx[(idx >= first) & (idx < first + rows)] - first
 
 
+# %% rlft={"section": "ppo"}
+#| export
 def ppo_update(state: PPOState, ro: Rollout) -> dict:
     """Epochs over shuffled minibatches of the rollout (every rank's rows, with state.dp: each rank computes its
     own rows of a minibatch, rank_loss, and the gradients are summed); stops early once approx-KL passes
@@ -2643,6 +2717,8 @@ def rollout_stats(ro: Rollout) -> dict:
             "tokens_per_s": mask.sum().item() / max(ro.gen_seconds, 1e-9)}
 
 
+# %% rlft={"section": "ppo"}
+#| export
 PPO_PARAMETERS = dict(  # PPOConfig field <- parameters-cell name
     batch_size="PPO_BATCH_SIZE", samples_per_prompt="PPO_SAMPLES_PER_PROMPT", minibatch_size="PPO_MINIBATCH_SIZE",
     epochs="PPO_EPOCHS", lr="PPO_LR", weight_decay="PPO_WEIGHT_DECAY", warmup_steps="PPO_WARMUP_STEPS",
@@ -2856,6 +2932,8 @@ def rng_state() -> dict:
     return state
 
 
+# %% rlft={"section": "train"}
+#| export
 def set_rng_state(state: dict) -> None:
     """Inverse of `rng_state`."""
     random.setstate(state["python"])
@@ -2908,6 +2986,8 @@ def write_checkpoint_files(folder: Path, state: PPOState, sampler: PromptSampler
     (folder / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in logs))
 
 
+# %% rlft={"section": "train"}
+#| export
 def save_checkpoint(run_path: Path, state: PPOState, sampler: PromptSampler, logs: list[dict], keep: int = 2) -> Path:
     """Write ckpt-NNNNNN/, then move the `latest` pointer onto it (os.replace), then keep only the last `keep`."""
     run_path = Path(run_path)
@@ -2970,6 +3050,8 @@ def read_log_file(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+# %% rlft={"section": "train"}
+#| export
 CKPT_READERS = (("adapter", "adapter/adapter_model.safetensors", load_file),
                 ("value_head", "value_head.safetensors", load_file),
                 ("training", "training_state.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu")),
@@ -3010,6 +3092,8 @@ def read_checkpoint(folder: Path, state: PPOState) -> dict:
     return data
 
 
+# %% rlft={"section": "train"}
+#| export
 def apply_checkpoint(data: dict, state: PPOState, sampler: PromptSampler) -> list[dict]:
     """Copy checkpoint `data` (from read_checkpoint or capture) into `state`, `sampler` and the RNGs.
     Returns its log."""
@@ -3065,6 +3149,8 @@ def rank_seed(seed: int, rank: int, iteration: int) -> int:
     return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
 
 
+# %% rlft={"section": "train"}
+#| export
 def run_iteration(state, sampler, reward_fn, metrics_fn) -> tuple[dict, dict]:
     """One ppo_iteration on the sampler's next batch_size / K prompts (each K times), plus metrics_fn(rollout,
     prompts, references) -> dict; its seconds are stats['t_monitor']. Data parallel (state.dp): every rank draws
@@ -3124,6 +3210,8 @@ def train_iteration(run_path: Path, state, sampler, reward_fn, metrics_fn, eval_
     return stats
 
 
+# %% rlft={"section": "train"}
+#| export
 def checkpoint_due(iteration: int, ckpt_every: int, ckpt_every_s: float, since_last_s: float) -> bool:
     """Checkpoint after this iteration? Every `ckpt_every` iterations, or once `ckpt_every_s` seconds have passed
     since the last checkpoint (either rule 0 = off; both 0: only on an interrupt)."""
@@ -3168,6 +3256,8 @@ def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, 
     return logs
 
 
+# %% rlft={"section": "train"}
+#| export
 def start_or_resume(run_path: Path, state: PPOState, sampler: PromptSampler, resume: bool) -> list[dict]:
     """resume: continue from the newest usable checkpoint (`resume_from`) and cut the log back to it. A fresh
     start, or a resume that finds no checkpoint, is a `fresh_start`. Returns the log so far."""
@@ -3221,6 +3311,8 @@ def resume_from(run_path: Path, state: PPOState, sampler: PromptSampler) -> list
                           "RESUME = False starts afresh and moves this run aside")
 
 
+# %% rlft={"section": "train"}
+#| export
 def fresh_start(run_path: Path, state: PPOState, seed: int) -> None:
     """A fresh run: refuse a PPOState that has already trained; move an earlier run's output aside (never
     deleted); re-initialise the adapter if it was already trained (e.g. by an earlier run in this kernel)."""
@@ -3275,6 +3367,8 @@ def reset_lora(model, seed: int) -> int:
     return count
 
 
+# %% rlft={"section": "train"}
+#| export
 def reset_trained_adapter(policy: PeftModel, seed: int) -> bool:
     """If any LoRA B matrix is non-zero (the adapter has been trained), `reset_lora(policy, seed)`. Returns
     whether it did."""
@@ -3333,6 +3427,8 @@ def append_log(run_path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+# %% rlft={"section": "train"}
+#| export
 def read_log(run_path) -> list[dict]:
     """The records of run_path/train_log.jsonl."""
     path = Path(run_path) / LOG_NAME
@@ -3420,6 +3516,12 @@ def plot_phase_times(logs: list[dict], path=None):
 # 4 bytes × `sum(p.numel() for p in state.trainable_parameters())` (`DataParallel.reduced_bytes` counts it).
 # The base model never moves.
 #
+# **SFT goes the same way** (section 8.2). Every rank draws the same batch of `SFT_BATCH_SIZE` references, takes
+# its consecutive $1/W$ of them (`sft_step`), weights its mean cross-entropy by its share of answer tokens, and the
+# gradients are summed by the same all-reduce, so $W$ ranks take one process's step on the whole batch. The
+# held-out NLL that stops SFT is scored the same way (each rank every $W$-th held-out prompt, the sums added), so
+# every rank stops at the same step; the clock is checked with `everywhere`, so no rank starts a step alone.
+#
 # With one process (`state.dp = None`) every helper above is the identity: the single-process run is unchanged,
 # bit for bit. `enable_data_parallel(state, accelerator, seed)` makes a state one rank: the weights become rank
 # 0's, as DDP does when it wraps a model, and ranks above 0 reseed their RNGs so their samples are independent.
@@ -3465,6 +3567,13 @@ class DataParallel:
             p.grad = g.view_as(p).to(p.dtype).clone()
 
 
+def broadcast_parameters(dp: DataParallel, params) -> None:
+    """Every rank's `params` become rank 0's, in place (as DDP does when it wraps a model)."""
+    with torch.no_grad():
+        for p in params:
+            p.copy_(dp.broadcast(p.detach()))
+
+
 def allreduce_bytes_per_step(state: PPOState) -> int:
     """The bytes one optimizer step all-reduces: the fp32 gradients of the LoRA and value-head parameters."""
     return 4 * sum(p.numel() for p in state.trainable_parameters())
@@ -3475,9 +3584,7 @@ def enable_data_parallel(state: PPOState, accelerator: Accelerator, seed: int) -
     wraps a model), ranks > 0 reseed python/numpy/torch with seed + 1000003·rank so their rollouts sample
     independently (rank 0 keeps its streams), and state.dp is set. Returns the DataParallel."""
     dp = DataParallel(accelerator)
-    with torch.no_grad():
-        for p in state.trainable_parameters():
-            p.copy_(dp.broadcast(p.detach()))
+    broadcast_parameters(dp, state.trainable_parameters())
     if dp.rank > 0:
         seed_everything(seed + 1000003 * dp.rank)
     state.dp = dp
@@ -3487,6 +3594,8 @@ def enable_data_parallel(state: PPOState, accelerator: Accelerator, seed: int) -
 DP_RESULT = "pipeline_result.json"  # rank 0's summary of a launched run (PipelineResult's figures), in RUN_DIR
 
 
+# %% rlft={"section": "scale_out"}
+#| export
 def train_rank(model, tokenizer, train_pairs, reward_fn, run_path, params: dict, embedder=None) -> None:
     """One rank of a data-parallel training run, as notebook_launcher or `accelerate launch` starts it: an
     Accelerator (gloo between CPU processes, one torch thread each on CPUs: forked OpenMP pools are unsafe),
@@ -3591,28 +3700,33 @@ PIPELINE_OUTPUTS = (SFT_ADAPTER, PIPELINE_META, "pipeline_result.json")  # this 
 # train_loop's (pipeline_result.json: DP_RESULT, written by a data-parallel run, section 8.1)
 
 
-def held_out_nll(model, tokenizer, pairs: list[dict], batch_size: int) -> float:
-    """Mean NLL per answer token of the references of `pairs` (sft_batch's labels), without gradients."""
+def held_out_nll(model, tokenizer, pairs: list[dict], batch_size: int, dp=None) -> float:
+    """Mean NLL per answer token of the references of `pairs` (sft_batch's labels), without gradients. With `dp`
+    (section 8.1) each rank scores every W-th pair and the sums are added over the ranks, so all get one value."""
     device, was_training = next(model.parameters()).device, model.training
+    mine = pairs if dp is None else pairs[dp.rank::dp.world]
     model.eval()
-    total, count = 0.0, 0
+    nll, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(pairs), batch_size):
-            ids, mask, labels = sft_batch(tokenizer, pairs[i:i + batch_size], device)
+        for i in range(0, len(mine), batch_size):
+            ids, mask, labels = sft_batch(tokenizer, mine[i:i + batch_size], device)
             n = int((labels[:, 1:] != -100).sum())  # the loss is the mean over the shifted answer tokens
-            total += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * n
+            nll += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * n
             count += n
     model.train(was_training)
-    return total / max(count, 1)
+    if dp is not None:
+        nll, count = total(dp, torch.tensor([nll, float(count)], dtype=torch.float64)).tolist()
+    return nll / max(count, 1)
 
 
 class HeldOutStop:
     """Early stopping of SFT on held-out TRAIN prompts: every `every` steps the held-out NLL is measured; the LoRA
     weights at its lowest are kept; after `patience` checks without a new lowest, `check` says stop, and
-    `restore` puts the kept weights back. Step 0 (before any update) is checked too."""
+    `restore` puts the kept weights back. Step 0 (before any update) is checked too. `dp`: the ranks share the
+    scoring (held_out_nll), so every rank sees the same NLL and stops at the same step."""
 
-    def __init__(self, model, tokenizer, pairs: list[dict], every: int, patience: int, batch_size: int):
-        self.model, self.tokenizer, self.pairs, self.batch_size = model, tokenizer, pairs, batch_size
+    def __init__(self, model, tokenizer, pairs: list[dict], every: int, patience: int, batch_size: int, dp=None):
+        self.model, self.tokenizer, self.pairs, self.batch_size, self.dp = model, tokenizer, pairs, batch_size, dp
         self.every, self.patience = max(1, every), max(1, patience)
         self.best, self.best_step, self.best_weights, self.since_best = math.inf, -1, None, 0
 
@@ -3620,7 +3734,7 @@ class HeldOutStop:
         """The held-out NLL when `step` is a check step (or `force`), else None; sets `self.stop`."""
         if not force and step % self.every:
             return None
-        nll = held_out_nll(self.model, self.tokenizer, self.pairs, self.batch_size)
+        nll = held_out_nll(self.model, self.tokenizer, self.pairs, self.batch_size, self.dp)
         if nll < self.best:
             self.best, self.best_step, self.since_best = nll, step, 0
             self.best_weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
@@ -3637,18 +3751,39 @@ class HeldOutStop:
             set_peft_model_state_dict(self.model, self.best_weights)
 
 
+# %% rlft={"section": "pipeline"}
+#| export
+def sft_step(model, tokenizer, batch: list[dict], optimizer, params, max_grad_norm: float, counters: dict,
+             dp=None) -> tuple[float, bool]:
+    """One SFT step on `batch` (sft_batch: input_ids / labels [B, L]): the mean cross-entropy over its answer
+    tokens, then guarded_step. With `dp` (section 8.1) each rank takes its consecutive share of the batch and
+    weights its mean by its share of the answer tokens, so the SUM of the ranks' gradients (all-reduced in
+    guarded_step) is one process's gradient on the whole batch. -> (the batch's loss, whether it stepped)."""
+    ids, mask, labels = sft_batch(tokenizer, own_rows(dp, batch), next(model.parameters()).device)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    if dp is None:
+        return loss.item(), bool(guarded_step(optimizer, params, loss, max_grad_norm, counters))
+    tokens = (labels[:, 1:] != -100).sum().float().cpu()
+    share = (tokens / total(dp, tokens).clamp(min=1)).to(loss.device)
+    stepped = guarded_step(optimizer, params, share * loss, max_grad_norm, counters, reduce_grads=dp.reduce_grads)
+    return total(dp, (share * loss).detach().cpu()).item(), bool(stepped)
+
+
+# %% rlft={"section": "pipeline"}
+#| export
 def sft_train(model, tokenizer, sampler, *, budget_s: float, max_steps: int, batch_size: int, lr: float,
               max_grad_norm: float = 1.0, progress: bool = True, counters: dict | None = None,
-              stopper: HeldOutStop | None = None) -> list[dict]:
-    """Supervised fine-tuning of the LoRA on the references (cross-entropy on the answer tokens, input_ids /
-    labels [B, L] from `sft_batch`), AdamW, until `budget_s` seconds or `max_steps` steps, or until `stopper`
-    (HeldOutStop) says the held-out NLL stopped falling; its best adapter is then put back. A step starts only
-    while time is left. A non-finite loss or gradient skips its step (PPO's `guarded_step`) and is counted in
-    `counters` ('skipped_loss', 'skipped_grad'; updated in place), so one NaN never reaches the weights.
+              stopper: HeldOutStop | None = None, dp=None) -> list[dict]:
+    """Supervised fine-tuning of the LoRA on the references (`sft_step`), AdamW, until `budget_s` seconds or
+    `max_steps` steps, or until `stopper` (HeldOutStop) says the held-out NLL stopped falling; its best adapter is
+    then put back. A step starts only while time is left (on every rank, with `dp`: data-parallel, section 8.1).
+    A non-finite loss or gradient skips its step (PPO's `guarded_step`) and is counted in `counters`
+    ('skipped_loss', 'skipped_grad'; updated in place), so one NaN never reaches the weights.
     Returns the log: one {'step', 'loss', 'stepped', 'elapsed_s', 'skipped_loss', 'skipped_grad'} per step
     (+ 'val_nll' on check steps; the last row has 'restored_step' with a stopper)."""
-    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    if dp is not None:
+        broadcast_parameters(dp, params)
     optimizer = torch.optim.AdamW(params, lr=lr)
     counters = {} if counters is None else counters
     for key in ("skipped_loss", "skipped_grad"):
@@ -3658,18 +3793,18 @@ def sft_train(model, tokenizer, sampler, *, budget_s: float, max_steps: int, bat
                bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
     if stopper is not None:
         stopper.check(0)
-    while step < max_steps and time.time() - t0 < budget_s and not (stopper is not None and stopper.stop):
-        ids, mask, labels = sft_batch(tokenizer, sampler.next_batch(batch_size), device)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        stepped = guarded_step(optimizer, params, loss, max_grad_norm, counters)
+    while everywhere(dp, (step < max_steps and time.time() - t0 < budget_s
+                          and not (stopper is not None and stopper.stop))):
+        loss, stepped = sft_step(model, tokenizer, sampler.next_batch(batch_size), optimizer, params, max_grad_norm,
+                                 counters, dp)
         step += 1
-        logs.append({"step": step, "loss": loss.item(), "stepped": bool(stepped), "elapsed_s": time.time() - t0,
+        logs.append({"step": step, "loss": loss, "stepped": stepped, "elapsed_s": time.time() - t0,
                      "skipped_loss": counters["skipped_loss"], "skipped_grad": counters["skipped_grad"]})
         nll = stopper.check(step) if stopper is not None else None
         if nll is not None:
             logs[-1]["val_nll"] = nll
         bar.update(min(round(time.time() - t0), bar.total) - bar.n)
-        bar.set_postfix(step=step, loss=f"{loss.item():.3f}", **({"val_nll": f"{stopper.best:.3f}"} if stopper else {}))
+        bar.set_postfix(step=step, loss=f"{loss:.3f}", **({"val_nll": f"{stopper.best:.3f}"} if stopper else {}))
     bar.close()
     if stopper is not None and logs:
         if "val_nll" not in logs[-1]:  # the budget ended SFT between two checks: the last weights get one too
@@ -3686,6 +3821,8 @@ def monitor_subset(pairs: list[dict], n: int) -> list[dict]:
     return [pairs[i * len(pairs) // n] for i in range(n)] if n > 0 else []
 
 
+# %% rlft={"section": "pipeline"}
+#| export
 def make_monitors(tokenizer, pairs: list[dict], embedder, *, max_new_tokens: int, batch_size: int, seed: int):
     """(metrics_fn, eval_fn) for `train_loop`: the true similarity of each rollout (the reward model only imitates
     it), and the greedy similarity / length / EOS rate on the fixed `pairs` (None when there are none)."""
@@ -3735,18 +3872,23 @@ def held_out_split(pairs: list[dict], frac: float) -> tuple[list[dict], list[dic
     return [x for i, x in enumerate(pairs) if i not in held_idx], [x for i, x in enumerate(pairs) if i in held_idx]
 
 
+# %% rlft={"section": "pipeline"}
+#| export
 def sft_stage(model, tokenizer, train_pairs, run_path: Path, p: dict, budget_s: float, progress: bool,
-              writer: bool = True) -> list[dict]:
+              writer: bool = True, dp=None) -> list[dict]:
     """SFT with the SFT_* parameters for up to `budget_s` seconds, on the train pairs less SFT_VAL_FRAC held out
     to stop it (HeldOutStop); the adapter kept is then saved to run_path/sft_adapter (by the `writer` only:
-    rank 0 of a data-parallel run)."""
+    rank 0 of a data-parallel run, whose ranks `dp` split each SFT batch and the held-out scoring)."""
+    if dp is not None and p["SFT_BATCH_SIZE"] % dp.world:
+        raise ValueError(f"SFT_BATCH_SIZE={p['SFT_BATCH_SIZE']} does not split evenly over {dp.world} processes")
     counters = {"skipped_loss": 0, "skipped_grad": 0}
     fit, held = held_out_split(train_pairs, p["SFT_VAL_FRAC"])
     stopper = HeldOutStop(model, tokenizer, held, p["SFT_VAL_EVERY"], p["SFT_PATIENCE"],
-                          p["EVAL_BATCH_SIZE"]) if held else None
+                          p["EVAL_BATCH_SIZE"], dp) if held else None
     logs = sft_train(model, tokenizer, PromptSampler(fit, p["SEED"]), budget_s=budget_s,
                      max_steps=p["SFT_MAX_STEPS"], batch_size=p["SFT_BATCH_SIZE"], lr=p["SFT_LR"],
-                     max_grad_norm=p["MAX_GRAD_NORM"], progress=progress, counters=counters, stopper=stopper)
+                     max_grad_norm=p["MAX_GRAD_NORM"], progress=progress, counters=counters, stopper=stopper,
+                     dp=dp)
     if stopper is not None and logs:
         print(f"SFT: {len(logs)} steps; held-out NLL lowest at step {stopper.best_step} ({stopper.best:.3f} on "
               f"{len(held)} held-out train prompts), that adapter kept")
@@ -3779,6 +3921,8 @@ def load_sft_anchor(model, run_path: Path) -> None:
     set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
 
 
+# %% rlft={"section": "pipeline"}
+#| export
 def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, p: dict, *, deadline: float, anchor: bool,
              resume: bool, embedder=None, progress: bool = True, accelerator=None):
     """RL (train_loop) from the model's current adapter until `deadline` (time.time() seconds): a fresh PPOState
@@ -3812,6 +3956,8 @@ def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, p: dict, 
     return state, logs
 
 
+# %% rlft={"section": "pipeline"}
+#| export
 def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path, params: dict, *, embedder=None,
                  progress: bool = True, accelerator=None) -> PipelineResult:
     """PIPELINE 'sft+rl' | 'sft' | 'rl' within TRAIN_BUDGET_S seconds from this call's start: a fresh adapter
@@ -3819,8 +3965,8 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
     the KL anchor (KL_ANCHOR='sft'), then RL for the rest. Ends within the budget plus one step. RESUME with an RL
     checkpoint in run_path continues RL instead (`resume_pipeline`); a fresh run first moves an earlier one aside.
     `params`: the parameters cell (globals() or a dict). `embedder` turns on the train-split monitor.
-    `accelerator`: this process is one rank of a data-parallel run (section 8.1): SFT runs on every rank alike
-    (not data-parallel yet), RL is data-parallel from rank 0's weights, and only rank 0 writes files."""
+    `accelerator`: this process is one rank of a data-parallel run (section 8.1): SFT and RL are both
+    data-parallel from rank 0's weights (each rank a share of every batch), and only rank 0 writes files."""
     p, t0, run_path = params, time.time(), Path(run_path)
     writer = accelerator is None or accelerator.is_main_process
     check_pipeline_params(p)
@@ -3835,8 +3981,9 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
     budget, sft_logs, state, rl_logs = p["TRAIN_BUDGET_S"], [], None, []
     if p["PIPELINE"] != "rl":
         share = 1.0 if p["PIPELINE"] == "sft" else p["SFT_FRACTION"]
+        dp = DataParallel(accelerator) if accelerator is not None else None
         sft_logs = sft_stage(model, tokenizer, train_pairs, run_path, p, share * budget - (time.time() - t0),
-                             progress and writer, writer)
+                             progress and writer, writer, dp)
     t_sft = time.time() - t0
     if writer:
         write_json_atomic(run_path / PIPELINE_META, {"pipeline": p["PIPELINE"], "sft_seconds": t_sft,
@@ -3851,6 +3998,8 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
     return pipeline_result(p, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False)
 
 
+# %% rlft={"section": "pipeline"}
+#| export
 def resume_pipeline(model, tokenizer, train_pairs, reward_fn, run_path: Path, p: dict, embedder, progress: bool,
                     t0: float, accelerator=None) -> PipelineResult:
     """RESUME: skip SFT (pipeline.json says what it did), reload the SFT anchor, continue RL from the checkpoint for
@@ -4115,6 +4264,8 @@ def plot_results(headline: dict, ablations: dict | None, path=None):
     return fig
 
 
+# %% rlft={"section": "results"}
+#| export
 def plot_pipeline(pipeline: dict, path=None):
     """benchmarks/pipeline_seeds.json: the arms' gains; the SFT loss per step (and the held-out NLL at each check);
     the RL rollout score per iteration (one line per run)."""
@@ -4289,6 +4440,8 @@ def english_corpus_documents(min_chars: int = 80) -> list[str]:
     return docs
 
 
+# %% rlft={"section": "fft"}
+#| export
 def load_english_corpus(cache_dir: str, val_every: int = 20) -> dict:
     """The corpus split by document (every `val_every`-th document is validation), cached as JSON.
 
@@ -4349,6 +4502,8 @@ def rope_rotate(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+# %% rlft={"section": "fft"}
+#| export
 class CausalFFTMixer(nn.Module):
     """The FFT position variant: y = u + h * u, a learned causal long convolution over time, done by FFT.
 
@@ -4393,6 +4548,8 @@ class TinyBlock(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+# %% rlft={"section": "fft"}
+#| export
 class TinyLM(nn.Module):
     """Byte-level causal LM whose only difference between variants is how position enters (cfg.position)."""
 
@@ -4446,6 +4603,8 @@ def byte_val_windows(val: bytes, seq_len: int, n_windows: int) -> torch.Tensor:
     return data[: n * (seq_len + 1)].view(n, seq_len + 1)
 
 
+# %% rlft={"section": "fft"}
+#| export
 @torch.no_grad()
 def tiny_lm_bits_per_byte(model: TinyLM, windows: torch.Tensor, batch: int = 64) -> float:
     """Mean next-byte cross-entropy over windows [N, T+1], in bits per byte (nats / ln 2)."""
@@ -4499,6 +4658,8 @@ def train_tiny_lm(model: TinyLM, train: torch.Tensor, val: torch.Tensor, starts:
             "tokens_per_wall_s": tokens / train_s}
 
 
+# %% rlft={"section": "fft"}
+#| export
 @torch.no_grad()
 def sample_tiny_lm(model: TinyLM, prompts: torch.Tensor, new_tokens: int, temperature: float = 0.8,
                    seed: int = 0) -> torch.Tensor:
@@ -4545,6 +4706,8 @@ def bytes_to_texts(rows: torch.Tensor) -> list[str]:
     return [bytes(r.tolist()).decode("utf-8", errors="replace") for r in rows]
 
 
+# %% rlft={"section": "fft"}
+#| export
 def run_fft_variant(position: str, corpus: dict, seed: int, steps: int, batch: int, lr: float, size: dict,
                     eval_every: int, n_samples: int, sample_len: int, progress: bool = False) -> dict:
     """Train one variant for one seed and score it: val bits/byte, curve, throughput, params, sample repetition."""
@@ -4594,6 +4757,8 @@ FFT_ABLATION_DEFAULTS = {"steps": 600, "batch": 16, "lr": 3e-3, "eval_every": 50
                          "sample_len": 192, "size": {"d_model": 96, "n_layers": 3, "n_heads": 4, "max_len": 128}}
 
 
+# %% rlft={"section": "fft"}
+#| export
 def run_fft_ablation(corpus: dict, seeds=(0, 1, 2), variants=FFT_VARIANTS, progress: bool = True, **overrides) -> dict:
     """Every variant for every seed (seeds outer, variants inner, so machine-load drift hits all alike).
 
@@ -4641,6 +4806,8 @@ def fft_long_check_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+# %% rlft={"section": "fft"}
+#| export
 def plot_fft_curves(results: dict, path=None):
     """Validation bits/byte against step: mean over seeds per variant (left), and the longer single-seed check
     if the results hold one (right). Saved to `path` if given."""
@@ -4789,6 +4956,8 @@ def chat_messages(history, message: str, limits: DemoLimits) -> tuple[list[dict]
     return turns[cut:] + [{"role": "user", "content": message.strip()}], cut > 0
 
 
+# %% rlft={"section": "demo"}
+#| export
 def render_chat(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[str | None, bool]:
     """The chat-template prompt for `messages`, dropping the oldest exchanges until it fits `max_prompt_tokens`;
     (None, True) when the last message alone does not fit. Also returns whether anything was dropped.
@@ -4847,6 +5016,8 @@ def find_adapter(path: str | Path = "runs") -> Path | None:
     return max(found, key=lambda d: (d / "adapter_config.json").stat().st_mtime) if found else None
 
 
+# %% rlft={"section": "demo"}
+#| export
 def attach_adapter(model, adapter: str | Path | None = None) -> PeftModel:
     """The PEFT model the demo serves: `model` as it is (its active adapter is 'tuned') when `adapter` is None,
     else the adapter folder (saved by `save_pretrained`) loaded onto it."""
@@ -4866,6 +5037,8 @@ def attach_adapter(model, adapter: str | Path | None = None) -> PeftModel:
     return PeftModel.from_pretrained(model, str(adapter)).eval()
 
 
+# %% rlft={"section": "demo"}
+#| export
 class ChatDemo:
     """Base vs tuned answers from one PEFT model. `answer()` is a generator that yields (chat history, info)
     and is what the gradio events call; the whole generation and scoring of one answer runs under `self.lock`."""
@@ -4947,6 +5120,8 @@ class ChatDemo:
             cancel.set()
 
 
+# %% rlft={"section": "demo"}
+#| export
 def format_info(side: str, scores: dict, seconds: float, trimmed: bool) -> str:
     """The line under an answer: its scores and how long it took."""
     parts = [f"**{side}**"]
@@ -4985,6 +5160,8 @@ def _demo_layout(gr, title: str, sampling: dict, limits: DemoLimits, examples) -
     return c
 
 
+# %% rlft={"section": "demo"}
+#| export
 def build_app(model, tokenizer, *, score_fn=None, similarity_fn=None, adapter=None, limits: DemoLimits | None = None,
               sampling: dict | None = None, examples=None, title: str | None = None,
               score_label: str = "reward model"):
@@ -5031,6 +5208,8 @@ def launch_app(app, *, share: bool = False, port: int | None = None, inline: boo
     return app, app.local_url
 
 
+# %% rlft={"section": "demo"}
+#| export
 def demo_limits(p: dict) -> DemoLimits:
     """The demo's caps from the notebook's parameters (`p`: name -> value; missing ones keep DemoLimits' defaults)."""
     d = DemoLimits()

@@ -116,6 +116,61 @@ def test_two_processes_equal_one_process_on_the_combined_batch(nb, tmp_path, one
     assert info[0]["bytes_per_step"] == 4 * sum(p.numel() for p in state.trainable_parameters())
 
 
+SFT_PAIRS = [{"prompt": f"Question number {i}?", "reference": "Answer" + " more" * i + "."} for i in range(8)]
+# held out, but of the training pairs' kind, so the NLL falls and the stopper restores a trained step: 2 + 1 rows
+SFT_HELD = [{"prompt": f"Question number {i}?", "reference": "Answer" + " more" * i + "."} for i in range(8, 11)]
+
+
+def sft_run(nb, dp=None):
+    """sft_train on the tiny model: 3 steps of 4 references of unequal length (so the ranks' token shares
+    differ), the held-out NLL checked at every step on 3 prompts (which 2 ranks split unevenly)."""
+    nb.seed_everything(0)
+    model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    lora = nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    stopper = nb.HeldOutStop(lora, tok, SFT_HELD, every=1, patience=10, batch_size=2, dp=dp)
+    logs = nb.sft_train(lora, tok, nb.PromptSampler(SFT_PAIRS, 0), budget_s=1e9, max_steps=3, batch_size=4,
+                        lr=3e-3, progress=False, stopper=stopper, dp=dp)
+    weights = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
+    return weights, [{k: r[k] for k in ("step", "loss", "val_nll", "restored_step") if k in r} for r in logs]
+
+
+def rank_sft(out_dir: str) -> None:
+    """One rank of the 2-process SFT run: its half of every batch and of the held-out scoring."""
+    from accelerate import Accelerator
+    nb = rlft_dp.load_notebook()
+    dp = nb.DataParallel(Accelerator(cpu=True))
+    weights, logs = sft_run(nb, dp)
+    save_file(weights, Path(out_dir) / f"sft{dp.rank}.safetensors")
+    (Path(out_dir) / f"sft{dp.rank}.json").write_text(json.dumps({"logs": logs, "reduced": dp.reduced_bytes}))
+
+
+def test_two_process_sft_equals_one_process_on_the_whole_batch(nb, tmp_path, one_thread):
+    rlft_dp.launch_local(rank_sft, (str(tmp_path),), num_processes=2)
+    single, single_logs = sft_run(nb)
+    ranks = [load_file(tmp_path / f"sft{r}.safetensors") for r in (0, 1)]
+    assert single_logs[-1]["restored_step"] > 0, "the stopper kept the untrained adapter (the check would be vacuous)"
+    assert any(v.abs().sum() > 0 for k, v in single.items() if "lora_B" in k), "SFT did not move the LoRA"
+    for name in single:
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: the ranks' weights differ"
+        assert torch.allclose(ranks[0][name], single[name], atol=1e-5, rtol=0), \
+            f"{name}: max diff {(ranks[0][name] - single[name]).abs().max().item():.2e}"
+    info = [json.loads((tmp_path / f"sft{r}.json").read_text()) for r in (0, 1)]
+    assert info[0]["logs"] == info[1]["logs"]
+    assert [r["step"] for r in info[0]["logs"]] == [r["step"] for r in single_logs] == [1, 2, 3]
+    for mine, ref in zip(info[0]["logs"], single_logs):
+        assert mine["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+        assert mine["val_nll"] == pytest.approx(ref["val_nll"], abs=1e-5)
+    assert info[0]["logs"][-1]["restored_step"] == single_logs[-1]["restored_step"]
+    lora_bytes = 4 * sum(v.numel() for v in single.values())
+    assert info[0]["reduced"] == 3 * lora_bytes  # one gradient all-reduce per SFT step, the LoRA only
+
+
+def test_sft_stage_refuses_a_batch_that_does_not_split_over_the_ranks(nb, params, tmp_path):
+    dp = type("FakeRanks", (), {"rank": 0, "world": 3})()
+    with pytest.raises(ValueError, match="SFT_BATCH_SIZE=8 does not split evenly over 3 processes"):
+        nb.sft_stage(None, None, [], tmp_path, {**params, "SFT_BATCH_SIZE": 8}, 1.0, False, dp=dp)
+
+
 def test_own_rows_splits_whole_prompts_and_refuses_an_uneven_split(nb):
     dp = type("FakeRanks", (), {"rank": 1, "world": 2})()
     assert nb.own_rows(dp, list("abcd")) == ["c", "d"]
@@ -132,14 +187,18 @@ def test_benchmark_smoke_two_ranks_and_the_report(tmp_path, one_thread):
     import data_parallel as bench
     P = bench.parameters(str(ROOT / "tests" / "tiny_params.json"),
                          ["PPO_BATCH_SIZE=4", "PPO_SAMPLES_PER_PROMPT=2", "PPO_MINIBATCH_SIZE=2", "PPO_EPOCHS=1",
-                          "MAX_NEW_TOKENS=3"])
+                          "MAX_NEW_TOKENS=3", "SFT_BATCH_SIZE=4"])
     P["CACHE_DIR"] = str(Path(P["CACHE_DIR"]).expanduser())
-    record = bench.measure(P, "2p1t", 1, 0, tmp_path)
+    record = bench.measure(P, "2p1t", 1, 2, 0, tmp_path)
     assert record["world"] == 2 and len(record["seconds"]) == 1 and record["seconds"][0] > 0
+    assert len(record["sft_seconds"]) == 2 and min(record["sft_seconds"]) > 0
     assert record["reduced_bytes"] == 2 * 2 * record["bytes_per_step"]  # 2 iterations x 2 minibatches of 2 rows
-    records = {name: [dict(record, seconds=[s])] for name, s in (("1p2t", 2.0), ("1p1t", 4.0), ("2p1t", 2.5))}
-    r = bench.summarize(P, {**records, "2p1t": [dict(record, seconds=[2.5])]}, (1.0, 1, 1), (2.0, 2, 2), 1, 1)
+    assert record["sft_reduced_bytes"] == 3 * record["sft_bytes_per_step"]  # 1 warm-up + 2 SFT steps, the LoRA only
+    records = {name: [dict(record, seconds=[s], sft_seconds=[s / 4])]
+               for name, s in (("1p2t", 2.0), ("1p1t", 4.0), ("2p1t", 2.5))}
+    r = bench.summarize(P, records, (1.0, 1, 1), (2.0, 2, 2), 1, 1)
     assert r["samples_per_s_1p1t"] == 1.0 and r["samples_per_s_2p1t"] == 1.6 and r["speedup_2p_vs_1p1t"] == 1.6
+    assert r["sft_samples_per_s_1p1t"] == 4.0 and r["sft_speedup_2p_vs_1p1t"] == 1.6
     assert r["allreduce_bytes_per_step"] == record["bytes_per_step"] and r["optimizer_steps_per_iteration"] == 2
     bench.write_report(str(tmp_path / "dp"), r, bench.markdown_report(r))
     assert json.loads((tmp_path / "dp.json").read_text())["speedup_2p_vs_1p2t"] == 0.8
@@ -287,13 +346,15 @@ def test_num_processes_runs_the_pipeline_on_two_forked_ranks_and_the_kernel_gets
     """NUM_PROCESSES > 1: the training cell's run_pipeline_parallel (accelerate's notebook_launcher, forked from
     this process as from a kernel); the model here then holds rank 0's final adapter."""
     P = {**params, **json.loads((ROOT / "tests" / "tiny_params.json").read_text()), "TRAIN_BUDGET_S": 8,
-         "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4, "EVAL_MONITOR_N": 2, "RUN_DIR": str(tmp_path / "run")}
+         "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4, "EVAL_MONITOR_N": 2, "RUN_DIR": str(tmp_path / "run"),
+         "PIPELINE": "sft+rl", "SFT_FRACTION": 0.3, "SFT_BATCH_SIZE": 4}  # both stages through the ranks
     nb.seed_everything(0)
     base, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
     model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
     pairs = [dict(p, split="train") for p in PAIRS]
     result = nb.run_pipeline_parallel(2, model, tok, pairs, text_reward, tmp_path / "run", P)
     assert result.iterations > 0 and len(result.rl_logs) == result.iterations and result.state is None
+    assert result.sft_steps > 0 and (tmp_path / "run" / nb.SFT_ADAPTER / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "run" / nb.DP_RESULT).read_text())["processes"] == 2
     saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     live = nb.get_peft_model_state_dict(model)
