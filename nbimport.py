@@ -10,6 +10,7 @@ functions and classes only, so importing runs no model and no training. The cell
 """
 from __future__ import annotations
 
+import __future__
 import linecache
 import sys
 import types
@@ -57,6 +58,6 @@ def load_notebook(path: str | Path = ROOT / "rlft.ipynb", name: str = "rlft", re
                 raise SyntaxError(f"{path.name}[cell {index}]: definition cells may not use magics: {line!r}")
         filename = f"{path.name}[cell {index}]"
         linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-        exec(compile(source, filename, "exec"), module.__dict__)
+        exec(compile(source, filename, "exec", flags=__future__.annotations.compiler_flag), module.__dict__)
     _LOADED[path] = module
     return module

@@ -232,6 +232,11 @@ def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 
 # %% rlft={"section": "common"}
 #| export
+# The plumbing lives in rlft_support/ (which never imports this notebook); one line per module, the names used here.
+import rlft_support  # noqa: F401
+
+# %% rlft={"section": "common"}
+#| export
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The dtype of the frozen base weights.
 
