@@ -2,7 +2,7 @@
 rlft.ipynb. It lives at the repository root, so nothing outside tests/ depends on the test folder:
 
     import sys; sys.path.insert(0, REPO_ROOT)   # where the repository root is not on sys.path already
-    from nbimport import load_notebook, notebook_parameters
+    from nbimport import load_notebook, notebook_config, notebook_parameters
 
 A definition cell starts with the line `#| export` (or carries the cell tag `export`). Such cells hold imports,
 functions and classes only, so importing runs no model and no training. The cell sources are registered with
@@ -15,8 +15,12 @@ import linecache
 import sys
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nbformat
+
+if TYPE_CHECKING:
+    from rlft_support.config import Config
 
 EXPORT_MARK = "#| export"
 ROOT = Path(__file__).resolve().parent
@@ -42,6 +46,17 @@ def notebook_parameters(path: str | Path = ROOT / "rlft.ipynb") -> dict:
     values: dict = {}
     exec(cell.source, {}, values)
     return values
+
+
+def notebook_config(path: str | Path = ROOT / "rlft.ipynb", **overrides) -> Config:
+    """The notebook's `rlft_support.config.Config`: its parameters cell's values (those that are Config fields),
+    then `overrides` by knob name; an unknown name is a TypeError, a bad value a ValueError naming the knob.
+    (Imported here, not at the top: rlft_support.config imports torch, which importing nbimport does not.)"""
+    import dataclasses
+
+    from rlft_support.config import Config
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{**{k: v for k, v in notebook_parameters(path).items() if k in fields}, **overrides})
 
 
 def load_notebook(path: str | Path = ROOT / "rlft.ipynb", name: str = "rlft", reload: bool = False) -> types.ModuleType:

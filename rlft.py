@@ -175,10 +175,10 @@ from __future__ import annotations
 import contextlib, dataclasses, importlib.util, json, math, os, random, shutil, time, warnings
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning: with torch's default (spinning) threads one other busy process on
-# a 2-core machine stalled decoding (<2 tok/s vs ~13-19 passive; issue 18). Read once, when torch first loads, so
-# it only acts if torch is not imported yet; set OMP_WAIT_POLICY yourself to override.
-OMP_WAIT_POLICY = os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# rlft_support.config sets OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep, issue 18) when it is imported; torch
+# reads it once, when it first loads, so this import comes before torch's.
+from rlft_support.config import (OMP_WAIT_POLICY, cpu_has_bf16, resolve_device, resolve_dtype,  # noqa: F401
+                                 seed_everything)
 
 import numpy as np
 import torch
@@ -186,61 +186,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) so a run is reproducible."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; anything else is passed to torch.device."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether this x86 CPU has native bf16 matmuls: the flag `avx512_bf16` or `amx_bf16` in /proc/cpuinfo.
-    False where the file is missing or unreadable (macOS, Windows) or has no flags line; never raises."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except (OSError, ValueError):
-        return False
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() == "flags":
-            return bool({"avx512_bf16", "amx_bf16"} & set(value.split()))
-    return False
-
-
 # %% rlft={"section": "common"}
 #| export
 # The plumbing lives in rlft_support/ (which never imports this notebook); one line per module, the names used here.
 import rlft_support  # noqa: F401
-
-# %% rlft={"section": "common"}
-#| export
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The dtype of the frozen base weights.
-
-    'auto': bf16 on a GPU that supports it, fp16 on a T4-class GPU, fp32 on CPUs and MPS. A CPU with native
-    bf16 matmuls (`cpu_has_bf16()`: avx512_bf16 / AMX) can run a bf16 base with DTYPE="bfloat16"; 'auto' does not
-    pick it: measured on such a CPU (section 9), one RL iteration was only ~5% faster than in fp32, greedy tokens
-    differ (72-87% agree) and learning per iteration is not yet measured over seeds. Whatever
-    this returns, the LoRA adapter and the value head stay fp32 (`add_lora` casts them; on CUDA fp16 with
-    autocast and a grad scaler), and log-softmax, ratios, KL, GAE and SVD/PCA are computed in fp32.
-    """
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
 
 # %% rlft={"section": "common"}
 seed_everything(SEED)

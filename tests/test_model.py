@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import CACHE_DIR, CPU, perturb_lora_b
+from rlft_support import config
 
 
 def test_tiny_model_and_tokenizer(tiny):
@@ -22,18 +23,20 @@ def test_tiny_model_is_deterministic_under_seed(nb):
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
-def test_dtype_policy(nb, monkeypatch):
-    assert nb.resolve_dtype("auto", CPU) == torch.float32
-    monkeypatch.setattr(nb, "cpu_has_bf16", lambda *a, **k: False)
-    assert nb.resolve_dtype("auto", CPU) == torch.float32  # a CPU without native bf16: today's fp32 path
-    assert nb.resolve_dtype("float32", CPU) == torch.float32
-    monkeypatch.setattr(nb, "cpu_has_bf16", lambda *a, **k: True)
-    assert nb.resolve_dtype("auto", CPU) == torch.float32  # avx512_bf16 / AMX: bf16 is opt-in until measured
-    assert nb.resolve_dtype("bfloat16", CPU) == torch.bfloat16
-    assert nb.resolve_dtype("float32", CPU) == torch.float32  # an explicit dtype always wins
-    assert nb.resolve_dtype("auto", torch.device("meta")) == torch.float32  # not a CPU: never bf16 from cpuinfo
-    assert nb.resolve_dtype("bfloat16", CPU) == torch.bfloat16
-    assert nb.resolve_device("cpu") == CPU
+def test_dtype_policy(monkeypatch):
+    assert config.resolve_dtype("auto", CPU) == torch.float32
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda *a, **k: False)
+    assert config.resolve_dtype("auto", CPU) == torch.float32  # a CPU without native bf16: today's fp32 path
+    assert config.resolve_dtype("float32", CPU) == torch.float32
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda *a, **k: True)
+    assert config.resolve_dtype("auto", CPU) == torch.float32  # avx512_bf16 / AMX: bf16 is opt-in until measured
+    assert config.resolve_dtype("bfloat16", CPU) == torch.bfloat16
+    assert config.resolve_dtype("float32", CPU) == torch.float32  # an explicit dtype always wins
+    assert config.resolve_dtype("auto", torch.device("meta")) == torch.float32  # not a CPU: never bf16 from cpuinfo
+    assert config.resolve_dtype("bfloat16", CPU) == torch.bfloat16
+    assert config.resolve_device("cpu") == CPU
+    with pytest.raises(ValueError, match=r"DTYPE='nonsense'.*'auto'.*'bfloat16'"):  # issue 35 item 8: not AttributeError
+        config.resolve_dtype("nonsense", CPU)
 
 
 CPUINFO_X86 = """processor\t: 0
@@ -45,21 +48,21 @@ bugs\t\t: spectre_v1
 
 @pytest.mark.parametrize("extra, expected", [("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("", False),
                                              ("avx512_bf16x", False)])
-def test_cpu_has_bf16_reads_the_cpuinfo_flags(nb, tmp_path, extra, expected):
+def test_cpu_has_bf16_reads_the_cpuinfo_flags(tmp_path, extra, expected):
     info = tmp_path / "cpuinfo"
     info.write_text(CPUINFO_X86.format(extra=extra))
-    assert nb.cpu_has_bf16(info) is expected
+    assert config.cpu_has_bf16(info) is expected
 
 
-def test_cpu_has_bf16_never_crashes_without_flags(nb, tmp_path):
-    assert nb.cpu_has_bf16(tmp_path / "missing") is False  # macOS / Windows: no /proc/cpuinfo
+def test_cpu_has_bf16_never_crashes_without_flags(tmp_path):
+    assert config.cpu_has_bf16(tmp_path / "missing") is False  # macOS / Windows: no /proc/cpuinfo
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")  # no x86 flags line
-    assert nb.cpu_has_bf16(arm) is False
+    assert config.cpu_has_bf16(arm) is False
     binary = tmp_path / "binary"
     binary.write_bytes(b"\xff\xfe flags : avx512_bf16\n")
-    assert nb.cpu_has_bf16(binary) is False  # the key is not 'flags' once garbage precedes it
-    assert nb.cpu_has_bf16(tmp_path) is False  # a folder, not a file
+    assert config.cpu_has_bf16(binary) is False  # the key is not 'flags' once garbage precedes it
+    assert config.cpu_has_bf16(tmp_path) is False  # a folder, not a file
 
 
 def test_lora_wraps_the_intended_modules(tiny_lora, params):
@@ -212,9 +215,10 @@ def test_bf16_sft_step_and_ppo_iteration_are_finite_with_fp32_grads(nb, params, 
     assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the update moved LoRA / the value head
 
 
-def test_common_cell_sets_passive_omp_waiting_before_torch_loads(nb):
-    """The common cell sets OMP_WAIT_POLICY=PASSIVE by default (idle threads sleep, issue 18), and leaves a user's
-    own setting alone. Run in fresh interpreters: the variable only acts before torch is first imported."""
+def test_common_cell_sets_passive_omp_waiting_before_torch_loads():
+    """rlft_support.config sets OMP_WAIT_POLICY=PASSIVE by default (idle threads sleep, issue 18) before it imports
+    torch, and leaves a user's own setting alone; the notebook imports it before its first torch import. Run in
+    fresh interpreters: the variable only acts before torch is first imported."""
     import json
     import os
     import subprocess
@@ -222,16 +226,17 @@ def test_common_cell_sets_passive_omp_waiting_before_torch_loads(nb):
 
     import nbformat
     from nbimport import ROOT
-    cells = nbformat.read(ROOT / "rlft.ipynb", as_version=4).cells
-    source = next(c.source for c in cells if c.metadata.get("rlft", {}).get("section") == "common"
-                  and c.cell_type == "code" and c.source.startswith("#| export"))
-    probe = source.split("import numpy as np")[0] + "\nimport sys, json; print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules]))"
+    probe = (ROOT / "rlft_support" / "config.py").read_text().split("import numpy as np")[0] \
+        + "\nimport sys, json; print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules]))"
     for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
         if preset:
             env["OMP_WAIT_POLICY"] = preset
         out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
         assert json.loads(out.stdout) == [expected, False]  # set while torch is not yet loaded
+    code = "\n".join(c.source for c in nbformat.read(ROOT / "rlft.ipynb", as_version=4).cells if c.cell_type == "code")
+    first_torch = re.search(r"^\s*(import torch|from torch)\b", code, re.M).start()
+    assert 0 <= code.find("from rlft_support.config import") < first_torch
 
 
 def test_all_linear_targets_wrap_every_linear_layer_but_the_head(nb):
