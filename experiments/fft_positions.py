@@ -67,6 +67,7 @@ def rope_rotate(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
+
 # %% [markdown] rlft={"section": "model"}
 # **The FFT design, and why not FNet.** FNet mixes tokens with $\mathrm{Re}\,\mathcal{F}_\text{seq}\mathcal{F}_\text{hidden}(x)$:
 # every output position is a sum over *all* positions, the future included. In a language model trained with
@@ -99,6 +100,7 @@ class CausalFFTMixer(nn.Module):
         spec_h = torch.fft.rfft(self.filter[:, :T].float(), n=n, dim=1).T  # [T+1, D]
         y = torch.fft.irfft(spec_u * spec_h, n=n, dim=1)[:, :T]  # drop the wrap-around half
         return u + y.to(u.dtype)
+
 
 # %% [markdown] rlft={"section": "model"}
 # An FFT multiplies spectra, which is a *circular* convolution; zero-padding to $n = 2T \ge 2T-1$ makes it equal
@@ -168,6 +170,7 @@ def tiny_lm_param_count(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+
 # %% [markdown] rlft={"section": "model"}
 # **Fair comparison.** Equal parameters: `rope` and `none` have no position parameters, so their MLP gets 21
 # more hidden units per block (371,295 vs 371,424 parameters, 0.03 % apart).
@@ -200,6 +203,7 @@ def tiny_lm_config(position: str, d_model: int = 96, n_layers: int = 3, n_heads:
     own = d_model * max_len if position in ("learned", "fft") else 0
     pad = round((d_model * max_len - own) / (n_layers * (2 * d_model + 1)))
     return TinyLMConfig(position, d_model, n_layers, n_heads, max_len, 4 * d_model + pad)
+
 
 # %% [markdown] rlft={"section": "corpus"}
 # ## 2. The corpus
@@ -263,6 +267,7 @@ def load_english_corpus(cache_dir: str, val_every: int = 20) -> dict:
     return {"train": train, "val": val, "source": f"pydoc_data.topics + stdlib docstrings ({tag})",
             "n_docs": len(docs), "n_bytes": len(train) + len(val),
             "sha256": hashlib.sha256(train + val).hexdigest()[:16]}
+
 
 # %% [markdown] rlft={"section": "training"}
 # ## 3. Training
@@ -329,6 +334,7 @@ def byte_val_windows(val: bytes, seq_len: int, n_windows: int) -> torch.Tensor:
     data = torch.tensor(list(val), dtype=torch.long)
     n = min(n_windows, (len(data) - 1) // (seq_len + 1))
     return data[: n * (seq_len + 1)].view(n, seq_len + 1)
+
 
 # %% [markdown] rlft={"section": "scoring"}
 # ## 4. Scoring
@@ -399,6 +405,7 @@ def bytes_to_texts(rows: torch.Tensor) -> list[str]:
     """[B, T] long bytes -> UTF-8 strings (invalid sequences replaced)."""
     return [bytes(r.tolist()).decode("utf-8", errors="replace") for r in rows]
 
+
 # %% [markdown] rlft={"section": "ablation"}
 # ## 5. The ablation
 #
@@ -450,6 +457,7 @@ def run_fft_ablation(corpus: dict, seeds=(0, 1, 2), variants=FFT_VARIANTS, progr
             "corpus": info, "wall_s": time.time() - t0, "variants": summarize_fft_runs(runs),
             "reference": reference, "runs": [{k: v for k, v in r.items() if k != "samples"} for r in runs]}
 
+
 # %% rlft={"section": "ablation"}
 #| export
 def summarize_fft_runs(runs: list[dict]) -> dict:
@@ -477,6 +485,7 @@ def fft_reference_repetition(corpus: dict, n_samples: int, sample_len: int) -> d
     n = min(n_samples, len(data) // stride)
     rows = torch.stack([data[i * stride + 32: (i + 1) * stride] for i in range(n)])
     return word_repetition_scores(bytes_to_texts(rows))
+
 
 # %% [markdown] rlft={"section": "output"}
 # ## 6. Results
@@ -539,6 +548,7 @@ def plot_fft_curves(results: dict, path=None):
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
 
 # %% rlft={"section": "output"}
 from IPython.display import Markdown, display

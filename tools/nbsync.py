@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="sync from the .py even if that drops notebook edits")
     ap.add_argument("notebooks", nargs="*", type=Path, default=[NB],
                     help="the notebooks (.ipynb), each paired with the .py beside it (default: rlft.ipynb)")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()  # the notebooks may follow --from
     for nb_path in a.notebooks:
         nb_path = nb_path.resolve()
         py_path, name = nb_path.with_suffix(".py"), nb_path.with_suffix("").name
