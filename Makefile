@@ -4,7 +4,7 @@ STAMP := .venv/.setup-done
 RUN_OUT ?= runs/rlft.executed.ipynb
 PARAMS ?=
 
-.PHONY: setup run notebook lint test test-fast demo train-dp
+.PHONY: setup run fft notebook lint test test-fast demo train-dp
 
 setup: $(STAMP)
 
@@ -26,12 +26,21 @@ run: setup
 	mkdir -p runs
 	.venv/bin/papermill rlft.ipynb $(RUN_OUT) -k rlft --cwd . $(PARAMS)
 
-# rlft.py (jupytext percent format) is the source you edit; this writes rlft.ipynb from it, outputs stripped.
+# The FFT positional-encoding experiment, its own notebook, headless from the repository root; outputs under runs/.
+# The default shows the committed benchmarks/fft_ablation.json; PARAMS="-p FFT_EXPERIMENT True" trains it live.
+FFT_OUT ?= runs/fft_positions.executed.ipynb
+fft: setup
+	mkdir -p runs
+	.venv/bin/papermill experiments/fft_positions.ipynb $(FFT_OUT) -k rlft --cwd . $(PARAMS)
+
+# rlft.py (jupytext percent format) is the source you edit; this writes rlft.ipynb from it, outputs stripped, and
+# the same for experiments/fft_positions.py -> .ipynb.
 # After editing or merging rlft.ipynb itself: `make notebook FROM=ipynb` (rlft.ipynb -> rlft.py, .ipynb rewritten
 # clean). From rlft.py it refuses when rlft.py is committed unchanged but the .ipynb differs (FORCE=1 overrides).
 FROM ?= py
+NOTEBOOKS := rlft.ipynb experiments/fft_positions.ipynb
 notebook: setup
-	$(PY) tools/nbsync.py sync --from $(FROM) $(if $(FORCE),--force)
+	$(PY) tools/nbsync.py sync --from $(FROM) $(if $(FORCE),--force) $(NOTEBOOKS)
 
 # ruff on the notebook's source rlft.py, the benchmarks, tools and tests (rules in ruff.toml).
 lint: setup

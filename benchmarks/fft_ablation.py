@@ -5,6 +5,7 @@ a causal FFT long-convolution filter, and none — with equal parameter counts (
 the same data order per seed, trained on Python's own English prose (pydoc_data topics + stdlib docstrings,
 ~1.8 MB, built offline). Seeds outer, variants inner, one process, one torch thread (the machine is shared and
 has 2 cores: one thread keeps the timings steadier and leaves a core to the others).
+The definitions are experiments/fft_positions.ipynb's, imported with nbimport.
 
     .venv/bin/python benchmarks/fft_ablation.py            # ~13 min on one CPU core
     .venv/bin/python benchmarks/fft_ablation.py --quick    # a smoke run (not written over the committed files)
@@ -69,7 +70,7 @@ def long_check(nb, corpus: dict, steps: int, seed: int = 0, variants=("rope", "l
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=None, help="default: the notebook's FFT_ABLATION_DEFAULTS")
+    ap.add_argument("--steps", type=int, default=None, help="default: the experiment notebook's FFT_ABLATION_DEFAULTS")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default="~/.cache/rlft")
     ap.add_argument("--quick", action="store_true", help="1 seed, 40 steps, written to runs/ instead")
@@ -77,7 +78,7 @@ def main():
                     help="only add a STEPS-step seed-0 run of rope/learned/fft to the existing JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    nb = load_notebook(ROOT / "rlft.ipynb")
+    nb = load_notebook(ROOT / "experiments/fft_positions.ipynb", name="fft_positions")
     corpus = nb.load_english_corpus(args.cache_dir)
     if args.long_check:
         return long_check(nb, corpus, args.long_check)

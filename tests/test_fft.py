@@ -1,9 +1,24 @@
-"""The FFT section: a tiny byte LM whose position handling is learned / RoPE / causal FFT filter / none."""
+"""The FFT experiment (experiments/fft_positions.ipynb): a tiny byte LM whose position handling is learned / RoPE /
+causal FFT filter / none; and the notebook itself, alone and headless."""
+import ast
+import os
+
+import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
+from jupyter_client.kernelspec import KernelSpecManager
 
+from nbimport import ROOT, export_cells, load_notebook
+
+FFT_NB = ROOT / "experiments" / "fft_positions.ipynb"
 SMALL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_len": 40}
+
+
+@pytest.fixture(scope="module")
+def nb():
+    """The experiment notebook's definition cells, as a module (here, not rlft.ipynb's)."""
+    return load_notebook(FFT_NB, name="fft_positions")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -123,3 +138,57 @@ def test_corpus_is_offline_deterministic_and_large(nb, tmp_path):
     assert corpus["n_bytes"] >= 1_000_000 and corpus["sha256"] == again["sha256"]
     assert 0.02 < len(corpus["val"]) / corpus["n_bytes"] < 0.1
     assert corpus["train"][:2000].decode("utf-8", errors="replace").count(" the ") > 5  # English prose
+
+
+def test_experiment_notebook_stands_alone():
+    """Code cells of at most 60 lines; definition cells that hold definitions only, read no parameter and import
+    nothing of rlft; the convolution equation ends the markdown cell right above CausalFFTMixer."""
+    cells = nbformat.read(FFT_NB, as_version=4).cells
+    assert [len(c.source.splitlines()) for c in cells if c.cell_type == "code" and len(c.source.splitlines()) > 60] == []
+    tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    params = {t.id for node in ast.parse(tagged[0].source).body for t in node.targets}
+    assert params == {"FFT_EXPERIMENT", "FFT_STEPS", "FFT_SEEDS", "CACHE_DIR"}
+    for index, source in export_cells(FFT_NB):
+        tree = ast.parse(source)
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m for m in imported if m.split(".")[0] in ("rlft", "nbimport", "rlft_support")}, index
+        read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert not read & params, f"cell {index} reads parameter globals {read & params}"
+    mixer = next(i for i, c in enumerate(cells) if "class CausalFFTMixer" in c.source)
+    assert cells[mixer - 1].cell_type == "markdown" and cells[mixer - 1].source.rstrip().endswith("$$")
+
+
+def execute_headless(tmp_path, **params) -> tuple[list, str]:
+    """The experiment notebook alone, executed by papermill from the repository root (as `make fft`), torch on one
+    thread: (its outputs, their printed text); no cell raised."""
+    import papermill
+    kernel = "rlft" if "rlft" in KernelSpecManager().find_kernel_specs() else "python3"
+    out = tmp_path / "executed.ipynb"
+    papermill.execute_notebook(str(FFT_NB), str(out), parameters=params, kernel_name=kernel, cwd=str(ROOT),
+                               progress_bar=False)
+    executed = nbformat.read(out, as_version=4)
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    assert [o for o in outputs if o.output_type == "error"] == []
+    return outputs, "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+
+
+def test_experiment_notebook_shows_the_committed_results_headless(tmp_path, monkeypatch):
+    """The default run (FFT_EXPERIMENT = False): the committed measurement's tables, plot and samples."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    outputs, text = execute_headless(tmp_path)
+    assert "read benchmarks/fft_ablation.json" in text and "--- fft (seed 0" in text
+    shown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "| rope | 371,295 | 2.5113 ± 0.0166 |" in shown and "Longer training" in shown
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+@pytest.mark.slow
+def test_experiment_notebook_trains_live_headless(tmp_path, monkeypatch):
+    """FFT_EXPERIMENT = True with 2 steps: the four variants trained, scored and shown (~40 CPU-s, mostly scoring)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cache = os.environ.get("RLFT_CACHE", "~/.cache/rlft")  # the corpus is built there once (as conftest's models)
+    outputs, text = execute_headless(tmp_path, FFT_EXPERIMENT=True, FFT_STEPS=2, FFT_SEEDS=1, CACHE_DIR=cache)
+    assert "ran live" in text and all(f"--- {v} (seed 0" in text for v in ("learned", "rope", "fft", "none"))
+    assert any("image/png" in o.get("data", {}) for o in outputs)

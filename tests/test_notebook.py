@@ -3,25 +3,31 @@ import ast
 import time
 
 import nbformat
+import pytest
 import torch
 
 from nbimport import ROOT, export_cells, load_notebook
 
 NB_PATH = ROOT / "rlft.ipynb"
+# Every notebook of the repository, each paired with the jupytext source beside it (tools/nbsync.py keeps them in sync).
+NOTEBOOKS = [NB_PATH, ROOT / "experiments" / "fft_positions.ipynb"]
+each_notebook = pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.name)
 
 
-def read_nb():
-    return nbformat.read(NB_PATH, as_version=4)
+def read_nb(path=NB_PATH):
+    return nbformat.read(path, as_version=4)
 
 
-def test_committed_without_outputs():
-    nb = read_nb()
+@each_notebook
+def test_committed_without_outputs(nb_path):
+    nb = read_nb(nb_path)
     dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
     assert dirty == [], f"cells with outputs: {dirty} (clear outputs before committing)"
 
 
-def test_exactly_one_parameters_cell():
-    tagged = [c for c in read_nb().cells if "parameters" in c.metadata.get("tags", [])]
+@each_notebook
+def test_exactly_one_parameters_cell(nb_path):
+    tagged = [c for c in read_nb(nb_path).cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
 
 
@@ -64,7 +70,7 @@ def test_every_section_opens_with_markdown():
         if section not in seen:
             seen.append(section)
             assert cell.cell_type == "markdown", f"section {section!r} does not open with a markdown cell"
-    expected = ["generate", "evaluate", "similarity", "reward_model", "ppo", "train", "results", "fft", "demo"]
+    expected = ["generate", "evaluate", "similarity", "reward_model", "ppo", "train", "results", "demo"]
     assert [s for s in seen if s in expected] == expected, "sections missing or out of reading order"
 
 
@@ -77,23 +83,26 @@ def nbsync():
     return module
 
 
-def test_source_and_notebook_agree():
-    """rlft.py (the jupytext source) and rlft.ipynb hold the same cells: type, source and metadata."""
+@each_notebook
+def test_source_and_notebook_agree(nb_path):
+    """rlft.py (the jupytext source) and rlft.ipynb hold the same cells: type, source and metadata (and so for
+    each other notebook and the .py beside it)."""
     sync = nbsync()
-    diff = sync.differences(sync.py_cells(ROOT / "rlft.py"), sync.nb_cells(NB_PATH))
-    assert diff == [], ("rlft.py and rlft.ipynb differ: run make notebook (or make notebook FROM=ipynb if you "
-                        "edited the .ipynb):\n  " + "\n  ".join(diff[:20]))
+    diff = sync.differences(sync.py_cells(nb_path.with_suffix(".py")), sync.nb_cells(nb_path))
+    assert diff == [], (f"{nb_path.stem}.py and {nb_path.name} differ: run make notebook (or make notebook "
+                        "FROM=ipynb if you edited the .ipynb):\n  " + "\n  ".join(diff[:20]))
 
 
-def test_sync_is_deterministic_and_keeps_cell_ids(tmp_path):
-    """Writing the notebook from rlft.py reproduces the committed file byte for byte; an edited cell keeps its id,
+@each_notebook
+def test_sync_is_deterministic_and_keeps_cell_ids(tmp_path, nb_path):
+    """Writing the notebook from its .py reproduces the committed file byte for byte; an edited cell keeps its id,
     a new cell gets an id derived from its content."""
     sync = nbsync()
-    copy = tmp_path / "rlft.ipynb"
-    copy.write_bytes(NB_PATH.read_bytes())
-    cells = sync.py_cells(ROOT / "rlft.py")
+    copy = tmp_path / nb_path.name
+    copy.write_bytes(nb_path.read_bytes())
+    cells = sync.py_cells(nb_path.with_suffix(".py"))
     sync.write_ipynb(cells, copy)
-    assert copy.read_bytes() == NB_PATH.read_bytes(), "run make notebook"
+    assert copy.read_bytes() == nb_path.read_bytes(), "run make notebook"
     ids = [c.id for c in nbformat.read(copy, as_version=4).cells]
     edited = [dict(c) for c in cells]
     edited[1] = {**edited[1], "source": edited[1]["source"] + "\n# edited"}

@@ -1,11 +1,13 @@
 """Keep `rlft.py` (the jupytext percent-format source you edit) and `rlft.ipynb` (what Jupyter, papermill, the
-tests and the benchmarks run) in sync. `make notebook` runs the first command below; tests/test_notebook.py makes
-the same comparison as `check`.
+tests and the benchmarks run) in sync; the same for any other paired notebook named on the command line (its
+source is the .py beside it, e.g. experiments/fft_positions.py). `make notebook` runs the first command below for
+every notebook of the repository; tests/test_notebook.py makes the same comparison as `check`.
 
     python tools/nbsync.py sync                # rlft.py -> rlft.ipynb, outputs stripped (`make notebook`)
     python tools/nbsync.py sync --from ipynb   # rlft.ipynb -> rlft.py, then the .ipynb rewritten clean
                                                # (`make notebook FROM=ipynb`: after editing or merging the .ipynb)
     python tools/nbsync.py check               # exit 1, saying what differs, if the two disagree
+    python tools/nbsync.py sync experiments/fft_positions.ipynb   # another notebook (default: rlft.ipynb)
 
 Both directions are deterministic: the .ipynb is written in one fixed JSON layout (indent 1, each cell's source one
 string, no outputs), cells that keep their place keep their `id`, new cells get an id derived from their content.
@@ -76,9 +78,9 @@ def differences(py: list[dict], nb: list[dict]) -> list[str]:
     out = []
     for i, j in aligned(py, nb):
         if j is None:
-            out.append(f"rlft.py cell {i} {first_line(py[i])} is not in rlft.ipynb")
+            out.append(f".py cell {i} {first_line(py[i])} is not in the .ipynb")
         elif i is None:
-            out.append(f"rlft.ipynb cell {j} {first_line(nb[j])} is not in rlft.py")
+            out.append(f".ipynb cell {j} {first_line(nb[j])} is not in the .py")
         else:
             fields = [f for f in ("cell_type", "metadata", "source") if py[i][f] != nb[j][f]]
             if fields:
@@ -115,9 +117,11 @@ def carried_ids(old: list[dict], new: list[dict]) -> list[str | None]:
     return ids
 
 
-def write_ipynb(cells: list[dict], path: Path = NB) -> None:
-    """Write `cells` as the notebook, keeping its notebook-level metadata and the ids of continuing cells."""
-    old = json.loads(path.read_text()) if path.exists() else {"metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+def write_ipynb(cells: list[dict], path: Path = NB, metadata: dict | None = None) -> None:
+    """Write `cells` as the notebook, keeping its notebook-level metadata and the ids of continuing cells
+    (`metadata`: the notebook-level metadata of a notebook written for the first time)."""
+    old = json.loads(path.read_text()) if path.exists() else \
+        {"metadata": metadata or {}, "nbformat": 4, "nbformat_minor": 5}
     ids = carried_ids(old.get("cells", []), cells)
     taken = {i for i in ids if i}
     out = []
@@ -143,49 +147,60 @@ def write_py(nb_path: Path = NB, py_path: Path = PY) -> None:
     py_path.write_text(text)
 
 
-def py_committed_unchanged() -> bool:
-    """True when git says rlft.py is committed with no change since (False if untracked, or outside git)."""
+def py_committed_unchanged(py_path: Path = PY) -> bool:
+    """True when git says the source (rlft.py) is committed with no change since (False if untracked, or outside git)."""
     try:
-        r = subprocess.run(["git", "status", "--porcelain", "--", PY.name], cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run(["git", "status", "--porcelain", "--", str(py_path)], cwd=ROOT, capture_output=True,
+                           text=True)
     except OSError:
         return False
     return r.returncode == 0 and r.stdout.strip() == ""
 
 
-def sync(source: str, force: bool = False) -> None:
-    """Make the two files agree, taking `source` ("py" or "ipynb") as the truth."""
+def sync(source: str, force: bool = False, nb_path: Path = NB) -> None:
+    """Make the notebook `nb_path` and its source (the .py beside it) agree, taking `source` ("py" or "ipynb") as
+    the truth."""
+    py_path = nb_path.with_suffix(".py")
+    py, nb = py_path.name, nb_path.name
     if source == "ipynb":
-        write_py()
-        kept = [{**c, "metadata": {k: v for k, v in c["metadata"].items() if k not in VOLATILE_KEYS}} for c in nb_cells()]
-        lost = differences(py_cells(), kept)
+        write_py(nb_path, py_path)
+        kept = [{**c, "metadata": {k: v for k, v in c["metadata"].items() if k not in VOLATILE_KEYS}}
+                for c in nb_cells(nb_path)]
+        lost = differences(py_cells(py_path), kept)
         if lost:  # jupytext could not represent something: stop before the .ipynb is rewritten from the .py
-            sys.exit("rlft.py was written from rlft.ipynb, but reads back differently, so rlft.ipynb was left as it "
+            sys.exit(f"{py} was written from {nb}, but reads back differently, so {nb} was left as it "
                      "was:\n  " + "\n  ".join(lost))
-    elif PY.exists() and NB.exists() and not force and py_committed_unchanged() and \
-            differences(py_cells(), nb_cells()):
-        sys.exit("rlft.py has no uncommitted change, yet rlft.ipynb differs from it: the notebook was edited (in "
+    elif py_path.exists() and nb_path.exists() and not force and py_committed_unchanged(py_path) and \
+            differences(py_cells(py_path), nb_cells(nb_path)):
+        sys.exit(f"{py} has no uncommitted change, yet {nb} differs from it: the notebook was edited (in "
                  "Jupyter, or by a merge). Keep those edits with `make notebook FROM=ipynb`, or overwrite them "
-                 "from rlft.py with `make notebook FORCE=1`.")
-    before = nb_cells() if NB.exists() else []
-    after = py_cells()
-    write_ipynb(after)
-    print(f"rlft.ipynb <- rlft.py: {summary(before, after)}")
+                 f"from {py} with `make notebook FORCE=1`.")
+    before = nb_cells(nb_path) if nb_path.exists() else []
+    after = py_cells(py_path)
+    header = {k: v for k, v in jupytext.read(py_path, fmt=FMT).metadata.items() if k != "jupytext"}
+    write_ipynb(after, nb_path, metadata=header)
+    print(f"{nb} <- {py}: {summary(before, after)}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cmd", choices=["sync", "check"])
     ap.add_argument("--from", dest="source", choices=["py", "ipynb"], default="py")
-    ap.add_argument("--force", action="store_true", help="sync from rlft.py even if that drops notebook edits")
-    a = ap.parse_args()
-    if a.cmd == "sync":
-        sync(a.source, a.force)
-    else:
-        diff = differences(py_cells(), nb_cells())
+    ap.add_argument("--force", action="store_true", help="sync from the .py even if that drops notebook edits")
+    ap.add_argument("notebooks", nargs="*", type=Path, default=[NB],
+                    help="the notebooks (.ipynb), each paired with the .py beside it (default: rlft.ipynb)")
+    a = ap.parse_intermixed_args()  # the notebooks may follow --from
+    for nb_path in a.notebooks:
+        nb_path = nb_path.resolve()
+        py_path, name = nb_path.with_suffix(".py"), nb_path.with_suffix("").name
+        if a.cmd == "sync":
+            sync(a.source, a.force, nb_path)
+            continue
+        diff = differences(py_cells(py_path), nb_cells(nb_path))
         if diff:
-            sys.exit("rlft.py and rlft.ipynb differ: run make notebook (make notebook FROM=ipynb if you edited the "
-                     ".ipynb):\n  " + "\n  ".join(diff))
-        print("rlft.py and rlft.ipynb agree")
+            sys.exit(f"{name}.py and {name}.ipynb differ: run make notebook (make notebook FROM=ipynb if you "
+                     "edited the .ipynb):\n  " + "\n  ".join(diff))
+        print(f"{name}.py and {name}.ipynb agree")
 
 
 if __name__ == "__main__":
