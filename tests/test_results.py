@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nbimport import ROOT
+from rlft_support import report
 
 PAIRS = [{"prompt": "Name a colour.", "reference": "Blue is a colour.", "split": "train", "family": "f"},
          {"prompt": "Say hi.", "reference": "Hi there!", "split": "train", "family": "f"}]
@@ -65,7 +66,7 @@ def test_ppo_seeds_script_end_to_end(nb, tmp_path):
     assert "gain, mean over seeds" in md
     again, _ = run_script(tmp_path, "ppo_seeds", "--budget", "2", "--seeds", "0", "1")  # cached: same figures
     assert again["gains"] == r["gains"]
-    nb.plot_results(r, None, tmp_path / "headline.png")
+    report.plot_results(r, None, tmp_path / "headline.png")
     assert (tmp_path / "headline.png").stat().st_size > 10_000
 
 
@@ -81,7 +82,7 @@ def test_ablations_script_end_to_end(nb, tmp_path, params):
     assert r["variants"]["sft"]["overrides"] == {}
     assert r["variants"]["default"]["overrides"] == {}
     assert r["variants"]["entropy"]["overrides"]["PPO_ENT_COEF"] != params["PPO_ENT_COEF"]  # flipped, never a no-op
-    nb.plot_results({"runs": [], "budget_s": 1}, r, tmp_path / "ablations.png")
+    report.plot_results({"runs": [], "budget_s": 1}, r, tmp_path / "ablations.png")
     assert (tmp_path / "ablations.png").stat().st_size > 10_000
 
 

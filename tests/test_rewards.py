@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nbimport import ROOT
+from rlft_support import report
 
 REF = "A harbour is a sheltered stretch of water where ships can anchor safely."
 
@@ -81,7 +82,7 @@ def test_reward_mlp_learns_a_known_synthetic_target_deterministically(nb):
     rm, hist = fit()
     with torch.no_grad():
         pred = rm(p[split["test"]], q[split["test"]])
-    m = nb.reward_metrics(pred, y[split["test"]], pid[split["test"]], y[split["train"]].mean().item())
+    m = report.reward_metrics(pred, y[split["test"]], pid[split["test"]], y[split["train"]].mean().item())
     assert m["mse"] < 0.15 * m["mse_constant"], m  # R^2 > 0.85 on unseen prompts
     assert m["spearman_global"] > 0.9 and m["pearson"] > 0.9, m
     assert hist["val"][hist["best_epoch"]] == min(hist["val"])
@@ -100,10 +101,10 @@ def test_split_by_prompt_keeps_each_prompt_in_one_part(nb):
         nb.split_by_prompt(torch.tensor([0, 1]), 0.5, 0.5)
 
 
-def test_reward_metrics_on_perfect_and_constant_predictions(nb):
+def test_reward_metrics_on_perfect_and_constant_predictions():
     t = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 9.0])
     pid = torch.tensor([0, 0, 0, 1, 1, 1])
-    m = nb.reward_metrics(t.clone(), t, pid, constant=t.mean().item())
+    m = report.reward_metrics(t.clone(), t, pid, constant=t.mean().item())
     assert m["pearson"] == pytest.approx(1) and m["spearman_global"] == pytest.approx(1)
     assert m["spearman_within_prompt"] == pytest.approx(1) and m["n_prompts_within"] == 2
     assert m["mse"] == 0 and m["mse_constant"] == pytest.approx(t.var(unbiased=False).item())
