@@ -141,20 +141,43 @@ PLOT_PANELS = (("score", "similarity", "eval_similarity"), ("reward_gap",), ("kl
                ("value_loss",), ("explained_variance",), ("response_len",), ("eos_rate",))
 
 
+def finite_points(logs: list[dict], key: str) -> list[tuple[int, float]]:
+    """(iteration + 1, value) of each record whose `key` is a finite number (NaN, missing and None are no data).
+    value_loss counts only where a critic ran: some record has a finite explained_variance (under
+    ADVANTAGE = "group" every one is NaN, and value_loss is 0 by construction)."""
+    if key == "value_loss" and not finite_points(logs, "explained_variance"):
+        return []
+    return [(r["iteration"] + 1, r[key]) for r in logs
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
 def plot_training(logs: list[dict], path=None):
-    """A grid of training curves against the iteration; saved as PNG at `path` when given. Returns the figure."""
+    """Training curves against the iteration, one panel per PLOT_PANELS entry that has data in `logs`, three a row:
+    a panel whose keys are all NaN or missing (`finite_points`; under the group advantage reward_gap when no
+    similarity is logged, value_loss, explained_variance) is not drawn. Saved as PNG at `path` when given.
+    Returns the figure."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(3, 3, figsize=(13, 9), constrained_layout=True)
-    for ax, keys in zip(axes.flat, PLOT_PANELS):
-        for key in keys:
-            points = [(r["iteration"] + 1, r[key]) for r in logs if isinstance(r.get(key), (int, float))]
-            xs, ys = zip(*points) if points else ((), ())
-            sparse = key.startswith("eval_") or len(points) < 30
-            ax.plot(xs, ys, marker="o" if sparse else None, ms=3, label=key)
-        ax.set_title(" / ".join(keys), fontsize=10)
-        ax.set_xlabel("iteration")
-        if len(keys) > 1:
-            ax.legend(fontsize=8)
+    panels = [{k: finite_points(logs, k) for k in keys} for keys in PLOT_PANELS]
+    panels = [{k: pts for k, pts in p.items() if pts} for p in panels]
+    panels = [p for p in panels if p]
+    if not panels:
+        fig, ax = plt.subplots(figsize=(6, 1.5), constrained_layout=True)
+        ax.text(0.5, 0.5, "no training curves: the log has no RL iterations", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        rows = math.ceil(len(panels) / 3)
+        fig, axes = plt.subplots(rows, 3, figsize=(13, 3 * rows), squeeze=False, constrained_layout=True)
+        for ax in axes.flat[len(panels):]:
+            fig.delaxes(ax)
+        for ax, panel in zip(axes.flat, panels):
+            for key, points in panel.items():
+                xs, ys = zip(*points)
+                sparse = key.startswith("eval_") or len(points) < 30
+                ax.plot(xs, ys, marker="o" if sparse else None, ms=3, label=key)
+            ax.set_title(" / ".join(panel), fontsize=10)
+            ax.set_xlabel("iteration")
+            if len(panel) > 1:
+                ax.legend(fontsize=8)
     if path is not None:
         fig.savefig(path, dpi=100)
     return fig
@@ -205,46 +228,59 @@ def plot_gains(ax, variants: dict, title: str) -> None:
     ax.set(xlabel="similarity gain on the eval split (bar: mean, dots: seeds, line: 95% interval)", title=title)
 
 
-def plot_results(headline: dict, ablations: dict | None, path=None):
-    """Left: each seed's rollout score per PPO iteration (the headline runs). Right: the ablations' gains with
-    their 95% intervals. `headline`, `ablations`: the committed benchmarks/ppo_seeds.json and ablations.json."""
+def minus_sft(pipeline: dict) -> dict:
+    """pipeline_seeds.json's arms other than 'sft', as plot_gains variants of their difference from SFT alone:
+    rl_over_sft_mean with its paired 95% interval, and per seed the arm's gain minus SFT's gain of that seed."""
+    sft = pipeline["arms"].get("sft")
+    if sft is None:
+        return {}
+    sft_gain = dict(zip(sft["seeds"], sft["gains"]))
+    return {arm: {"gain_mean": a["rl_over_sft_mean"], "gain_ci_low": a["rl_over_sft_ci_low"],
+                  "gain_ci_high": a["rl_over_sft_ci_high"],
+                  "gains": [g - sft_gain[s] for s, g in zip(a["seeds"], a["gains"]) if s in sft_gain]}
+            for arm, a in pipeline["arms"].items() if arm != "sft"}
+
+
+def plot_results(pipeline: dict, path=None):
+    """The headline of the results section, from the committed benchmarks/pipeline_seeds.json. Left: each arm's
+    gain over the base (bar: mean over seeds, line: 95% paired-bootstrap interval over prompts, dots: seeds; the
+    notebook's default arm marked). Right: each arm minus SFT alone, prompt by prompt, with its 95% interval."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), constrained_layout=True)
-    for run in headline["runs"]:
-        curve = run["train"]["curve"]
-        axes[0].plot([r["iteration"] + 1 for r in curve], [r["score"] for r in curve], alpha=0.8,
-                     label=f"seed {run['seed']}: gain {run['gain']:+.2f}")
-    axes[0].set(xlabel="PPO iteration", ylabel="rollout score (mean over the batch)",
-                title=f"headline runs, {headline['budget_s']:.0f} s each")
-    axes[0].legend(fontsize=8)
-    if ablations:
-        plot_gains(axes[1], ablations["variants"], f"ablations, {ablations['budget_s']:.0f} s each")
+    label = lambda arm: f"{arm} (default)" if arm == pipeline.get("default_arm") else arm
+    diffs = minus_sft(pipeline)
+    fig, axes = plt.subplots(1, 2 if diffs else 1, figsize=(13 if diffs else 7, 1.5 + 0.6 * len(pipeline["arms"])),
+                             squeeze=False, constrained_layout=True)
+    seeds = sorted({s for a in pipeline["arms"].values() for s in a["seeds"]})
+    plot_gains(axes[0, 0], {label(arm): a for arm, a in pipeline["arms"].items()},
+               f"gain over the base model, {pipeline['budget_s']:.0f} s per run, seeds {seeds}")
+    if diffs:
+        plot_gains(axes[0, 1], {label(arm): d for arm, d in diffs.items()}, "minus SFT alone, on the same prompts")
+        axes[0, 1].set_xlabel("difference in similarity gain (bar: mean, dots: seeds, line: 95% interval)")
     if path is not None:
         fig.savefig(path, dpi=100)
     return fig
 
 
 def plot_pipeline(pipeline: dict, path=None):
-    """benchmarks/pipeline_seeds.json: the arms' gains; the SFT loss per step (and the held-out NLL at each check);
-    the RL rollout score per iteration (one line per run)."""
+    """benchmarks/pipeline_seeds.json's runs: the SFT loss per step (and the held-out NLL at each check); the RL
+    rollout score per iteration (one line per run). The arms' gains are `plot_results`."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4), constrained_layout=True)
-    plot_gains(axes[0], pipeline["arms"], f"the pipeline's arms, {pipeline['budget_s']:.0f} s each")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), constrained_layout=True)
     for arm, summary in pipeline["arms"].items():
         for run in summary["runs"]:
             label = f"{arm}, seed {run['seed']}"
             sft, rl = run["train"].get("sft_curve") or [], run["train"].get("curve") or []
             if sft:
-                line, = axes[1].plot([r["step"] for r in sft], [r["loss"] for r in sft], alpha=0.7, label=label)
+                line, = axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft], alpha=0.7, label=label)
                 val = [r for r in sft if "val_nll" in r]  # the held-out stop's checks (SFT_VAL_FRAC > 0)
                 if val:
-                    axes[1].plot([r["step"] for r in val], [r["val_nll"] for r in val], "o--", ms=3,
+                    axes[0].plot([r["step"] for r in val], [r["val_nll"] for r in val], "o--", ms=3,
                                  color=line.get_color(), label=f"{label}, held-out train prompts")
             if rl:
-                axes[2].plot([r["iteration"] + 1 for r in rl], [r["score"] for r in rl], alpha=0.7, label=label)
-    axes[1].set(xlabel="SFT step", ylabel="reference NLL per token", title="SFT stage")
-    axes[2].set(xlabel="RL iteration", ylabel="rollout score (mean over the batch)", title="RL stage")
-    for ax in axes[1:]:
+                axes[1].plot([r["iteration"] + 1 for r in rl], [r["score"] for r in rl], alpha=0.7, label=label)
+    axes[0].set(xlabel="SFT step", ylabel="reference NLL per token", title="SFT stage")
+    axes[1].set(xlabel="RL iteration", ylabel="rollout score (mean over the batch)", title="RL stage")
+    for ax in axes:
         ax.legend(fontsize=7)
     if path is not None:
         fig.savefig(path, dpi=100)

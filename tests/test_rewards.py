@@ -198,3 +198,13 @@ def test_a_tampered_cache_with_missing_fields_is_regenerated(nb, tmp_path):
     with pytest.warns(UserWarning, match="not a valid reward-data cache"):
         assert nb.load_reward_data(path, key) is None
     assert nb.load_reward_data(path, "another-key") is None  # another key: silently recomputed
+
+
+def test_plot_reward_fit_draws_the_held_out_scatter_and_the_fit(tmp_path):
+    target, pred = torch.linspace(2, 9, 12), torch.linspace(2.5, 8.5, 12)
+    rm_test = {"target": target, "pred": pred, "spearman_global": 1.0}
+    history = {"train": [1.0, 0.5, 0.3], "val": [1.1, 0.6, 0.7], "best_epoch": 1}
+    fig = report.plot_reward_fit(rm_test, history, torch.full((12,), 0.7), tmp_path / "fit.png")
+    assert (tmp_path / "fit.png").stat().st_size > 10_000
+    assert fig.axes[0].get_title() == "held-out prompts: Spearman 1.00"
+    assert [list(line.get_ydata()) for line in fig.axes[1].get_lines()[:2]] == [history["train"], history["val"]]
