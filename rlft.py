@@ -186,6 +186,10 @@ import torch.nn.functional as F
 #| export
 # The plumbing lives in rlft_support/ (which never imports this notebook); one line per module, the names used here.
 import rlft_support  # noqa: F401
+from rlft_support.report import (summarize_by_family, paired_comparison, format_table, evaluate_reward_model,
+                                 plot_reward_fit, plot_training, plot_phase_times, plot_results, plot_pipeline,
+                                 show_committed)
+from rlft_support.report import bootstrap_ci, phase_matrix, PHASES  # noqa: F401 (the benchmarks use them as nb.X)
 
 # %% rlft={"section": "common"}
 seed_everything(SEED)
@@ -1052,10 +1056,7 @@ for name, z in candidates.items():
     entropy = -(p * p.clamp_min(1e-30).log()).sum()
     print(f"  {name:18s} logits range [{z.min():+.3f}, {z.max():+.3f}]  entropy {entropy:5.2f}  top: " + ", ".join(f"{tokenizer.decode([int(i)])!r} {float(v):.3g}" for v, i in zip(top.values, top.indices)))
 # The measured tables (committed; rerun with `python benchmarks/generate.py` / `python benchmarks/logits_modes.py`).
-from IPython.display import Markdown, display
-for name in ("generate", "logits_modes"):
-    table = Path("benchmarks") / f"{name}.md"
-    display(Markdown(table.read_text()) if table.exists() else f"({table} not found)")
+show_committed(("generate", "logits_modes"))
 
 # %% [markdown] rlft={"section": "evaluate"}
 # ## 4. Evaluation
@@ -1179,29 +1180,6 @@ def similarity(responses: list[str], references: list[str], embedder: Embedder) 
     return 10.0 * F.cosine_similarity(r, ref, dim=-1, eps=1e-8)
 
 
-def distinct_n(text: str, n: int = 2) -> float:
-    """Unique word n-grams / all word n-grams of one text (lower-cased words); nan when it has none."""
-    words = re.findall(r"\w+", text.lower())
-    grams = list(zip(*(words[i:] for i in range(n))))
-    return len(set(grams)) / len(grams) if grams else float("nan")
-
-
-def mean_distinct_n(texts: list[str], n: int = 2) -> float:
-    """Mean of `distinct_n` over the texts that have an n-gram (0.0 if none has): 1 = no repeats within a response."""
-    values = [d for d in (distinct_n(t, n) for t in texts) if not math.isnan(d)]
-    return float(np.mean(values)) if values else 0.0
-
-
-def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` ([N] numbers); (nan, nan) when empty."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return float("nan"), float("nan")
-    means = v[np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
-
 def response_log_softmax(model, sequences: torch.Tensor, attention_mask: torch.Tensor, resp_len: int) -> torch.Tensor:
     """Full-vocabulary log-probs at each response position: [B, T, V] float32.
 
@@ -1224,29 +1202,6 @@ def exact_kl(model, gen) -> torch.Tensor:
         logq = response_log_softmax(model, gen.sequences, gen.attention_mask, T)
     per_token = (logp.exp() * (logp - logq)).sum(-1)  # [B, T]
     return (per_token * gen.response_mask.float()).sum(-1)
-
-
-# %% rlft={"section": "evaluate"}
-#| export
-def summarize_rows(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
-    """Figures of one group of evaluated rows (see `evaluate`): n, similarity + 95% CI, length, EOS, distinct-2, KL."""
-    sims = [r["similarity"] for r in rows]
-    lo, hi = bootstrap_ci(sims, n_boot, seed=seed)
-    out = {"n": len(rows), "similarity": float(np.mean(sims)), "ci_low": lo, "ci_high": hi,
-           "length": float(np.mean([r["length"] for r in rows])),
-           "eos_frac": float(np.mean([r["eos"] for r in rows])),
-           "distinct2": mean_distinct_n([r["response"] for r in rows], 2)}
-    if all("kl" in r for r in rows):
-        out["kl"] = float(np.mean([r["kl"] for r in rows]))
-    return out
-
-
-def summarize_by_family(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """{family: figures, ..., 'overall': figures} (families sorted)."""
-    families = sorted({r["family"] for r in rows})
-    table = {f: summarize_rows([r for r in rows if r["family"] == f], n_boot, seed) for f in families}
-    table["overall"] = summarize_rows(rows, n_boot, seed)
-    return table
 
 
 # %% rlft={"section": "evaluate"}
@@ -1287,35 +1242,6 @@ def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, *, max_new
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                 "logits_mode": logits_mode, "pca_k": pca_k}
     return {"rows": rows, "table": summarize_by_family(rows, n_boot, seed), "settings": settings}
-
-
-# %% rlft={"section": "evaluate"}
-#| export
-def paired_comparison(result_a: dict, result_b: dict, n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Per family and overall: mean of s_B - s_A over the same prompts, with a paired-bootstrap 95% interval."""
-    a = {r["prompt"]: r for r in result_a["rows"]}
-    b = {r["prompt"]: r for r in result_b["rows"]}
-    if set(a) != set(b):
-        raise ValueError(f"paired_comparison needs the same prompts in both results ({len(set(a) ^ set(b))} differ)")
-    prompts = list(a)
-    out = {}
-    for fam in sorted({a[p]["family"] for p in prompts}) + ["overall"]:
-        ps = [p for p in prompts if fam == "overall" or a[p]["family"] == fam]
-        diff = [b[p]["similarity"] - a[p]["similarity"] for p in ps]
-        lo, hi = bootstrap_ci(diff, n_boot, seed=seed)
-        out[fam] = {"n": len(ps), "mean_a": float(np.mean([a[p]["similarity"] for p in ps])),
-                    "mean_b": float(np.mean([b[p]["similarity"] for p in ps])),
-                    "diff": float(np.mean(diff)), "ci_low": lo, "ci_high": hi}
-    return out
-
-
-def format_table(table: dict[str, dict], digits: int = 2) -> str:
-    """A markdown table of `{row name: {column: value}}` (numbers rounded)."""
-    cols = list(dict.fromkeys(c for row in table.values() for c in row))
-    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-    lines = ["| group | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(fmt(row.get(c, "")) for c in cols) + " |" for name, row in table.items()]
-    return "\n".join(lines)
 
 
 # %% rlft={"section": "evaluate"}
@@ -1612,40 +1538,8 @@ def fit_reward_mlp(prompt_emb: torch.Tensor, response_emb: torch.Tensor, labels:
     return rm.eval(), history
 
 
-def correlation(kind: str, a: np.ndarray, b: np.ndarray) -> float:
-    """'pearson' or 'spearman' correlation of two [n] arrays; nan when n < 3 or either is constant."""
-    from scipy.stats import pearsonr, spearmanr  # scipy comes with sentence-transformers
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float((pearsonr if kind == "pearson" else spearmanr)(a, b).statistic)
-
-
-def reward_metrics(pred: torch.Tensor, target: torch.Tensor, prompt_id: torch.Tensor, constant: float) -> dict:
-    """pred, target, prompt_id: [N]. Pearson, global and mean within-prompt Spearman, MSE vs a constant predictor."""
-    p, t, ids = pred.double().numpy(), target.double().numpy(), prompt_id.numpy()
-    within = [correlation("spearman", p[ids == i], t[ids == i]) for i in np.unique(ids)]
-    within = [w for w in within if not math.isnan(w)]
-    return {"n": int(len(t)), "pearson": correlation("pearson", p, t), "spearman_global": correlation("spearman", p, t),
-            "spearman_within_prompt": float(np.mean(within)) if within else float("nan"),
-            "n_prompts_within": len(within), "mse": float(np.mean((p - t) ** 2)),
-            "mse_constant": float(np.mean((constant - t) ** 2))}
-
-
 # %% rlft={"section": "reward_model"}
 #| export
-def evaluate_reward_model(rm: RewardMLP, data: dict, idx: torch.Tensor, train_idx: torch.Tensor) -> dict:
-    """reward_metrics on the generated rows of `idx` (anchors excluded); constant = train generated mean."""
-    gen_mask = torch.tensor([k == "generated" for k in data["kind"]])
-    rows, train_rows = idx[gen_mask[idx]], train_idx[gen_mask[train_idx]]
-    device = next(rm.parameters()).device
-    with torch.no_grad():
-        pred = rm.eval()(data["prompt_emb"][rows].to(device), data["response_emb"][rows].to(device)).cpu()
-    empty = torch.tensor([not data["responses"][i].strip() for i in rows.tolist()], dtype=torch.bool)
-    pred = pred.masked_fill(empty, 0.0)  # as RewardMLP.score does
-    out = reward_metrics(pred, data["label"][rows], data["prompt_id"][rows], data["label"][train_rows].mean().item())
-    return out | {"pred": pred, "target": data["label"][rows], "rows": rows}
-
-
 def make_reward_fn(kind, embedder: Embedder, reward_model: RewardMLP | None = None, device=None):
     """REWARD_FN -> callable (prompts, responses, references) -> [B] float32 tensor (on `device` if given).
 
@@ -1703,20 +1597,7 @@ print(format_table({"held-out test (generated only)": {k: v for k, v in rm_test.
                                                        if isinstance(v, (int, float))}}, digits=3))
 
 # %% rlft={"section": "reward_model"}
-import matplotlib.pyplot as plt
-
-temps = rm_data["temperature"][rm_test["rows"]]
-fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-sc = ax[0].scatter(rm_test["target"], rm_test["pred"], c=temps, cmap="viridis", s=12)
-lims = [min(rm_test["target"].min(), rm_test["pred"].min()).item(), 10]
-ax[0].plot(lims, lims, "k--", lw=1)
-ax[0].set(xlabel="true similarity", ylabel="reward-model score",
-          title=f"held-out prompts: Spearman {rm_test['spearman_global']:.2f}")
-fig.colorbar(sc, ax=ax[0], label="sampling temperature")
-ax[1].plot(rm_history["train"], label="train MSE"); ax[1].plot(rm_history["val"], label="validation MSE")
-ax[1].axvline(rm_history["best_epoch"], color="k", ls=":", lw=1)
-ax[1].set(xlabel="epoch", ylabel="MSE", yscale="log", title="fit, early-stopped on validation prompts"); ax[1].legend()
-fig.tight_layout(); fig.savefig(RUN_PATH / "reward_model_fit.png", dpi=100); plt.show()
+fig = plot_reward_fit(rm_test, rm_history, rm_data["temperature"][rm_test["rows"]], RUN_PATH / "reward_model_fit.png")
 
 reward_fn = make_reward_fn(REWARD_FN, embedder, reward_model, device=device)
 probe = base_eval["rows"][:3]
@@ -3373,59 +3254,6 @@ def read_log(run_path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-PLOT_PANELS = (("score", "similarity", "eval_similarity"), ("reward_gap",), ("kl_ref",), ("entropy",), ("clip_frac", "approx_kl"),
-               ("value_loss",), ("explained_variance",), ("response_len",), ("eos_rate",))
-
-
-def plot_training(logs: list[dict], path=None):
-    """A grid of training curves against the iteration; saved as PNG at `path` when given. Returns the figure."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(3, 3, figsize=(13, 9), constrained_layout=True)
-    for ax, keys in zip(axes.flat, PLOT_PANELS):
-        for key in keys:
-            points = [(r["iteration"] + 1, r[key]) for r in logs if isinstance(r.get(key), (int, float))]
-            xs, ys = zip(*points) if points else ((), ())
-            sparse = key.startswith("eval_") or len(points) < 30
-            ax.plot(xs, ys, marker="o" if sparse else None, ms=3, label=key)
-        ax.set_title(" / ".join(keys), fontsize=10)
-        ax.set_xlabel("iteration")
-        if len(keys) > 1:
-            ax.legend(fontsize=8)
-    if path is not None:
-        fig.savefig(path, dpi=100)
-    return fig
-
-
-PHASES = ("t_generate", "t_old_logprobs", "t_ref", "t_reward", "t_update", "t_checkpoint", "t_monitor")
-
-
-def phase_matrix(logs: list[dict]) -> np.ndarray:
-    """[iterations, len(PHASES)] seconds from log records (a missing or NaN phase counts 0 s)."""
-    rows = [[r.get(k) if isinstance(r.get(k), (int, float)) and math.isfinite(r.get(k)) else 0.0 for k in PHASES]
-            for r in logs]
-    return np.array(rows, dtype=float).reshape(len(logs), len(PHASES))
-
-
-def plot_phase_times(logs: list[dict], path=None):
-    """Where each iteration's time goes: stacked bars of PHASES per iteration (seconds), with each phase's share
-    of the total in the legend; saved as PNG at `path` when given. Returns the figure."""
-    import matplotlib.pyplot as plt
-    times = phase_matrix(logs)
-    fig, ax = plt.subplots(figsize=(10, 4), constrained_layout=True)
-    x, bottom, total = np.arange(1, len(logs) + 1), np.zeros(len(logs)), max(times.sum(), 1e-9)
-    for j, name in enumerate(PHASES):
-        ax.bar(x, times[:, j], bottom=bottom, width=1.0 if len(logs) > 30 else 0.8,
-               label=f"{name[2:]} ({100 * times[:, j].sum() / total:.0f}%)")
-        bottom += times[:, j]
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("seconds")
-    ax.set_title("where an iteration's time goes")
-    ax.legend(fontsize=8, ncol=4)
-    if path is not None:
-        fig.savefig(path, dpi=100)
-    return fig
-
-
 # %% [markdown] rlft={"section": "scale_out"}
 # ## 8.1 Scaling out: data-parallel RL with Hugging Face accelerate
 #
@@ -4016,7 +3844,8 @@ print(f"\nfinal adapter: {final_adapter} (PeftModel.from_pretrained(base_model, 
 # Each arm ran `run_pipeline` (section 8.2) from a fresh LoRA with `TRAIN_BUDGET_S = 1200` s, one run at a time on
 # a 2-core Intel Xeon (load averages in the table). Then all 133 eval prompts were answered greedily (48 new
 # tokens) and paired with the base model's answers. The table is `benchmarks/pipeline_seeds.md`, shown by the
-# cell below. In numbers (gain in 10 × cos, 95% paired-bootstrap interval over prompts; 3 seeds an arm):
+# cell below, which also plots these gains (`results.png`) and the runs' curves (`pipeline.png`). In numbers
+# (gain in 10 × cos, 95% paired-bootstrap interval over prompts; 3 seeds an arm):
 # - **SFT alone** (stopped on held-out train prompts): **+0.65 [+0.42, +0.88]** (seeds +0.63, +0.65, +0.66; the
 #   held-out NLL was lowest at steps 60, 40 and 40, and SFT stopped at steps 100, 80 and 80, after 308, 253 and
 #   349 s of the 1200).
@@ -4100,8 +3929,7 @@ print(f"\nfinal adapter: {final_adapter} (PeftModel.from_pretrained(base_model, 
 #   prompt.
 # - `benchmarks/ablations.py` changes one choice at a time, at an equal 300 s budget and with seeds 0 and 1.
 #
-# Both scripts import this notebook's functions, as the tests do. The cell below shows their tables and plots
-# the per-seed training curves and the ablation gains.
+# Both scripts import this notebook's functions, as the tests do. The cell below shows their tables.
 #
 # **How the defaults were chosen.** All tuning figures below are eval-split gains from single-seed runs, about
 # ±0.2 apart from seed noise alone.
@@ -4167,85 +3995,13 @@ print(f"\nfinal adapter: {final_adapter} (PeftModel.from_pretrained(base_model, 
 #     something you cannot demonstrate. With the MLP reward, PPO needs no reference at run time.
 
 # %% rlft={"section": "results"}
-#| export
-def plot_gains(ax, variants: dict, title: str) -> None:
-    """Horizontal bars of each variant's mean gain with its 95% interval, and a dot per seed. `variants`:
-    name -> {gain_mean, gain_ci_low, gain_ci_high, gains} (ablations.json's variants, pipeline_seeds.json's arms)."""
-    names = list(variants)
-    v = [variants[n] for n in names]
-    means = np.array([x["gain_mean"] for x in v])
-    err = np.array([[m - x["gain_ci_low"], x["gain_ci_high"] - m] for m, x in zip(means, v)]).T
-    ax.barh(names, means, xerr=err, color="tab:blue", alpha=0.7)
-    for i, x in enumerate(v):
-        ax.plot(x["gains"], [i] * len(x["gains"]), "k.", ms=6)
-    ax.axvline(0, color="k", lw=1)
-    ax.invert_yaxis()
-    ax.set(xlabel="similarity gain on the eval split (bar: mean, dots: seeds, line: 95% interval)", title=title)
-
-
-def plot_results(headline: dict, ablations: dict | None, path=None):
-    """Left: each seed's rollout score per PPO iteration (the headline runs). Right: the ablations' gains with
-    their 95% intervals. `headline`, `ablations`: the committed benchmarks/ppo_seeds.json and ablations.json."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), constrained_layout=True)
-    for run in headline["runs"]:
-        curve = run["train"]["curve"]
-        axes[0].plot([r["iteration"] + 1 for r in curve], [r["score"] for r in curve], alpha=0.8,
-                     label=f"seed {run['seed']}: gain {run['gain']:+.2f}")
-    axes[0].set(xlabel="PPO iteration", ylabel="rollout score (mean over the batch)",
-                title=f"headline runs, {headline['budget_s']:.0f} s each")
-    axes[0].legend(fontsize=8)
-    if ablations:
-        plot_gains(axes[1], ablations["variants"], f"ablations, {ablations['budget_s']:.0f} s each")
-    if path is not None:
-        fig.savefig(path, dpi=100)
-    return fig
-
-
-# %% rlft={"section": "results"}
-#| export
-def plot_pipeline(pipeline: dict, path=None):
-    """benchmarks/pipeline_seeds.json: the arms' gains; the SFT loss per step (and the held-out NLL at each check);
-    the RL rollout score per iteration (one line per run)."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4), constrained_layout=True)
-    plot_gains(axes[0], pipeline["arms"], f"the pipeline's arms, {pipeline['budget_s']:.0f} s each")
-    for arm, summary in pipeline["arms"].items():
-        for run in summary["runs"]:
-            label = f"{arm}, seed {run['seed']}"
-            sft, rl = run["train"].get("sft_curve") or [], run["train"].get("curve") or []
-            if sft:
-                line, = axes[1].plot([r["step"] for r in sft], [r["loss"] for r in sft], alpha=0.7, label=label)
-                val = [r for r in sft if "val_nll" in r]  # the held-out stop's checks (SFT_VAL_FRAC > 0)
-                if val:
-                    axes[1].plot([r["step"] for r in val], [r["val_nll"] for r in val], "o--", ms=3,
-                                 color=line.get_color(), label=f"{label}, held-out train prompts")
-            if rl:
-                axes[2].plot([r["iteration"] + 1 for r in rl], [r["score"] for r in rl], alpha=0.7, label=label)
-    axes[1].set(xlabel="SFT step", ylabel="reference NLL per token", title="SFT stage")
-    axes[2].set(xlabel="RL iteration", ylabel="rollout score (mean over the batch)", title="RL stage")
-    for ax in axes[1:]:
-        ax.legend(fontsize=7)
-    if path is not None:
-        fig.savefig(path, dpi=100)
-    return fig
-
-
-# %% rlft={"section": "results"}
 # The committed benchmark results (each benchmarks/*.py script writes its .json and .md; rerun one to reproduce).
 # This run's own before/after is in section 8.2 above.
-from IPython.display import Markdown, display
-
-bench = Path("benchmarks")
-committed = {name: json.loads((bench / f"{name}.json").read_text()) for name in
-             ("pipeline_seeds", "headroom", "iteration_cost", "generate", "threads", "ppo_seeds", "ablations")
-             if (bench / f"{name}.json").exists()}
-for name in committed:
-    display(Markdown((bench / f"{name}.md").read_text()))
-if "pipeline_seeds" in committed:
-    fig = plot_pipeline(committed["pipeline_seeds"], RUN_PATH / "pipeline.png")
-if "ppo_seeds" in committed:
-    fig = plot_results(committed["ppo_seeds"], committed.get("ablations"), RUN_PATH / "results.png")
+committed = show_committed(("pipeline_seeds", "headroom", "iteration_cost", "generate", "threads", "ppo_seeds",
+                            "ablations"))
+if "pipeline_seeds" in committed:  # the headline quoted above: each arm's gain, and each arm minus SFT alone
+    fig = plot_results(committed["pipeline_seeds"], RUN_PATH / "results.png")
+    fig_runs = plot_pipeline(committed["pipeline_seeds"], RUN_PATH / "pipeline.png")  # its runs' SFT and RL curves
 
 # %% [markdown] rlft={"section": "results"}
 # ### The FFT positional-encoding experiment

@@ -7,6 +7,7 @@ import torch
 
 from conftest import perturb_lora_b
 from nbimport import ROOT
+from rlft_support import report
 
 EVAL_TOKENS = 6
 
@@ -88,39 +89,39 @@ def test_full_vocabulary_logprobs_agree_with_generate(nb, tiny_lora, eval_pairs)
     assert torch.allclose(picked, gen.logprobs * gen.response_mask, atol=1e-4)
 
 
-def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n(nb):
+def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n():
     rng = np.random.default_rng(0)
     small, large = rng.normal(5, 2, 30), rng.normal(5, 2, 600)
     for values in (small, large, rng.exponential(1, 50)):
-        lo, hi = nb.bootstrap_ci(values, n_boot=500, seed=0)
+        lo, hi = report.bootstrap_ci(values, n_boot=500, seed=0)
         assert lo < values.mean() < hi
-    width = lambda v: np.subtract(*nb.bootstrap_ci(v, 500)[::-1])
+    width = lambda v: np.subtract(*report.bootstrap_ci(v, 500)[::-1])
     assert width(large) < width(small) / 2  # ~ 1/sqrt(n)
-    assert nb.bootstrap_ci([3.0] * 5) == pytest.approx((3.0, 3.0))
-    assert nb.bootstrap_ci(small, seed=1) == nb.bootstrap_ci(small, seed=1)  # seeded
-    assert all(math.isnan(v) for v in nb.bootstrap_ci([]))
+    assert report.bootstrap_ci([3.0] * 5) == pytest.approx((3.0, 3.0))
+    assert report.bootstrap_ci(small, seed=1) == report.bootstrap_ci(small, seed=1)  # seeded
+    assert all(math.isnan(v) for v in report.bootstrap_ci([]))
 
 
-def test_paired_comparison_of_a_model_with_itself_and_with_a_shift(nb):
+def test_paired_comparison_of_a_model_with_itself_and_with_a_shift():
     rows = [{"prompt": f"p{i}", "family": "ab"[i % 2], "similarity": float(i % 5)} for i in range(20)]
     a = {"rows": rows}
-    same = nb.paired_comparison(a, a, n_boot=200)
+    same = report.paired_comparison(a, a, n_boot=200)
     assert same["overall"]["diff"] == 0 and same["overall"]["ci_low"] == same["overall"]["ci_high"] == 0
     b = {"rows": [dict(r, similarity=r["similarity"] + 0.5) for r in rows[::-1]]}  # order does not matter
-    shifted = nb.paired_comparison(a, b, n_boot=200)
+    shifted = report.paired_comparison(a, b, n_boot=200)
     assert set(shifted) == {"a", "b", "overall"}
     for row in shifted.values():
         assert row["diff"] == pytest.approx(0.5) and row["ci_low"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="same prompts"):
-        nb.paired_comparison(a, {"rows": rows[:-1]})
+        report.paired_comparison(a, {"rows": rows[:-1]})
 
 
-def test_distinct_n_counts_unique_word_bigrams(nb):
-    assert nb.distinct_n("a b a b", 2) == pytest.approx(2 / 3)
-    assert nb.distinct_n("The cat sat, the cat sat.", 2) == pytest.approx(3 / 5)
-    assert math.isnan(nb.distinct_n("one", 2))
-    assert nb.mean_distinct_n(["a b a b", "x y", "one", ""], 2) == pytest.approx((2 / 3 + 1) / 2)
-    assert nb.mean_distinct_n(["one", ""], 2) == 0.0
+def test_distinct_n_counts_unique_word_bigrams():
+    assert report.distinct_n("a b a b", 2) == pytest.approx(2 / 3)
+    assert report.distinct_n("The cat sat, the cat sat.", 2) == pytest.approx(3 / 5)
+    assert math.isnan(report.distinct_n("one", 2))
+    assert report.mean_distinct_n(["a b a b", "x y", "one", ""], 2) == pytest.approx((2 / 3 + 1) / 2)
+    assert report.mean_distinct_n(["one", ""], 2) == 0.0
 
 
 def test_bad_input_gives_clear_errors(nb, tiny_lora, embedder):

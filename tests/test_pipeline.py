@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from nbimport import ROOT, notebook_parameters
+from rlft_support import report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -376,9 +377,10 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     r3 = json.loads((tmp_path / "partial.json").read_text())
     assert set(r3["arms"]) == {"sft", "sft+rl"} and r3["arms"]["sft"]["seeds"] == [0] and r3["default_arm"] == "sft+rl"
     assert r3["gain_mean"] == r["arms"]["sft+rl"]["gain_mean"]
-    fig = nb.plot_pipeline(r, tmp_path / "pipeline.png")  # the results section's figure of this JSON
-    assert (tmp_path / "pipeline.png").stat().st_size > 10_000 and len(fig.axes) == 3
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(r["arms"])
+    fig = report.plot_pipeline(r, tmp_path / "pipeline.png")  # the results section's figures of this JSON
+    assert (tmp_path / "pipeline.png").stat().st_size > 10_000 and len(fig.axes) == 2
+    fig = report.plot_results(r, tmp_path / "results.png")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [a + " (default)" * (a == default) for a in r["arms"]]
 
 
 def test_iteration_cost_script_end_to_end_and_gains(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nbimport import ROOT
+from rlft_support import report
 
 PAIRS = [{"prompt": "Name a colour.", "reference": "Blue is a colour.", "split": "train", "family": "f"},
          {"prompt": "Say hi.", "reference": "Hi there!", "split": "train", "family": "f"}]
@@ -46,6 +47,47 @@ def test_sft_train_lowers_the_reference_loss(nb, tiny):
     assert not lora.training
 
 
+def results_markdown() -> str:
+    """The results section's markdown, one line (the `# ` and line breaks of rlft.py gone)."""
+    import nbformat
+    cells = nbformat.read(ROOT / "rlft.ipynb", as_version=4).cells
+    text = " ".join(c.source for c in cells if c.cell_type == "markdown" and c.metadata["rlft"]["section"] == "results")
+    return " ".join(text.split())
+
+
+def test_results_png_draws_the_pipeline_headline_the_text_quotes(tmp_path):
+    """results.png of the committed benchmarks/pipeline_seeds.json: each arm's gain with its interval, and each arm
+    minus SFT with its interval, the figures the results section quotes (not the old PPO-from-base headline)."""
+    committed = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
+    arms, default = committed["arms"], committed["default_arm"]
+    fig = report.plot_results(committed, tmp_path / "results.png")
+    assert (tmp_path / "results.png").stat().st_size > 10_000 and len(fig.axes) == 2
+    quoted = lambda m, lo, hi: f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]".replace("-", "\u2212")
+    text = results_markdown()
+    for ax, names, fields in ((fig.axes[0], list(arms), ("gain_mean", "gain_ci_low", "gain_ci_high")),
+                              (fig.axes[1], [a for a in arms if a != "sft"],
+                               ("rl_over_sft_mean", "rl_over_sft_ci_low", "rl_over_sft_ci_high"))):
+        assert [t.get_text() for t in ax.get_yticklabels()] == [f"{a} (default)" if a == default else a for a in names]
+        drawn = [p.get_width() for p in ax.patches]
+        errorbar = next(c for c in ax.containers if type(c).__name__ == "ErrorbarContainer")
+        intervals = [tuple(seg[:, 0]) for seg in errorbar.lines[2][0].get_segments()]
+        for name, mean, (lo, hi) in zip(names, drawn, intervals):
+            figures = [arms[name][f] for f in fields]
+            assert (mean, lo, hi) == pytest.approx(figures)
+            assert quoted(*figures) in text, (name, quoted(*figures))  # the text quotes what is drawn
+    assert "1200 s" in fig.axes[0].get_title()
+
+
+def test_show_committed_displays_the_tables_and_returns_the_json(tmp_path, monkeypatch):
+    import IPython.display
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    (tmp_path / "a.md").write_text("| table a |")
+    (tmp_path / "a.json").write_text('{"gain": 1.5}')
+    assert report.show_committed(("a", "missing"), tmp_path) == {"a": {"gain": 1.5}}
+    assert shown[0].data == "| table a |" and shown[1] == f"({tmp_path / 'missing.md'} not found)"
+
+
 def run_script(tmp_path, name, *args):
     out = tmp_path / name
     cmd = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--params", str(ROOT / "tests" / "tiny_params.json"),
@@ -65,8 +107,6 @@ def test_ppo_seeds_script_end_to_end(nb, tmp_path):
     assert "gain, mean over seeds" in md
     again, _ = run_script(tmp_path, "ppo_seeds", "--budget", "2", "--seeds", "0", "1")  # cached: same figures
     assert again["gains"] == r["gains"]
-    nb.plot_results(r, None, tmp_path / "headline.png")
-    assert (tmp_path / "headline.png").stat().st_size > 10_000
 
 
 def test_ablations_script_end_to_end(nb, tmp_path, params):
@@ -81,8 +121,11 @@ def test_ablations_script_end_to_end(nb, tmp_path, params):
     assert r["variants"]["sft"]["overrides"] == {}
     assert r["variants"]["default"]["overrides"] == {}
     assert r["variants"]["entropy"]["overrides"]["PPO_ENT_COEF"] != params["PPO_ENT_COEF"]  # flipped, never a no-op
-    nb.plot_results({"runs": [], "budget_s": 1}, r, tmp_path / "ablations.png")
-    assert (tmp_path / "ablations.png").stat().st_size > 10_000
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    report.plot_gains(ax, r["variants"], "ablations")  # the variants are plot_gains' input
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(r["variants"])
+    plt.close(fig)
 
 
 def headroom_module():

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nbimport import ROOT
+from rlft_support import report
 
 REF = "A harbour is a sheltered stretch of water where ships can anchor safely."
 
@@ -81,7 +82,7 @@ def test_reward_mlp_learns_a_known_synthetic_target_deterministically(nb):
     rm, hist = fit()
     with torch.no_grad():
         pred = rm(p[split["test"]], q[split["test"]])
-    m = nb.reward_metrics(pred, y[split["test"]], pid[split["test"]], y[split["train"]].mean().item())
+    m = report.reward_metrics(pred, y[split["test"]], pid[split["test"]], y[split["train"]].mean().item())
     assert m["mse"] < 0.15 * m["mse_constant"], m  # R^2 > 0.85 on unseen prompts
     assert m["spearman_global"] > 0.9 and m["pearson"] > 0.9, m
     assert hist["val"][hist["best_epoch"]] == min(hist["val"])
@@ -100,10 +101,10 @@ def test_split_by_prompt_keeps_each_prompt_in_one_part(nb):
         nb.split_by_prompt(torch.tensor([0, 1]), 0.5, 0.5)
 
 
-def test_reward_metrics_on_perfect_and_constant_predictions(nb):
+def test_reward_metrics_on_perfect_and_constant_predictions():
     t = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 9.0])
     pid = torch.tensor([0, 0, 0, 1, 1, 1])
-    m = nb.reward_metrics(t.clone(), t, pid, constant=t.mean().item())
+    m = report.reward_metrics(t.clone(), t, pid, constant=t.mean().item())
     assert m["pearson"] == pytest.approx(1) and m["spearman_global"] == pytest.approx(1)
     assert m["spearman_within_prompt"] == pytest.approx(1) and m["n_prompts_within"] == 2
     assert m["mse"] == 0 and m["mse_constant"] == pytest.approx(t.var(unbiased=False).item())
@@ -197,3 +198,13 @@ def test_a_tampered_cache_with_missing_fields_is_regenerated(nb, tmp_path):
     with pytest.warns(UserWarning, match="not a valid reward-data cache"):
         assert nb.load_reward_data(path, key) is None
     assert nb.load_reward_data(path, "another-key") is None  # another key: silently recomputed
+
+
+def test_plot_reward_fit_draws_the_held_out_scatter_and_the_fit(tmp_path):
+    target, pred = torch.linspace(2, 9, 12), torch.linspace(2.5, 8.5, 12)
+    rm_test = {"target": target, "pred": pred, "spearman_global": 1.0}
+    history = {"train": [1.0, 0.5, 0.3], "val": [1.1, 0.6, 0.7], "best_epoch": 1}
+    fig = report.plot_reward_fit(rm_test, history, torch.full((12,), 0.7), tmp_path / "fit.png")
+    assert (tmp_path / "fit.png").stat().st_size > 10_000
+    assert fig.axes[0].get_title() == "held-out prompts: Spearman 1.00"
+    assert [list(line.get_ydata()) for line in fig.axes[1].get_lines()[:2]] == [history["train"], history["val"]]

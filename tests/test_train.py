@@ -9,11 +9,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from nbimport import ROOT
+from rlft_support import report
 
 TESTS = Path(__file__).resolve().parent
 PAIRS = [{"prompt": f"Question number {i}?", "reference": f"Answer number {i}.", "split": "train", "family": "f"}
@@ -146,8 +148,10 @@ def test_budget_stops_the_loop_log_has_every_field_plot_written(nb, tmp_path):
         assert not missing, missing
         assert record["reward_gap"] == pytest.approx(record["score"] - 1.5)
     assert all(i % 2 == 0 for i in evals) and all("eval_similarity" in r for r in on_disk if r["iteration"] % 2 == 1)
-    nb.plot_training(on_disk, tmp_path / "curves.png")
+    fig = report.plot_training(on_disk, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+    for ax in fig.axes:  # every panel drawn has a finite point of this run
+        assert any(np.isfinite(line.get_ydata()).any() for line in ax.get_lines()), ax.get_title()
 
 
 def test_iteration_samples_k_responses_per_prompt(nb):
@@ -481,7 +485,7 @@ def test_ckpt_every_s_checkpoints_by_time_and_every_line_has_the_phase_times(nb,
     assert sorted(p.name for p in (tmp_path / "always").glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003"]
     on_disk = nb.read_log(tmp_path / "always")
     for record in on_disk:
-        for key in nb.PHASES:
+        for key in report.PHASES:
             assert isinstance(record[key], float) and record[key] >= 0, key
     assert on_disk[0]["t_checkpoint"] == 0.0 and on_disk[1]["t_checkpoint"] > 0 and on_disk[2]["t_checkpoint"] > 0
     assert clean(on_disk) == clean(logs)
@@ -496,12 +500,37 @@ def test_t_monitor_times_the_metrics_and_the_eval(nb, tmp_path):
     assert 0.05 <= logs[0]["t_monitor"] < 0.15 and logs[1]["t_monitor"] >= 0.15  # the eval ran after iteration 2
 
 
-def test_plot_phase_times_stacks_every_phase(nb, tmp_path):
+def test_plot_phase_times_stacks_every_phase(tmp_path):
     logs = [{"t_generate": 2.0, "t_old_logprobs": 0.0, "t_ref": 1.0, "t_reward": 0.5, "t_update": 3.0,
              "t_checkpoint": float("nan"), "t_monitor": 0.5}, {"t_generate": 1.0, "t_update": 2.0}]
-    times = nb.phase_matrix(logs)
-    assert times.shape == (2, len(nb.PHASES)) and times.sum(1).tolist() == [7.0, 3.0]  # NaN / missing count 0
-    fig = nb.plot_phase_times(logs, tmp_path / "phases.png")
+    times = report.phase_matrix(logs)
+    assert times.shape == (2, len(report.PHASES)) and times.sum(1).tolist() == [7.0, 3.0]  # NaN / missing count 0
+    fig = report.plot_phase_times(logs, tmp_path / "phases.png")
     assert (tmp_path / "phases.png").stat().st_size > 5_000
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert len(labels) == len(nb.PHASES) and labels[0] == "generate (30%)" and labels[4] == "update (50%)"
+    assert len(labels) == len(report.PHASES) and labels[0] == "generate (30%)" and labels[4] == "update (50%)"
+
+
+def group_run_log(n=40):
+    """Log records as a default run writes them (ADVANTAGE = "group", REWARD_FN = "similarity", no similarity
+    metric): value_loss 0 by construction, explained_variance and reward_gap NaN, kl_ref every 10th iteration."""
+    nan = float("nan")
+    return [{"iteration": i, "score": 6 + 0.01 * i, "similarity": nan, "reward_gap": nan,
+             "kl_ref": 0.1 * i if i % 10 == 0 else nan, "entropy": 2.0, "clip_frac": 0.1, "approx_kl": 0.01,
+             "value_loss": 0.0, "explained_variance": nan, "response_len": 30.0, "eos_rate": 0.5}
+            for i in range(n)]
+
+
+def test_plot_training_draws_only_the_panels_with_data(tmp_path):
+    fig = report.plot_training(group_run_log(), tmp_path / "curves.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["score", "kl_ref", "entropy", "clip_frac / approx_kl", "response_len", "eos_rate"]
+    kl = fig.axes[1].get_lines()[0]
+    assert list(kl.get_xdata()) == [1, 11, 21, 31] and kl.get_marker() == "o"  # sparse points, visible
+    for ax in fig.axes:
+        assert all(np.isfinite(line.get_ydata()).all() for line in ax.get_lines())
+    with_critic = [dict(r, value_loss=0.5, explained_variance=0.2, similarity=6.0, reward_gap=0.1)
+                   for r in group_run_log()]
+    assert len(report.plot_training(with_critic).axes) == len(report.PLOT_PANELS)  # ADVANTAGE = "gae": all nine
+    empty = report.plot_training([])  # PIPELINE = "sft": no RL iterations
+    assert len(empty.axes) == 1 and not empty.axes[0].axison

@@ -1,0 +1,299 @@
+"""Reporting: evaluation statistics (bootstrap intervals, per-family tables, paired comparisons, distinct-n),
+the reward model's metrics, and the plots and committed tables the notebook shows. Never imports the notebook:
+the reward model and the log records are handed in."""
+from __future__ import annotations
+
+import json, math, re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` ([N] numbers); (nan, nan) when empty."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    means = v[np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def distinct_n(text: str, n: int = 2) -> float:
+    """Unique word n-grams / all word n-grams of one text (lower-cased words); nan when it has none."""
+    words = re.findall(r"\w+", text.lower())
+    grams = list(zip(*(words[i:] for i in range(n))))
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def mean_distinct_n(texts: list[str], n: int = 2) -> float:
+    """Mean of `distinct_n` over the texts that have an n-gram (0.0 if none has): 1 = no repeats within a response."""
+    values = [d for d in (distinct_n(t, n) for t in texts) if not math.isnan(d)]
+    return float(np.mean(values)) if values else 0.0
+
+
+def summarize_rows(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Figures of one group of evaluated rows (see `evaluate`): n, similarity + 95% CI, length, EOS, distinct-2, KL."""
+    sims = [r["similarity"] for r in rows]
+    lo, hi = bootstrap_ci(sims, n_boot, seed=seed)
+    out = {"n": len(rows), "similarity": float(np.mean(sims)), "ci_low": lo, "ci_high": hi,
+           "length": float(np.mean([r["length"] for r in rows])),
+           "eos_frac": float(np.mean([r["eos"] for r in rows])),
+           "distinct2": mean_distinct_n([r["response"] for r in rows], 2)}
+    if all("kl" in r for r in rows):
+        out["kl"] = float(np.mean([r["kl"] for r in rows]))
+    return out
+
+
+def summarize_by_family(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """{family: figures, ..., 'overall': figures} (families sorted)."""
+    families = sorted({r["family"] for r in rows})
+    table = {f: summarize_rows([r for r in rows if r["family"] == f], n_boot, seed) for f in families}
+    table["overall"] = summarize_rows(rows, n_boot, seed)
+    return table
+
+
+def paired_comparison(result_a: dict, result_b: dict, n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Per family and overall: mean of s_B - s_A over the same prompts, with a paired-bootstrap 95% interval."""
+    a = {r["prompt"]: r for r in result_a["rows"]}
+    b = {r["prompt"]: r for r in result_b["rows"]}
+    if set(a) != set(b):
+        raise ValueError(f"paired_comparison needs the same prompts in both results ({len(set(a) ^ set(b))} differ)")
+    prompts = list(a)
+    out = {}
+    for fam in sorted({a[p]["family"] for p in prompts}) + ["overall"]:
+        ps = [p for p in prompts if fam == "overall" or a[p]["family"] == fam]
+        diff = [b[p]["similarity"] - a[p]["similarity"] for p in ps]
+        lo, hi = bootstrap_ci(diff, n_boot, seed=seed)
+        out[fam] = {"n": len(ps), "mean_a": float(np.mean([a[p]["similarity"] for p in ps])),
+                    "mean_b": float(np.mean([b[p]["similarity"] for p in ps])),
+                    "diff": float(np.mean(diff)), "ci_low": lo, "ci_high": hi}
+    return out
+
+
+def format_table(table: dict[str, dict], digits: int = 2) -> str:
+    """A markdown table of `{row name: {column: value}}` (numbers rounded)."""
+    cols = list(dict.fromkeys(c for row in table.values() for c in row))
+    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    lines = ["| group | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(fmt(row.get(c, "")) for c in cols) + " |" for name, row in table.items()]
+    return "\n".join(lines)
+
+
+def correlation(kind: str, a: np.ndarray, b: np.ndarray) -> float:
+    """'pearson' or 'spearman' correlation of two [n] arrays; nan when n < 3 or either is constant."""
+    from scipy.stats import pearsonr, spearmanr  # scipy comes with sentence-transformers
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float((pearsonr if kind == "pearson" else spearmanr)(a, b).statistic)
+
+
+def reward_metrics(pred: torch.Tensor, target: torch.Tensor, prompt_id: torch.Tensor, constant: float) -> dict:
+    """pred, target, prompt_id: [N]. Pearson, global and mean within-prompt Spearman, MSE vs a constant predictor."""
+    p, t, ids = pred.double().numpy(), target.double().numpy(), prompt_id.numpy()
+    within = [correlation("spearman", p[ids == i], t[ids == i]) for i in np.unique(ids)]
+    within = [w for w in within if not math.isnan(w)]
+    return {"n": int(len(t)), "pearson": correlation("pearson", p, t), "spearman_global": correlation("spearman", p, t),
+            "spearman_within_prompt": float(np.mean(within)) if within else float("nan"),
+            "n_prompts_within": len(within), "mse": float(np.mean((p - t) ** 2)),
+            "mse_constant": float(np.mean((constant - t) ** 2))}
+
+
+def evaluate_reward_model(rm, data: dict, idx: torch.Tensor, train_idx: torch.Tensor) -> dict:
+    """reward_metrics on the generated rows of `idx` (anchors excluded); constant = train generated mean.
+
+    rm: the reward model, called as rm(prompt_emb [n, D], response_emb [n, D]) -> [n] scores."""
+    gen_mask = torch.tensor([k == "generated" for k in data["kind"]])
+    rows, train_rows = idx[gen_mask[idx]], train_idx[gen_mask[train_idx]]
+    device = next(rm.parameters()).device
+    with torch.no_grad():
+        pred = rm.eval()(data["prompt_emb"][rows].to(device), data["response_emb"][rows].to(device)).cpu()
+    empty = torch.tensor([not data["responses"][i].strip() for i in rows.tolist()], dtype=torch.bool)
+    pred = pred.masked_fill(empty, 0.0)  # as RewardMLP.score does
+    out = reward_metrics(pred, data["label"][rows], data["prompt_id"][rows], data["label"][train_rows].mean().item())
+    return out | {"pred": pred, "target": data["label"][rows], "rows": rows}
+
+
+def plot_reward_fit(rm_test: dict, history: dict, temperatures: torch.Tensor, path=None):
+    """Left: the reward model's score against the true similarity on held-out prompts (`evaluate_reward_model`'s
+    pred / target, [n] each), coloured by the sampling temperature ([n]). Right: the fit's train and validation
+    MSE per epoch (`fit_reward_mlp`'s history). Saved as PNG at `path` when given. Returns the figure."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    sc = ax[0].scatter(rm_test["target"], rm_test["pred"], c=temperatures, cmap="viridis", s=12)
+    lims = [min(rm_test["target"].min(), rm_test["pred"].min()).item(), 10]
+    ax[0].plot(lims, lims, "k--", lw=1)
+    ax[0].set(xlabel="true similarity", ylabel="reward-model score",
+              title=f"held-out prompts: Spearman {rm_test['spearman_global']:.2f}")
+    fig.colorbar(sc, ax=ax[0], label="sampling temperature")
+    ax[1].plot(history["train"], label="train MSE"); ax[1].plot(history["val"], label="validation MSE")
+    ax[1].axvline(history["best_epoch"], color="k", ls=":", lw=1)
+    ax[1].set(xlabel="epoch", ylabel="MSE", yscale="log", title="fit, early-stopped on validation prompts")
+    ax[1].legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+PLOT_PANELS = (("score", "similarity", "eval_similarity"), ("reward_gap",), ("kl_ref",), ("entropy",), ("clip_frac", "approx_kl"),
+               ("value_loss",), ("explained_variance",), ("response_len",), ("eos_rate",))
+
+
+def finite_points(logs: list[dict], key: str) -> list[tuple[int, float]]:
+    """(iteration + 1, value) of each record whose `key` is a finite number (NaN, missing and None are no data).
+    value_loss counts only where a critic ran: some record has a finite explained_variance (under
+    ADVANTAGE = "group" every one is NaN, and value_loss is 0 by construction)."""
+    if key == "value_loss" and not finite_points(logs, "explained_variance"):
+        return []
+    return [(r["iteration"] + 1, r[key]) for r in logs
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def plot_training(logs: list[dict], path=None):
+    """Training curves against the iteration, one panel per PLOT_PANELS entry that has data in `logs`, three a row:
+    a panel whose keys are all NaN or missing (`finite_points`; under the group advantage reward_gap when no
+    similarity is logged, value_loss, explained_variance) is not drawn. Saved as PNG at `path` when given.
+    Returns the figure."""
+    import matplotlib.pyplot as plt
+    panels = [{k: finite_points(logs, k) for k in keys} for keys in PLOT_PANELS]
+    panels = [{k: pts for k, pts in p.items() if pts} for p in panels]
+    panels = [p for p in panels if p]
+    if not panels:
+        fig, ax = plt.subplots(figsize=(6, 1.5), constrained_layout=True)
+        ax.text(0.5, 0.5, "no training curves: the log has no RL iterations", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        rows = math.ceil(len(panels) / 3)
+        fig, axes = plt.subplots(rows, 3, figsize=(13, 3 * rows), squeeze=False, constrained_layout=True)
+        for ax in axes.flat[len(panels):]:
+            fig.delaxes(ax)
+        for ax, panel in zip(axes.flat, panels):
+            for key, points in panel.items():
+                xs, ys = zip(*points)
+                sparse = key.startswith("eval_") or len(points) < 30
+                ax.plot(xs, ys, marker="o" if sparse else None, ms=3, label=key)
+            ax.set_title(" / ".join(panel), fontsize=10)
+            ax.set_xlabel("iteration")
+            if len(panel) > 1:
+                ax.legend(fontsize=8)
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+PHASES = ("t_generate", "t_old_logprobs", "t_ref", "t_reward", "t_update", "t_checkpoint", "t_monitor")
+
+
+def phase_matrix(logs: list[dict]) -> np.ndarray:
+    """[iterations, len(PHASES)] seconds from log records (a missing or NaN phase counts 0 s)."""
+    rows = [[r.get(k) if isinstance(r.get(k), (int, float)) and math.isfinite(r.get(k)) else 0.0 for k in PHASES]
+            for r in logs]
+    return np.array(rows, dtype=float).reshape(len(logs), len(PHASES))
+
+
+def plot_phase_times(logs: list[dict], path=None):
+    """Where each iteration's time goes: stacked bars of PHASES per iteration (seconds), with each phase's share
+    of the total in the legend; saved as PNG at `path` when given. Returns the figure."""
+    import matplotlib.pyplot as plt
+    times = phase_matrix(logs)
+    fig, ax = plt.subplots(figsize=(10, 4), constrained_layout=True)
+    x, bottom, total = np.arange(1, len(logs) + 1), np.zeros(len(logs)), max(times.sum(), 1e-9)
+    for j, name in enumerate(PHASES):
+        ax.bar(x, times[:, j], bottom=bottom, width=1.0 if len(logs) > 30 else 0.8,
+               label=f"{name[2:]} ({100 * times[:, j].sum() / total:.0f}%)")
+        bottom += times[:, j]
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("seconds")
+    ax.set_title("where an iteration's time goes")
+    ax.legend(fontsize=8, ncol=4)
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def plot_gains(ax, variants: dict, title: str) -> None:
+    """Horizontal bars of each variant's mean gain with its 95% interval, and a dot per seed. `variants`:
+    name -> {gain_mean, gain_ci_low, gain_ci_high, gains} (ablations.json's variants, pipeline_seeds.json's arms)."""
+    names = list(variants)
+    v = [variants[n] for n in names]
+    means = np.array([x["gain_mean"] for x in v])
+    err = np.array([[m - x["gain_ci_low"], x["gain_ci_high"] - m] for m, x in zip(means, v)]).T
+    ax.barh(names, means, xerr=err, color="tab:blue", alpha=0.7)
+    for i, x in enumerate(v):
+        ax.plot(x["gains"], [i] * len(x["gains"]), "k.", ms=6)
+    ax.axvline(0, color="k", lw=1)
+    ax.invert_yaxis()
+    ax.set(xlabel="similarity gain on the eval split (bar: mean, dots: seeds, line: 95% interval)", title=title)
+
+
+def minus_sft(pipeline: dict) -> dict:
+    """pipeline_seeds.json's arms other than 'sft', as plot_gains variants of their difference from SFT alone:
+    rl_over_sft_mean with its paired 95% interval, and per seed the arm's gain minus SFT's gain of that seed."""
+    sft = pipeline["arms"].get("sft")
+    if sft is None:
+        return {}
+    sft_gain = dict(zip(sft["seeds"], sft["gains"]))
+    return {arm: {"gain_mean": a["rl_over_sft_mean"], "gain_ci_low": a["rl_over_sft_ci_low"],
+                  "gain_ci_high": a["rl_over_sft_ci_high"],
+                  "gains": [g - sft_gain[s] for s, g in zip(a["seeds"], a["gains"]) if s in sft_gain]}
+            for arm, a in pipeline["arms"].items() if arm != "sft"}
+
+
+def plot_results(pipeline: dict, path=None):
+    """The headline of the results section, from the committed benchmarks/pipeline_seeds.json. Left: each arm's
+    gain over the base (bar: mean over seeds, line: 95% paired-bootstrap interval over prompts, dots: seeds; the
+    notebook's default arm marked). Right: each arm minus SFT alone, prompt by prompt, with its 95% interval."""
+    import matplotlib.pyplot as plt
+    label = lambda arm: f"{arm} (default)" if arm == pipeline.get("default_arm") else arm
+    diffs = minus_sft(pipeline)
+    fig, axes = plt.subplots(1, 2 if diffs else 1, figsize=(13 if diffs else 7, 1.5 + 0.6 * len(pipeline["arms"])),
+                             squeeze=False, constrained_layout=True)
+    seeds = sorted({s for a in pipeline["arms"].values() for s in a["seeds"]})
+    plot_gains(axes[0, 0], {label(arm): a for arm, a in pipeline["arms"].items()},
+               f"gain over the base model, {pipeline['budget_s']:.0f} s per run, seeds {seeds}")
+    if diffs:
+        plot_gains(axes[0, 1], {label(arm): d for arm, d in diffs.items()}, "minus SFT alone, on the same prompts")
+        axes[0, 1].set_xlabel("difference in similarity gain (bar: mean, dots: seeds, line: 95% interval)")
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def plot_pipeline(pipeline: dict, path=None):
+    """benchmarks/pipeline_seeds.json's runs: the SFT loss per step (and the held-out NLL at each check); the RL
+    rollout score per iteration (one line per run). The arms' gains are `plot_results`."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), constrained_layout=True)
+    for arm, summary in pipeline["arms"].items():
+        for run in summary["runs"]:
+            label = f"{arm}, seed {run['seed']}"
+            sft, rl = run["train"].get("sft_curve") or [], run["train"].get("curve") or []
+            if sft:
+                line, = axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft], alpha=0.7, label=label)
+                val = [r for r in sft if "val_nll" in r]  # the held-out stop's checks (SFT_VAL_FRAC > 0)
+                if val:
+                    axes[0].plot([r["step"] for r in val], [r["val_nll"] for r in val], "o--", ms=3,
+                                 color=line.get_color(), label=f"{label}, held-out train prompts")
+            if rl:
+                axes[1].plot([r["iteration"] + 1 for r in rl], [r["score"] for r in rl], alpha=0.7, label=label)
+    axes[0].set(xlabel="SFT step", ylabel="reference NLL per token", title="SFT stage")
+    axes[1].set(xlabel="RL iteration", ylabel="rollout score (mean over the batch)", title="RL stage")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def show_committed(names, folder="benchmarks") -> dict[str, dict]:
+    """Display each committed table folder/<name>.md (as Markdown in a notebook; a line saying so where it is
+    missing). Returns {name: the parsed folder/<name>.json} for the names whose JSON exists."""
+    from IPython.display import Markdown, display
+    folder = Path(folder)
+    for name in names:
+        table = folder / f"{name}.md"
+        display(Markdown(table.read_text()) if table.exists() else f"({table} not found)")
+    return {name: json.loads((folder / f"{name}.json").read_text()) for name in names
+            if (folder / f"{name}.json").exists()}
