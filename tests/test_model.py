@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import CACHE_DIR, CPU, perturb_lora_b
+from rlft_support import assets
 
 
 def test_tiny_model_and_tokenizer(tiny):
@@ -158,7 +159,7 @@ def test_a_silent_network_times_out_within_the_probe_timeout(nb, no_hub, monkeyp
 def test_a_local_folder_needs_no_hub(nb, no_hub, tmp_path, monkeypatch):
     import socket
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed the hub for a local folder"))
-    assert nb.hub_load_kwargs(str(tmp_path)) == {}
+    assert assets.hub_load_kwargs(str(tmp_path)) == {}
 
 
 # ---------------------------------------------------------------- the bf16 base (DTYPE="bfloat16", issue 18)
