@@ -280,8 +280,9 @@ print(f"torch {torch.__version__} | device {device} | base dtype {dtype} | run d
 #   from there afterwards (~0.5 s). (The package is installed with `--no-deps` and never imported: its
 #   `__init__` pulls in llama.cpp bindings. We only locate its folder.)
 # * a hub id (`"HuggingFaceTB/SmolLM2-360M-Instruct"`) or a local folder — for users with a network. Before a hub
-#   download the loader checks that the hub answers a connection within 3 s (a silent network would otherwise hang
-#   for minutes); if not, it uses the local Hugging Face cache or stops with a message pointing to `"packaged"`.
+#   download the loader checks that the hub accepts a connection within 3 s and answers the model's metadata
+#   request within 10 s in all (a silent network, or one that connects and never answers, would otherwise hang for
+#   minutes); if not, it uses the local Hugging Face cache or stops with a message pointing to `"packaged"`.
 # * `"tiny"` — a randomly initialised 2-layer Llama with the real SmolLM2 tokenizer, built in memory in
 #   milliseconds. The tests and the end-to-end test use it.
 #

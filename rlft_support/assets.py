@@ -74,16 +74,40 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def hub_answers(name: str, timeout: float) -> bool:
+    """Whether the hub answers the metadata request for `name`'s config.json (the HEAD that from_pretrained sends
+    first) within `timeout` seconds IN ALL, not per read: a hub that accepts the connection but never answers
+    would otherwise hang from_pretrained. Any HTTP answer counts (a missing or gated model is left for
+    from_pretrained to report). The request runs in a daemon thread that gives up by itself after `timeout`."""
+    import threading
+    from huggingface_hub import constants, get_hf_file_metadata
+    from huggingface_hub.errors import HfHubHTTPError
+    answered = threading.Event()
+
+    def probe():
+        try:
+            get_hf_file_metadata(f"{constants.ENDPOINT}/{name}/resolve/main/config.json", timeout=timeout)
+        except HfHubHTTPError:  # an HTTP status: an answer all the same
+            pass
+        except Exception:  # no answer: timed out, connection reset, not HTTP at all
+            return
+        answered.set()
+
+    threading.Thread(target=probe, daemon=True, name="hub_answers").start()
+    return answered.wait(timeout)
+
+
 def hub_load_kwargs(name: str, timeout: float = 3.0) -> dict:
-    """from_pretrained options for `name`: {} for a local folder or a reachable hub; local_files_only when the
-    hub is offline (HF_HUB_OFFLINE) or unreachable and the model is in the local cache; else a ConnectionError
-    (fast, after `timeout` s) that names MODEL = "packaged" as the choice that needs no network."""
+    """from_pretrained options for `name`: {} for a local folder or a hub that answers; local_files_only when the
+    hub is offline (HF_HUB_OFFLINE), unreachable or silent and the model is in the local cache; else a
+    ConnectionError that names MODEL = "packaged" as the choice that needs no network. Fast: at most `timeout` s
+    for the connection, then HF_HUB_ETAG_TIMEOUT s (10 unless set) for the whole metadata request (`hub_answers`)."""
     from huggingface_hub import constants, try_to_load_from_cache
     if Path(name).expanduser().exists():
         return {}
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise FileNotFoundError(f"MODEL={name!r}: no such local folder (and not a hub id 'org/name')")
-    if not constants.HF_HUB_OFFLINE and hub_reachable(timeout):
+    if not constants.HF_HUB_OFFLINE and hub_reachable(timeout) and hub_answers(name, constants.HF_HUB_ETAG_TIMEOUT):
         return {}
     try:
         cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
@@ -93,7 +117,8 @@ def hub_load_kwargs(name: str, timeout: float = 3.0) -> dict:
         return {"local_files_only": True}
     raise ConnectionError(
         f"MODEL={name!r} is neither a local folder nor in the Hugging Face cache, and the model hub "
-        f"({constants.ENDPOINT}) cannot be reached (no connection within {timeout:g} s, or HF_HUB_OFFLINE is set). "
+        f"({constants.ENDPOINT}) cannot be reached (no connection within {timeout:g} s, no answer within "
+        f"{constants.HF_HUB_ETAG_TIMEOUT:g} s, or HF_HUB_OFFLINE is set). "
         'Use MODEL = "packaged" (the SmolLM2 shipped with pip, no network needed), or a local folder.')
 
 
