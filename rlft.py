@@ -387,7 +387,7 @@ if device.type == "cpu" and dtype == torch.float32 and cpu_has_bf16():
 # A malformed file stops with one clear error that names the file and each bad line (bad JSON, a missing field,
 # an empty text, an unknown split, bytes that are not UTF-8, a lone surrogate escape) — nothing is half-loaded;
 # a UTF-8 byte-order mark is accepted, and a file with no train or no eval pairs is refused by name. Special-token
-# strings typed in a prompt (`<|im_start|>`) are escaped so they stay text. Each prompt is wrapped
+# strings typed in a prompt or a reference (`<|im_start|>`) are escaped so they stay text. Each prompt is wrapped
 # in the model's chat template before generation.
 
 # %% rlft={"section": "data"}
@@ -2185,11 +2185,13 @@ def optimizer_step(state: PPOState, loss: torch.Tensor) -> bool:
 #| export
 def sft_batch(tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chat-rendered prompt + reference + EOS, right-padded -> input_ids, attention_mask, labels [B, L]
-    (labels −100 on the prompt and the padding, so only the reference tokens are learned)."""
+    (labels −100 on the prompt and the padding, so only the reference tokens are learned). Special-token strings
+    in a reference are escaped as in a prompt (`escape_special_tokens`): the only control token learned is the EOS."""
     rows = []
     for p in pairs:
         prompt_ids = tokenizer(chat_prompt(tokenizer, p["prompt"]), add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(p["reference"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = escape_special_tokens(tokenizer, p["reference"])  # a "<|im_end|>" in the text stays text
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
