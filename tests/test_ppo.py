@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import perturb_lora_b
+from rlft_support import fast
 
 PROMPTS = ["Define 'harbour' in one sentence.", "Why is the sky blue?", "Name a fruit.", "Say hello.",
            "What is a glacier?", "Explain rain briefly.", "Count to three.", "Describe a cat."]
@@ -804,7 +805,7 @@ def test_rollout_compiled_is_passed_to_generate_only_when_set(nb, tiny_lora, par
     model, tok = tiny_lora
     seen, real = [], nb.generate
     monkeypatch.setattr(nb, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
-    monkeypatch.setattr(nb, "compiled_decode_forward", lambda: nb.decode_forward)
+    monkeypatch.setattr(fast, "compiled_decode_forward", lambda: fast.decode_forward)  # make_cache calls it
     for compiled in (False, True):
         state = nb.make_ppo_state(model, tok, small_cfg(nb, rollout_compiled=compiled))
         nb.rollout(state, PROMPTS[:2], [""] * 2, random_reward)
