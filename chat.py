@@ -8,7 +8,7 @@ hands the method (generate_stream, LOGITS_MODES, escape_special_tokens, the rewa
 """
 from __future__ import annotations
 
-import sys
+import re, sys
 from pathlib import Path
 
 import torch
@@ -17,20 +17,29 @@ from nbimport import ROOT, load_notebook, notebook_parameters
 from rlft_support import demo
 
 
-def saved_reward_model(nb, adapter: Path, run_dir: str | Path):
-    """The reward model saved by a run (`reward_mlp.pt`) beside the adapter (any parent folder) or in `run_dir`;
-    None when there is none. `nb`: the notebook module (its RewardMLP)."""
-    for folder in [*Path(adapter).resolve().parents, Path(run_dir)]:
-        if (folder / "reward_mlp.pt").exists():
-            state = torch.load(folder / "reward_mlp.pt", map_location="cpu", weights_only=True)
-            return nb.RewardMLP.from_state_dict(state)
-    return None
+def run_folder(adapter: str | Path) -> Path:
+    """The run folder a served adapter belongs to, from the layout a run writes: RUN/adapter and
+    RUN/ckpt-NNNNNN/adapter -> RUN. Any other adapter folder (one saved by hand) is its own run folder."""
+    adapter = Path(adapter)
+    if re.fullmatch(r"ckpt-\d{6,}", adapter.parent.name) and adapter.name == "adapter":
+        return adapter.parent.parent
+    return adapter.parent if adapter.name == "adapter" else adapter
+
+
+def saved_reward_model(nb, run: str | Path):
+    """The reward model the run saved (`run/reward_mlp.pt`), or None. Only that one folder: never a parent (a
+    stranger's file higher up, up to /) nor another run. `nb`: the notebook module (its RewardMLP)."""
+    path = Path(run) / "reward_mlp.pt"
+    if not path.is_file():
+        return None
+    return nb.RewardMLP.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def serve_demo(notebook: str | Path = ROOT / "rlft.ipynb", block: bool = True, **overrides):
     """`make demo`: the notebook's parameters (with `overrides`, e.g. DEMO_ADAPTER=...), its model, the adapter
-    (DEMO_ADAPTER, else the newest under RUN_DIR, else under runs/), the run's reward model and the MiniLM
-    similarity, served on 127.0.0.1. Blocks unless `block=False`; returns (app, url)."""
+    (DEMO_ADAPTER, else the newest under RUN_DIR, else under runs/), the reward model of that adapter's run
+    (`run_folder`; none: similarity only) and the MiniLM similarity, served on 127.0.0.1. Blocks unless
+    `block=False`; returns (app, url)."""
     nb, p = load_notebook(notebook), {**notebook_parameters(notebook), **overrides}
     where = [p["DEMO_ADAPTER"]] if p["DEMO_ADAPTER"] else [p["RUN_DIR"], "runs"]
     runs = dict(latest_checkpoint=nb.latest_checkpoint, pointer=nb.CKPT_POINTER)
@@ -43,9 +52,9 @@ def serve_demo(notebook: str | Path = ROOT / "rlft.ipynb", block: bool = True, *
     dtype = nb.resolve_dtype(p["DTYPE"], device)
     base, tokenizer = nb.load_base(p["MODEL"], p["CACHE_DIR"], device, dtype, seed=p["SEED"])
     embedder = nb.Embedder(p.get("EMBEDDER", "packaged"), device=device)
-    rm = saved_reward_model(nb, adapter, p["RUN_DIR"])
+    rm = saved_reward_model(nb, run_folder(adapter))
     if rm is None:
-        print(f"no reward_mlp.pt near {adapter}: answers show the similarity only")
+        print(f"no reward_mlp.pt in {run_folder(adapter)}, the run of {adapter}: answers show the similarity only")
     app = demo.build_app(
         base, tokenizer, adapter=adapter, examples=None,
         stream_fn=nb.generate_stream, logits_modes=nb.LOGITS_MODES, escape_fn=nb.escape_special_tokens,

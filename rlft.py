@@ -4882,7 +4882,7 @@ if fft_results:
 # * **Bounded cost.** The PCA logits modes cost an SVD over every position per token, so they take at most
 #   `DemoLimits.pca_max_prompt_tokens` (128) prompt and `pca_max_new_tokens` (32) new tokens; a request whose page
 #   was closed stops at its next token and frees the model; gradio's queue holds at most `queue_size` (16) waiting
-#   requests; uploads are capped at 1 kB (the demo takes no files); the similarity's embedding cache is a bounded
+#   requests; uploads are refused (the demo takes no files); the similarity's embedding cache is a bounded
 #   LRU that never keeps long texts.
 #
 # The page itself is plumbing (`rlft_support/demo.py`); the cell below hands it the method: `generate_stream`,

@@ -19,7 +19,8 @@ DEMO_CSS = ".rlft-info { min-height: 2.2em; }"
 class DemoLimits:
     """Caps that keep one demo request small (characters, history turns, prompt and answer tokens; the PCA logits
     modes, which cost an SVD over every position per token, get far smaller token caps) and the server bounded
-    (waiting requests in gradio's queue; upload size — the demo takes no files, so uploads are refused).
+    (waiting requests in gradio's queue). The demo takes no files: uploads are refused (RefuseUploads), and
+    `max_file_size` caps them too, in case one slipped past.
     The only home of these caps (they are not notebook parameters): override one as `DemoLimits(max_turns=8)`."""
     max_chars: int = 2000  # longest message accepted (characters); longer ones get a polite refusal
     max_turns: int = 4  # earlier exchanges sent back through the chat template
@@ -312,16 +313,43 @@ def build_app(model, tokenizer, *, stream_fn, logits_modes, escape_fn, score_fn=
     return app
 
 
+class RefuseUploads:
+    """ASGI middleware: answers 403 to every upload before reading its body. The demo takes no files, and gradio's
+    file endpoints (`/upload`, `/process_recording`, a component server's files) all take multipart bodies, so any
+    multipart request (a Content-Type header, any of them, starting `multipart/`) and any POST to those two routes
+    is refused; a size cap alone would still let 1,000 small files per request, without end, fill the disk."""
+
+    ROUTES = ("/upload", "/process_recording")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.is_upload(scope):
+            from starlette.responses import PlainTextResponse
+            return await PlainTextResponse("This demo takes no files.", status_code=403)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    @classmethod
+    def is_upload(cls, scope) -> bool:
+        """Whether an HTTP request (its ASGI scope) is a file upload."""
+        types = [value.lower().strip() for key, value in scope.get("headers", []) if key.lower() == b"content-type"]
+        upload_route = scope.get("method") == "POST" and scope.get("path", "").rstrip("/").endswith(cls.ROUTES)
+        return upload_route or any(t.startswith(b"multipart/") for t in types)
+
+
 def launch_app(app, *, share: bool = False, port: int | None = None, inline: bool | None = None,
                prevent_thread_lock: bool = False):
     """Serve the app on 127.0.0.1 (a public gradio link only when `share`). In Jupyter or Colab it shows inline
     and returns at once (a notebook cell never blocks); from a script it blocks unless `prevent_thread_lock`.
     Returns (app, local_url)."""
     from gradio.utils import ipython_check
+    from starlette.middleware import Middleware
     in_notebook = ipython_check()
     limits = getattr(getattr(app, "chat_demo", None), "limits", None) or DemoLimits()
     app.queue(default_concurrency_limit=1, max_size=limits.queue_size)  # a full queue turns new requests away
     app.launch(server_name="127.0.0.1", server_port=port, share=share, css=DEMO_CSS, show_error=False, quiet=False,
                inline=in_notebook if inline is None else inline, prevent_thread_lock=prevent_thread_lock or in_notebook,
-               max_file_size=limits.max_file_size)  # the demo takes no files: gradio's upload endpoint is capped
+               max_file_size=limits.max_file_size,  # a second guard: uploads are refused before this cap
+               app_kwargs={"middleware": [Middleware(RefuseUploads)]})  # the demo takes no files
     return app, app.local_url

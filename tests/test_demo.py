@@ -407,6 +407,26 @@ def test_serve_demo_serves_the_newest_adapter_with_the_saved_reward_model(nb, tm
         app.close()
 
 
+def test_serve_demo_reads_the_reward_model_only_from_the_served_run(nb, tmp_path, monkeypatch):
+    """Issue 35 (10): a reward_mlp.pt above the served run (here tmp_path, standing for any parent up to /, a
+    shared /tmp say) is never loaded, nor the default RUN_DIR's for an adapter of another run; the run's own is."""
+    model, _ = nb.load_base("tiny", CACHE_DIR, CPU, torch.float32, seed=0)
+    lora = nb.add_lora(model, 8, 16, 0.0, ["q_proj"])
+    run, other = tmp_path / "deep" / "run", tmp_path / "other"
+    lora.save_pretrained(run / "ckpt-000001" / "adapter")
+    lora.save_pretrained(other / "adapter")
+    torch.save(nb.RewardMLP(dim=384).state_dict(), tmp_path / "reward_mlp.pt")  # a stranger's, above both runs
+    monkeypatch.setattr(demo, "launch_app", lambda app, **kw: (app, None))  # built, never served
+    serve = dict(block=False, MODEL="tiny", DEVICE="cpu", DTYPE="float32", CACHE_DIR=CACHE_DIR)
+    assert chat.serve_demo(ROOT / "rlft.ipynb", RUN_DIR=str(run), **serve)[0].chat_demo.score_fn is None
+    torch.save(nb.RewardMLP(dim=384).state_dict(), run / "reward_mlp.pt")
+    assert chat.serve_demo(ROOT / "rlft.ipynb", RUN_DIR=str(run), **serve)[0].chat_demo.score_fn is not None
+    app, _ = chat.serve_demo(ROOT / "rlft.ipynb", RUN_DIR=str(run), DEMO_ADAPTER=str(other), **serve)
+    assert app.chat_demo.score_fn is None  # the served adapter's run (other/) has none
+    assert chat.run_folder(run / "ckpt-000001" / "adapter") == run and chat.run_folder(other / "adapter") == other
+    assert chat.run_folder(tmp_path / "saved-by-hand") == tmp_path / "saved-by-hand"
+
+
 # --- hostile input and bounded cost (issue 16) ---------------------------------------------------------------
 
 def control_ids(tokenizer, prompt: str) -> list[int]:
@@ -488,7 +508,23 @@ def test_queue_size_and_upload_size_are_bounded(nb, served):
     assert app._queue.max_size == demo.DemoLimits().queue_size == 16
     assert app.max_file_size == 1024
     big = httpx.post(url.rstrip("/") + "/gradio_api/upload", files={"files": ("big.bin", b"x" * 20_000)}, timeout=30)
-    assert big.status_code == 413, big.text
+    assert big.status_code == 403, big.text
+
+
+def test_the_app_accepts_no_uploads(served):
+    """Issue 35 (10): the demo takes no files, so gradio's file endpoints refuse every upload, even small files
+    under the size cap (1,000 of them per request, and requests without end, would fill the disk)."""
+    import httpx
+    _, url = served
+    api = url.rstrip("/") + "/gradio_api"
+    small = [("files", (f"f{i}.txt", b"hello")) for i in range(3)]
+    for route in ("/upload", "/upload?upload_id=abc", "/process_recording"):
+        reply = httpx.post(api + route, files=small, timeout=30)
+        assert reply.status_code == 403, (route, reply.status_code, reply.text)
+    odd = httpx.post(api + "/upload", content=b"--x\r\n", timeout=30,  # a second, lower-case content type
+                     headers=[("content-type", "text/plain"), ("Content-Type", "multipart/form-data; boundary=x")])
+    assert odd.status_code == 403, odd.text
+    assert httpx.get(url, timeout=30).status_code == 200  # the page itself still loads
 
 
 def test_make_demo_passes_the_adapter_as_an_argument_not_as_code(tmp_path, monkeypatch):
