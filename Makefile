@@ -56,10 +56,11 @@ test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
 
 # The chat demo on http://127.0.0.1:7860: base vs the newest adapter under runs/ (or ADAPTER=folder). Ctrl-C stops it.
-# ADAPTER reaches Python as an argument (sys.argv[1]), never pasted into its source: any quote in it stays text.
+# chat.py loads the notebook with nbimport. ADAPTER reaches it as an argument (sys.argv[1]), never pasted into any
+# source: any quote in it stays text.
 demo: export ADAPTER ?=
 demo: setup
-	$(PY) -c 'import sys; from nbimport import load_notebook; load_notebook().serve_demo(DEMO_ADAPTER=sys.argv[1])' "$$ADAPTER"
+	$(PY) chat.py "$$ADAPTER"
 
 # The training run, data-parallel (notebook section 8.1): N ranks on this machine through `accelerate launch`
 # (gloo on CPUs, one GPU each with NCCL: `make train-dp N=8` on 8 GPUs; several machines: `accelerate config`, then

@@ -153,13 +153,6 @@ DEMO = False  # launch the gradio chat at the end (headless runs keep it off)
 DEMO_SHARE = False  # True asks gradio for a public *.gradio.live link; the demo otherwise binds 127.0.0.1 only
 DEMO_ADAPTER = ""  # "" serves the adapter trained above (make demo: the newest under runs/); or a saved adapter folder
 DEMO_PORT = 0  # 0 picks the first free port from 7860
-DEMO_MAX_CHARS = 2000  # longest message accepted (characters); longer ones get a polite refusal
-DEMO_MAX_TURNS = 4  # earlier exchanges sent back through the chat template
-DEMO_MAX_PROMPT_TOKENS = 1024  # older turns are dropped until the rendered prompt fits
-DEMO_MAX_REFERENCE_CHARS = 2000  # longest reference answer accepted (characters); longer ones get a polite refusal
-DEMO_PCA_MAX_PROMPT_TOKENS = 128  # prompt-token cap for the slow PCA logits modes in the demo (an SVD over every position per token)
-DEMO_PCA_MAX_NEW_TOKENS = 32  # answer-token cap for the PCA logits modes in the demo
-DEMO_QUEUE_SIZE = 16  # requests gradio keeps waiting; more are turned away (queue full)
 
 # %% [markdown] rlft={"section": "common"}
 # ## 0. Common imports and helpers
@@ -194,6 +187,7 @@ from rlft_support.assets import Embedder, load_pairs, packaged_tokenizer, resolv
 from rlft_support.assets import split_pairs  # noqa: F401  (nb.split_pairs: benchmarks, rlft_dp.py, tests)
 from rlft_support.fast import flat_head, make_cache, merged_adapter, select_cache_rows
 from rlft_support.guards import clip_scores, guarded_step
+from rlft_support.demo import DEMO_SIDES, DemoLimits, build_app, launch_app
 
 # %% rlft={"section": "common"}
 seed_everything(SEED)
@@ -3661,405 +3655,31 @@ if "pipeline_seeds" in committed:  # the headline quoted above: each arm's gain,
 # * **The notebook's own `generate()`**, streamed token by token, with the same sampling controls as the rollouts
 #   (temperature, top-k, top-p, max new tokens, and the logits modes of the generation section, PCA included).
 # * **Multi-turn.** Each side keeps its own conversation, rendered through the model's chat template; only the last
-#   `DEMO_MAX_TURNS` exchanges are sent, and older ones are dropped until the prompt fits `DEMO_MAX_PROMPT_TOKENS`.
+#   `DemoLimits.max_turns` exchanges are sent, and older ones are dropped until the prompt fits `max_prompt_tokens`.
 # * **Safe defaults.** It binds `127.0.0.1`; a public link only with `DEMO_SHARE = True`. An empty or over-long
 #   message (or reference) gets a plain sentence saying so, never a traceback. Text typed by the user stays text:
 #   `<|im_start|>` in a message is escaped, so nobody can forge a system turn.
 # * **Bounded cost.** The PCA logits modes cost an SVD over every position per token, so they take at most
-#   `DEMO_PCA_MAX_PROMPT_TOKENS` (128) prompt and `DEMO_PCA_MAX_NEW_TOKENS` (32) new tokens; a request whose page
-#   was closed stops at its next token and frees the model; gradio's queue holds at most `DEMO_QUEUE_SIZE` (16) waiting
-#   requests; uploads are capped at 1 kB (the demo takes no files); the similarity's embedding cache is a bounded
+#   `DemoLimits.pca_max_prompt_tokens` (128) prompt and `pca_max_new_tokens` (32) new tokens; a request whose page
+#   was closed stops at its next token and frees the model; gradio's queue holds at most `queue_size` (16) waiting
+#   requests; uploads are refused (the demo takes no files); the similarity's embedding cache is a bounded
 #   LRU that never keeps long texts.
 #
-# The cell below builds the app (about 3 s, mostly importing gradio), prints what both sides answer to one held-out
-# prompt (about 3 s on a laptop CPU with SmolLM2 and 48 new tokens), and launches the page only when `DEMO = True`:
-# in Jupyter or Colab it shows inline and the cell returns; headless runs never launch it. From a shell,
-# `make demo` serves the newest adapter under `runs/` with the run's saved reward model.
-
-# %% rlft={"section": "demo"}
-#| export
-import functools, queue, threading, traceback
-
-DEMO_SIDES = ("base", "tuned")
-DEMO_CSS = ".rlft-info { min-height: 2.2em; }"
-
-
-@dataclasses.dataclass
-class DemoLimits:
-    """Caps that keep one demo request small (characters, history turns, prompt and answer tokens; the PCA logits
-    modes, which cost an SVD over every position per token, get far smaller token caps) and the server bounded
-    (waiting requests in gradio's queue; upload size — the demo takes no files, so uploads are refused)."""
-    max_chars: int = 2000
-    max_turns: int = 4
-    max_prompt_tokens: int = 1024
-    max_new_tokens: int = 256
-    max_reference_chars: int = 2000
-    pca_max_prompt_tokens: int = 128
-    pca_max_new_tokens: int = 32
-    queue_size: int = 16
-    max_file_size: str = "1kb"
-
-
-def input_problem(message, limits: DemoLimits, reference="") -> str | None:
-    """A friendly sentence when `message` is empty or too long, or `reference` not text or too long, else None."""
-    if not isinstance(message, str) or not message.strip():
-        return "Please type a message first."
-    if len(message) > limits.max_chars:
-        return (f"That message is {len(message):,} characters long; the demo takes at most {limits.max_chars:,}. "
-                "Please shorten it.")
-    if not isinstance(reference or "", str):
-        return "The reference must be text."
-    if len(reference or "") > limits.max_reference_chars:
-        return (f"That reference is {len(reference):,} characters long; the demo takes at most "
-                f"{limits.max_reference_chars:,}. Please shorten it.")
-    return None
-
-
-def message_text(content) -> str:
-    """The text of a gradio 6 message content: a string, a {'type': 'text', 'text': ...} part, or a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text") or "")
-    if isinstance(content, (list, tuple)):
-        return "".join(message_text(part) for part in content)
-    return ""
-
-
-def plain_history(history) -> list[dict]:
-    """Chatbot history (gradio 6 role/content dicts, content as text or parts) -> [{'role', 'content': str}]."""
-    return [{"role": m["role"], "content": message_text(m.get("content"))}
-            for m in history or [] if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
-
-
-def chat_messages(history, message: str, limits: DemoLimits) -> tuple[list[dict], bool]:
-    """Chatbot history + the new message -> chat-template messages (plain text, the last `limits.max_turns`
-    exchanges kept, each message capped at `limits.max_chars`) and whether older exchanges were dropped."""
-    turns = [{"role": m["role"], "content": m["content"][: limits.max_chars]} for m in plain_history(history)]
-    starts = [i for i, m in enumerate(turns) if m["role"] == "user"]
-    cut = len(turns) if limits.max_turns <= 0 else (starts[-limits.max_turns] if len(starts) > limits.max_turns else 0)
-    return turns[cut:] + [{"role": "user", "content": message.strip()}], cut > 0
-
-
-# %% rlft={"section": "demo"}
-#| export
-def render_chat(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[str | None, bool]:
-    """The chat-template prompt for `messages`, dropping the oldest exchanges until it fits `max_prompt_tokens`;
-    (None, True) when the last message alone does not fit. Also returns whether anything was dropped.
-    Special-token strings typed in any message (`<|im_start|>`) are escaped, so they stay text."""
-    dropped = False
-    messages = [dict(m, content=escape_special_tokens(tokenizer, m["content"])) for m in messages]  # no forged turns
-    while True:
-        if tokenizer.chat_template:
-            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            prompt = "\n".join(m["content"] for m in messages) + "\n"
-        if len(tokenizer(prompt, add_special_tokens=False).input_ids) <= max_prompt_tokens:
-            return prompt, dropped
-        later = [i for i, m in enumerate(messages) if m["role"] == "user" and i > 0]
-        if not later:
-            return None, True
-        messages, dropped = messages[later[0]:], True
-
-
-def clamp_sampling(temperature, top_k, top_p, max_new_tokens, logits_mode, pca_k, limits: DemoLimits) -> dict:
-    """Sampling settings from the page (or any API client), forced into their valid ranges: generate()'s kwargs.
-    NaN becomes the neutral value (greedy, top-p off); the PCA modes get the smaller `pca_max_new_tokens` cap."""
-    mode = logits_mode if logits_mode in LOGITS_MODES else "full"
-    cap = limits.max_new_tokens if mode == "full" else min(limits.max_new_tokens, limits.pca_max_new_tokens)
-    temperature, top_p = float(temperature), float(top_p)
-    return dict(temperature=0.0 if math.isnan(temperature) else min(max(temperature, 0.0), 5.0),
-                top_k=max(int(top_k), 0), top_p=1.0 if math.isnan(top_p) else min(max(top_p, 0.01), 1.0),
-                max_new_tokens=min(max(int(max_new_tokens), 1), cap), logits_mode=mode, pca_k=max(int(pca_k), 1))
-
-
-def stream_text(model, tokenizer, prompt: str, sampling: dict):
-    """Yield the answer to one rendered prompt so far, each time the notebook's `generate_stream()` adds a piece.
-    `sampling`: generate()'s keyword arguments (max_new_tokens, temperature, top_k, top_p, logits_mode, pca_k)."""
-    text = ""
-    for piece in generate_stream(model, tokenizer, prompt, **sampling):
-        text += piece
-        yield text
-
-
-def find_adapter(path: str | Path = "runs") -> Path | None:
-    """The adapter folder to serve: `path` itself if it holds `adapter_config.json`, or a run's final `adapter/`
-    in it; else the adapter of the newest complete checkpoint below it (the one a training run's `latest`
-    pointer names); else the most recently written adapter folder below it (temporary folders skipped)."""
-    root = Path(path).expanduser()
-    for folder in (root, root / "adapter"):
-        if (folder / "adapter_config.json").exists():
-            return folder
-    for pointer in sorted(root.glob(f"**/{CKPT_POINTER}"), key=lambda f: f.stat().st_mtime, reverse=True):
-        try:
-            checkpoint = latest_checkpoint(pointer.parent)
-        except (OSError, ValueError, KeyError):  # a pointer to a missing checkpoint, or not a pointer at all
-            continue
-        if checkpoint is not None and (checkpoint / "adapter" / "adapter_config.json").exists():
-            return checkpoint / "adapter"
-    found = [f.parent for f in root.glob("**/adapter_config.json") if ".tmp" not in str(f.relative_to(root))]
-    return max(found, key=lambda d: (d / "adapter_config.json").stat().st_mtime) if found else None
-
-
-# %% rlft={"section": "demo"}
-#| export
-def attach_adapter(model, adapter: str | Path | None = None) -> PeftModel:
-    """The PEFT model the demo serves: `model` as it is (its active adapter is 'tuned') when `adapter` is None,
-    else the adapter folder (saved by `save_pretrained`) loaded onto it."""
-    if adapter is None:
-        if not isinstance(model, PeftModel):
-            raise ValueError("the demo needs a PEFT model (base + LoRA) or the path of a saved adapter")
-        return model
-    if not (Path(adapter) / "adapter_config.json").exists():
-        raise FileNotFoundError(f"no adapter_config.json in {adapter!r}: pass a folder saved by save_pretrained")
-    if isinstance(model, PeftModel):
-        if "demo" in model.peft_config:  # built a second time: replace the previous one
-            model.set_adapter(next(name for name in model.peft_config if name != "demo"))
-            model.delete_adapter("demo")
-        model.load_adapter(str(adapter), adapter_name="demo")
-        model.set_adapter("demo")
-        return model.eval()
-    return PeftModel.from_pretrained(model, str(adapter)).eval()
-
-
-# %% rlft={"section": "demo"}
-#| export
-class ChatDemo:
-    """Base vs tuned answers from one PEFT model. `answer()` is a generator that yields (chat history, info)
-    and is what the gradio events call; the whole generation and scoring of one answer runs under `self.lock`."""
-
-    def __init__(self, model, tokenizer, score_fn=None, similarity_fn=None, limits: DemoLimits | None = None,
-                 score_label: str = "reward model"):
-        self.model, self.tokenizer, self.limits = model, tokenizer, limits or DemoLimits()
-        self.score_fn, self.similarity_fn, self.score_label = score_fn, similarity_fn, score_label
-        self.lock = threading.Lock()
-
-    def _generate(self, side: str, prompt: str, message: str, reference: str, sampling: dict, out: queue.Queue,
-                  cancel: threading.Event):
-        """Worker thread: stream one answer into `out`, then its scores; always releases the lock and the adapter.
-        Stops at the next token once `cancel` is set (the client went away), so it frees the model slot."""
-        try:
-            with self.lock:
-                if cancel.is_set():
-                    return
-                t0, text = time.time(), ""
-                switch = self.model.disable_adapter() if side == "base" else contextlib.nullcontext()
-                with switch, torch.inference_mode():
-                    for text in stream_text(self.model, self.tokenizer, prompt, sampling):
-                        if cancel.is_set():
-                            return
-                        out.put(("text", text.strip()))
-                seconds, text = time.time() - t0, text.strip()
-                scores = {self.score_label: self.score_fn(message, text) if self.score_fn else None}
-                if reference.strip() and self.similarity_fn:
-                    scores["similarity to your reference"] = self.similarity_fn(text, reference)
-            out.put(("done", (text, scores, seconds)))
-        except Exception as e:  # shown as one plain sentence; the traceback goes to the server log
-            traceback.print_exc()
-            out.put(("error", f"{type(e).__name__}: {e}"))
-
-    def answer(self, side, message, reference, history, temperature, top_k, top_p, max_new_tokens, logits_mode,
-               pca_k=16):
-        """Gradio handler for one side: yields (history with the streamed answer, info markdown)."""
-        if side not in DEMO_SIDES:
-            raise ValueError(f"side must be one of {DEMO_SIDES}, not {side!r}")
-        past = plain_history(history)
-        problem = input_problem(message, self.limits, reference)
-        if problem:
-            yield past, f"⚠️ {problem}"
-            return
-        try:
-            sampling = clamp_sampling(temperature, top_k, top_p, max_new_tokens, logits_mode, pca_k, self.limits)
-        except (TypeError, ValueError):
-            yield past, "⚠️ The sampling settings must be numbers."
-            return
-        messages, trimmed = chat_messages(history, message, self.limits)
-        pca = sampling["logits_mode"] != "full"  # a PCA per position and token: slow, so a much smaller prompt
-        budget = min(self.limits.max_prompt_tokens, self.limits.pca_max_prompt_tokens) if pca else self.limits.max_prompt_tokens
-        prompt, dropped = render_chat(self.tokenizer, messages, budget)
-        if prompt is None:
-            extra = f" with logits mode {sampling['logits_mode']!r} (use 'full' for longer ones)" if pca else ""
-            yield past, f"⚠️ That message is longer than the demo's {budget} prompt tokens{extra}. Please shorten it."
-            return
-        yield from self._stream(side, prompt, message.strip(), reference or "", sampling, past, trimmed or dropped)
-
-    def _stream(self, side, prompt, message, reference, sampling, past, trimmed):
-        """Run the worker thread and relay its text as it arrives: yields (history, info)."""
-        out, cancel = queue.Queue(), threading.Event()
-        args = (side, prompt, message, reference, sampling, out, cancel)
-        threading.Thread(target=self._generate, args=args, daemon=True).start()
-        turn = past + [{"role": "user", "content": message}]
-        try:
-            while True:
-                kind, value = out.get()
-                if kind == "text":
-                    yield turn + [{"role": "assistant", "content": value}], f"*{side}: generating…*"
-                elif kind == "error":
-                    yield past, f"⚠️ Sorry, the {side} model could not answer ({value})."
-                    return
-                else:
-                    text, scores, seconds = value
-                    yield turn + [{"role": "assistant", "content": text}], format_info(side, scores, seconds, trimmed)
-                    return
-        finally:  # also when gradio closes this generator (a cancelled or abandoned request): stop the worker
-            cancel.set()
-
-
-# %% rlft={"section": "demo"}
-#| export
-def format_info(side: str, scores: dict, seconds: float, trimmed: bool) -> str:
-    """The line under an answer: its scores and how long it took."""
-    parts = [f"**{side}**"]
-    parts += [f"{name} **{'n/a' if value is None else f'{float(value):.2f}'}**" for name, value in scores.items()]
-    parts.append(f"{seconds:.1f} s")
-    if trimmed:
-        parts.append("older turns left out")
-    return " · ".join(parts)
-
-
-def _demo_layout(gr, title: str, sampling: dict, limits: DemoLimits, examples) -> dict:
-    """The page's components (inside an open gr.Blocks), by name."""
-    c = {}
-    gr.Markdown(title)
-    with gr.Row():
-        for side in DEMO_SIDES:
-            with gr.Column():
-                c[side] = gr.Chatbot(label=f"{side} model", height=360, elem_id=f"{side}-chat", buttons=["copy"])
-                c[f"{side}_info"] = gr.Markdown(elem_id=f"{side}-info", elem_classes=["rlft-info"])
-    with gr.Row():
-        c["message"] = gr.Textbox(label="Message", placeholder="Ask something…", scale=5, elem_id="message", autofocus=True)
-        c["send"] = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-    c["reference"] = gr.Textbox(label="Reference answer (optional: shows the true similarity)", elem_id="reference")
-    with gr.Accordion("Sampling", open=False):
-        with gr.Row():
-            c["temperature"] = gr.Slider(0.0, 2.0, value=sampling["temperature"], step=0.05, label="temperature (0 = greedy)")
-            c["top_k"] = gr.Slider(0, 200, value=sampling["top_k"], step=1, label="top-k (0 = off)")
-            c["top_p"] = gr.Slider(0.05, 1.0, value=sampling["top_p"], step=0.05, label="top-p (1 = off)")
-            c["max_new_tokens"] = gr.Slider(1, limits.max_new_tokens, value=sampling["max_new_tokens"], step=1,
-                                            label="max new tokens")
-            c["logits_mode"] = gr.Dropdown(list(LOGITS_MODES), value=sampling["logits_mode"], label="logits mode")
-            c["pca_k"] = gr.Slider(1, 64, value=sampling["pca_k"], step=1, label="k (pca_rank_k)")
-    c["clear"] = gr.Button("Clear both conversations", elem_id="clear")
-    if examples:
-        gr.Examples([list(e) for e in examples], inputs=[c["message"], c["reference"]], label="Held-out prompts")
-    return c
-
-
-# %% rlft={"section": "demo"}
-#| export
-def build_app(model, tokenizer, *, score_fn=None, similarity_fn=None, adapter=None, limits: DemoLimits | None = None,
-              sampling: dict | None = None, examples=None, title: str | None = None,
-              score_label: str = "reward model"):
-    """The gradio app (built, not launched): base vs tuned side by side. `score_fn(prompt, response) -> float` is
-    the reward model, `similarity_fn(response, reference) -> float` the true similarity, `adapter` an optional
-    saved-adapter folder (None: `model`'s own adapter). Returns the gr.Blocks; its `.chat_demo` is the ChatDemo."""
-    import gradio as gr
-    limits = limits or DemoLimits()
-    demo = ChatDemo(attach_adapter(model, adapter), tokenizer, score_fn, similarity_fn, limits, score_label)
-    sampling = {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "max_new_tokens": 64, "logits_mode": "full",
-                "pca_k": 16, **(sampling or {})}
-    title = title or ("### rlft — base vs tuned\nThe same message goes to both; each answer shows its "
-                      f"{score_label} score. Tuned = adapter `{adapter or 'trained in this session'}`.")
-    knobs = ["temperature", "top_k", "top_p", "max_new_tokens", "logits_mode", "pca_k"]
-    with gr.Blocks(title="rlft chat demo", analytics_enabled=False) as app:
-        c = _demo_layout(gr, title, sampling, limits, examples)
-        knob_inputs = [c[k] for k in knobs]
-        steps = {side: functools.partial(demo.answer, side) for side in DEMO_SIDES}
-        for trigger, named in ((c["send"].click, True), (c["message"].submit, False)):
-            event = None
-            for side in DEMO_SIDES:  # base, then tuned; named endpoints `/answer_base`, `/answer_tuned` for clients
-                args = (steps[side], [c["message"], c["reference"], c[side], *knob_inputs], [c[side], c[f"{side}_info"]])
-                opts = dict(api_name=f"answer_{side}" if named else False, concurrency_limit=1, concurrency_id="rlft-model")
-                event = trigger(*args, **opts) if event is None else event.then(*args, **opts)
-            event.then(lambda: "", None, c["message"], queue=False, api_name=False)
-        c["clear"].click(lambda: ([], [], "", ""), None, [c["base"], c["tuned"], c["base_info"], c["tuned_info"]],
-                         queue=False, api_name=False)
-    app.chat_demo = demo
-    return app
-
-
-def launch_app(app, *, share: bool = False, port: int | None = None, inline: bool | None = None,
-               prevent_thread_lock: bool = False):
-    """Serve the app on 127.0.0.1 (a public gradio link only when `share`). In Jupyter or Colab it shows inline
-    and returns at once (a notebook cell never blocks); from a script it blocks unless `prevent_thread_lock`.
-    Returns (app, local_url)."""
-    from gradio.utils import ipython_check
-    in_notebook = ipython_check()
-    limits = getattr(getattr(app, "chat_demo", None), "limits", None) or DemoLimits()
-    app.queue(default_concurrency_limit=1, max_size=limits.queue_size)  # a full queue turns new requests away
-    app.launch(server_name="127.0.0.1", server_port=port, share=share, css=DEMO_CSS, show_error=False, quiet=False,
-               inline=in_notebook if inline is None else inline, prevent_thread_lock=prevent_thread_lock or in_notebook,
-               max_file_size=limits.max_file_size)  # the demo takes no files: gradio's upload endpoint is capped
-    return app, app.local_url
-
-
-# %% rlft={"section": "demo"}
-#| export
-def demo_limits(p: dict) -> DemoLimits:
-    """The demo's caps from the notebook's parameters (`p`: name -> value; missing ones keep DemoLimits' defaults)."""
-    d = DemoLimits()
-    return DemoLimits(
-        max_chars=p.get("DEMO_MAX_CHARS", d.max_chars), max_turns=p.get("DEMO_MAX_TURNS", d.max_turns),
-        max_prompt_tokens=p.get("DEMO_MAX_PROMPT_TOKENS", d.max_prompt_tokens),
-        max_new_tokens=max(p.get("MAX_NEW_TOKENS", 0), d.max_new_tokens),
-        max_reference_chars=p.get("DEMO_MAX_REFERENCE_CHARS", d.max_reference_chars),
-        pca_max_prompt_tokens=p.get("DEMO_PCA_MAX_PROMPT_TOKENS", d.pca_max_prompt_tokens),
-        pca_max_new_tokens=p.get("DEMO_PCA_MAX_NEW_TOKENS", d.pca_max_new_tokens),
-        queue_size=p.get("DEMO_QUEUE_SIZE", d.queue_size))
-
-
-def notebook_parameters(notebook: str | Path = "rlft.ipynb") -> dict:
-    """The values of a notebook's `parameters` cell (its defaults), by name."""
-    cells = json.loads(Path(notebook).read_text(encoding="utf-8"))["cells"]
-    cell = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
-    values: dict = {}
-    exec("".join(cell["source"]), {}, values)
-    return values
-
-
-def saved_reward_model(adapter: Path, run_dir: str | Path):
-    """The reward model saved by a run (`reward_mlp.pt`) beside the adapter (any parent folder) or in `run_dir`;
-    None when there is none."""
-    for folder in [*Path(adapter).resolve().parents, Path(run_dir)]:
-        if (folder / "reward_mlp.pt").exists():
-            return RewardMLP.from_state_dict(torch.load(folder / "reward_mlp.pt", map_location="cpu", weights_only=True))
-    return None
-
-
-def serve_demo(notebook: str | Path = "rlft.ipynb", block: bool = True, **overrides):
-    """`make demo`: the notebook's parameters (with `overrides`, e.g. DEMO_ADAPTER=...), its model, the adapter
-    (DEMO_ADAPTER, else the newest under RUN_DIR, else under runs/), the run's reward model and the MiniLM
-    similarity, served on 127.0.0.1. Blocks unless `block=False`; returns (app, url)."""
-    p = {**notebook_parameters(notebook), **overrides}
-    where = [p["DEMO_ADAPTER"]] if p["DEMO_ADAPTER"] else [p["RUN_DIR"], "runs"]
-    adapter = next((a for a in map(find_adapter, where) if a is not None), None)
-    if adapter is None:
-        raise FileNotFoundError(f"no saved adapter (adapter_config.json) under {' or '.join(map(str, where))}: run "
-                                "`make run` first, or point DEMO_ADAPTER / ADAPTER= at a folder saved by save_pretrained")
-    device = resolve_device(p["DEVICE"])
-    base, tokenizer = load_base(p["MODEL"], p["CACHE_DIR"], device, resolve_dtype(p["DTYPE"], device), seed=p["SEED"])
-    embedder = Embedder(p.get("EMBEDDER", "packaged"), device=device)
-    rm = saved_reward_model(adapter, p["RUN_DIR"])
-    if rm is None:
-        print(f"no reward_mlp.pt near {adapter}: answers show the similarity only")
-    app = build_app(
-        base, tokenizer, adapter=adapter, examples=None,
-        score_fn=(lambda q, r: float(rm.score([q], [r], embedder)[0])) if rm is not None else None,
-        similarity_fn=lambda r, ref: float(similarity([r], [ref], embedder)[0]),
-        limits=demo_limits(p),
-        sampling=dict(temperature=p["TEMPERATURE"], top_k=p["TOP_K"], top_p=p["TOP_P"],
-                      max_new_tokens=p["MAX_NEW_TOKENS"], logits_mode=p["LOGITS_MODE"], pca_k=p["PCA_K"]))
-    print(f"serving base vs {adapter}")
-    return launch_app(app, share=p["DEMO_SHARE"], port=p["DEMO_PORT"] or None, prevent_thread_lock=not block)
-
+# The page itself is plumbing (`rlft_support/demo.py`); the cell below hands it the method: `generate_stream`,
+# `LOGITS_MODES`, `escape_special_tokens`, the reward model and the similarity. It builds the app (about 3 s,
+# mostly importing gradio), prints what both sides answer to one held-out prompt (about 3 s on a laptop CPU with
+# SmolLM2 and 48 new tokens), and launches the page only when `DEMO = True`: in Jupyter or Colab it shows inline
+# and the cell returns; headless runs never launch it. From a shell,
+# `make demo` (`chat.py`) serves the newest adapter under `runs/` with the run's saved reward model.
 
 # %% rlft={"section": "demo"}
 t0 = time.time()
 demo_app = build_app(
     model, tokenizer, adapter=DEMO_ADAPTER or None,
+    stream_fn=generate_stream, logits_modes=LOGITS_MODES, escape_fn=escape_special_tokens,
     score_fn=lambda prompt, response: float(reward_model.score([prompt], [response], embedder)[0]),
     similarity_fn=lambda response, reference: float(similarity([response], [reference], embedder)[0]),
-    limits=demo_limits(globals()),
+    limits=DemoLimits(max_new_tokens=max(MAX_NEW_TOKENS, DemoLimits.max_new_tokens)),
     sampling=dict(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, max_new_tokens=MAX_NEW_TOKENS,
                   logits_mode=LOGITS_MODE, pca_k=PCA_K),
     examples=[(p["prompt"], p["reference"]) for p in eval_pairs[:5]])

@@ -265,7 +265,9 @@ def test_dangling_or_bad_pointer_raises_a_checkpoint_error_and_find_adapter_skip
     nb.train_loop(state, sampler, text_reward, good, budget_s=1e9, max_iterations=1, progress=False)
     (run / "latest").write_text(json.dumps({"checkpoint": "ckpt-000007"}))
     os.utime(run / "latest", (time.time() + 60, time.time() + 60))  # the dangling pointer is the newest
-    assert nb.find_adapter(tmp_path / "runs") == good / "ckpt-000001" / "adapter"
+    from rlft_support.demo import find_adapter
+    layout = dict(latest_checkpoint=nb.latest_checkpoint, pointer=nb.CKPT_POINTER)
+    assert find_adapter(tmp_path / "runs", **layout) == good / "ckpt-000001" / "adapter"
     with pytest.raises(nb.CheckpointError, match=r"latest names ckpt-000007, which is missing") as info:
         nb.latest_checkpoint(run)
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ValueError)
