@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nbimport import ROOT
+from rlft_support import runs
 
 TESTS = Path(__file__).resolve().parent
 PAIRS = [{"prompt": f"Question number {i}?", "reference": f"Answer number {i}.", "split": "train", "family": "f"}
@@ -70,9 +71,9 @@ def test_sampler_is_deterministic_wraps_and_round_trips(nb):
 def test_rng_state_round_trips_through_weights_only_load(nb, tmp_path):
     import random
     import numpy as np
-    torch.save(nb.rng_state(), tmp_path / "rng.pt")
+    torch.save(runs.rng_state(), tmp_path / "rng.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    nb.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    runs.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
@@ -86,9 +87,9 @@ def test_checkpoint_round_trip_keep_last_and_plain_peft_load(nb, tmp_path):
     assert json.loads((tmp_path / "latest").read_text()) == {"checkpoint": "ckpt-000003"}
     saved = weights(state)
     fresh, fresh_sampler = make_state(nb, seed=1)
-    restored_logs = nb.load_checkpoint(nb.latest_checkpoint(tmp_path), fresh, fresh_sampler)
+    restored_logs = runs.load_checkpoint(runs.latest_checkpoint(tmp_path), fresh, fresh_sampler)
     assert all(torch.equal(saved[k], v) for k, v in weights(fresh).items())
-    assert clean(restored_logs) == clean(nb.read_log(tmp_path)) and fresh.iteration == 3
+    assert clean(restored_logs) == clean(runs.read_log(tmp_path)) and fresh.iteration == 3
     assert fresh_sampler.state_dict() == sampler.state_dict()
     assert fresh.reward_stats.state_dict() == state.reward_stats.state_dict()
     opt_a, opt_b = state.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
@@ -106,27 +107,27 @@ def test_half_written_checkpoint_is_ignored(nb, tmp_path, monkeypatch):
     state, sampler = make_state(nb)
     nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=2, progress=False)
     at_two = weights(state)
-    real = nb.write_checkpoint_files
+    real = runs.write_checkpoint_files
 
     def crash_half_way(folder, *args):  # the adapter is written, then the process "dies"
         folder.mkdir(parents=True)
         args[0].policy.save_pretrained(folder / "adapter")
         raise SystemExit("simulated crash while writing a checkpoint")
-    monkeypatch.setattr(nb, "write_checkpoint_files", crash_half_way)
+    monkeypatch.setattr(runs, "write_checkpoint_files", crash_half_way)  # save_checkpoint calls it there
     with pytest.raises(SystemExit):
         nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=3, resume=True,
                       progress=False)
     assert (tmp_path / "ckpt-000003" / "adapter").is_dir()  # the half-written folder is there ...
-    assert nb.latest_checkpoint(tmp_path).name == "ckpt-000002"  # ... but the pointer never moved
-    monkeypatch.setattr(nb, "write_checkpoint_files", real)
+    assert runs.latest_checkpoint(tmp_path).name == "ckpt-000002"  # ... but the pointer never moved
+    monkeypatch.setattr(runs, "write_checkpoint_files", real)
     fresh, fresh_sampler = make_state(nb, seed=5)
     logs = nb.train_loop(fresh, fresh_sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=2,
                          resume=True, progress=False)
-    assert fresh.iteration == 2 and len(logs) == 2 and len(nb.read_log(tmp_path)) == 2  # the log is cut back too
+    assert fresh.iteration == 2 and len(logs) == 2 and len(runs.read_log(tmp_path)) == 2  # the log is cut back too
     assert all(torch.equal(at_two[k], v) for k, v in weights(fresh).items())
     nb.train_loop(fresh, fresh_sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=3, resume=True,
                   progress=False)
-    assert nb.latest_checkpoint(tmp_path).name == "ckpt-000003"  # the stale folder was rewritten whole
+    assert runs.latest_checkpoint(tmp_path).name == "ckpt-000003"  # the stale folder was rewritten whole
     assert (tmp_path / "ckpt-000003" / "state.json").exists()
 
 
@@ -139,10 +140,10 @@ def test_budget_stops_the_loop_log_has_every_field_plot_written(nb, tmp_path):
                          metrics_fn=sims, eval_fn=lambda s: evals.append(s.iteration) or {"similarity": 2.0},
                          eval_every=2, progress=False)
     assert 1 <= len(logs) < 10_000 and time.time() - t0 < 30
-    on_disk = nb.read_log(tmp_path)
+    on_disk = runs.read_log(tmp_path)
     assert clean(on_disk) == clean(logs)
     for record in on_disk:
-        missing = [k for k in nb.LOG_FIELDS if k not in record]
+        missing = [k for k in runs.LOG_FIELDS if k not in record]
         assert not missing, missing
         assert record["reward_gap"] == pytest.approx(record["score"] - 1.5)
     assert all(i % 2 == 0 for i in evals) and all("eval_similarity" in r for r in on_disk if r["iteration"] % 2 == 1)
@@ -168,7 +169,7 @@ def test_fresh_start_clears_an_old_run(nb, tmp_path):
     state, sampler = make_state(nb)
     nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=1, progress=False)
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000001"]
-    assert len(nb.read_log(tmp_path)) == 1 and nb.latest_checkpoint(tmp_path).name == "ckpt-000001"
+    assert len(runs.read_log(tmp_path)) == 1 and runs.latest_checkpoint(tmp_path).name == "ckpt-000001"
 
 
 def test_keyboard_interrupt_saves_and_returns(nb, tmp_path):
@@ -182,7 +183,7 @@ def test_keyboard_interrupt_saves_and_returns(nb, tmp_path):
         return text_reward(prompts, responses, references)
     nb.train_loop(state, sampler, interrupting_reward, tmp_path, budget_s=1e9, max_iterations=10, ckpt_every=0,
                   progress=False)
-    assert state.iteration == 2 and nb.latest_checkpoint(tmp_path).name == "ckpt-000002"
+    assert state.iteration == 2 and runs.latest_checkpoint(tmp_path).name == "ckpt-000002"
 
 
 CHILD = textwrap.dedent("""
@@ -262,16 +263,16 @@ def test_dangling_or_bad_pointer_raises_a_checkpoint_error_and_find_adapter_skip
     (run / "latest").write_text(json.dumps({"checkpoint": "ckpt-000007"}))
     os.utime(run / "latest", (time.time() + 60, time.time() + 60))  # the dangling pointer is the newest
     assert nb.find_adapter(tmp_path / "runs") == good / "ckpt-000001" / "adapter"
-    with pytest.raises(nb.CheckpointError, match=r"latest names ckpt-000007, which is missing") as info:
-        nb.latest_checkpoint(run)
+    with pytest.raises(runs.CheckpointError, match=r"latest names ckpt-000007, which is missing") as info:
+        runs.latest_checkpoint(run)
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ValueError)
     (run / "ckpt-000007" / "adapter").mkdir(parents=True)  # half-written: no state.json, no weights
-    with pytest.raises(nb.CheckpointError, match="incomplete"):
-        nb.latest_checkpoint(run)
+    with pytest.raises(runs.CheckpointError, match="incomplete"):
+        runs.latest_checkpoint(run)
     for bad in ("{", json.dumps({"checkpoint": "../../elsewhere"}), json.dumps(["ckpt-000001"])):
         (run / "latest").write_text(bad)
-        with pytest.raises(nb.CheckpointError, match="latest"):
-            nb.latest_checkpoint(run)
+        with pytest.raises(runs.CheckpointError, match="latest"):
+            runs.latest_checkpoint(run)
 
 
 def test_fresh_run_moves_the_previous_run_aside_never_deletes_it(nb, tmp_path, capsys):
@@ -289,12 +290,12 @@ def test_fresh_run_moves_the_previous_run_aside_never_deletes_it(nb, tmp_path, c
     assert len(lines) == 1 and len(previous) == 1 and str(previous[0]) in lines[0]
     old = previous[0]
     assert sorted(p.name for p in old.glob("ckpt-*")) == ["ckpt-000001", "ckpt-000002"]
-    assert len(nb.read_log(old)) == 2 and (old / "adapter" / "adapter_config.json").exists()
+    assert len(runs.read_log(old)) == 2 and (old / "adapter" / "adapter_config.json").exists()
     restored, restored_sampler = make_state(nb, seed=3)
-    nb.load_checkpoint(nb.latest_checkpoint(old), restored, restored_sampler)
+    runs.load_checkpoint(runs.latest_checkpoint(old), restored, restored_sampler)
     assert equal_weights(weights(restored), old_weights)  # the old run is whole and loadable
     assert (tmp_path / "reward_mlp.pt").exists() and not (tmp_path / "adapter").exists()
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000001"] and len(nb.read_log(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000001"] and len(runs.read_log(tmp_path)) == 1
     state, sampler = make_state(nb)  # a second fresh run in the same second gets its own folder
     nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=0, progress=False)
     assert len(list(tmp_path.glob("previous-*"))) == 2 and sorted(p.name for p in old.glob("ckpt-*")) == [
@@ -310,7 +311,7 @@ def three_iterations(nb, tmp_path_factory):
     state, sampler = make_state(nb)
     nb.train_loop(state, sampler, text_reward, run, budget_s=1e9, max_iterations=3, progress=False)
     at_two, two_sampler = make_state(nb, seed=9)
-    nb.load_checkpoint(run / "ckpt-000002", at_two, two_sampler)
+    runs.load_checkpoint(run / "ckpt-000002", at_two, two_sampler)
     torch.set_num_threads(threads)
     return run, weights(state), weights(at_two)
 
@@ -338,15 +339,15 @@ def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_resumed(nb, tmp
     CORRUPTIONS[corruption](run / "ckpt-000003")
     state, sampler = make_state(nb, seed=4)
     before, sampler_before = weights(state), sampler.state_dict()
-    with pytest.raises(nb.CheckpointError, match="ckpt-000003"):  # all or nothing: nothing was applied
-        nb.load_checkpoint(run / "ckpt-000003", state, sampler)
+    with pytest.raises(runs.CheckpointError, match="ckpt-000003"):  # all or nothing: nothing was applied
+        runs.load_checkpoint(run / "ckpt-000003", state, sampler)
     assert equal_weights(weights(state), before) and state.iteration == 0 and sampler.state_dict() == sampler_before
     assert not state.optimizer.state
     with pytest.warns(UserWarning, match="ckpt-000003"):
         logs = nb.train_loop(state, sampler, text_reward, run, budget_s=1e9, max_iterations=2, resume=True,
                              progress=False)
     assert state.iteration == 2 and len(logs) == 2 and equal_weights(weights(state), at_two)
-    assert nb.latest_checkpoint(run).name == "ckpt-000002"
+    assert runs.latest_checkpoint(run).name == "ckpt-000002"
     nb.train_loop(state, sampler, text_reward, run, budget_s=1e9, max_iterations=3, resume=True, progress=False)
     assert equal_weights(weights(state), final)  # the same as the run that was never corrupted
 
@@ -357,7 +358,7 @@ def test_resume_with_no_usable_checkpoint_says_so(nb, tmp_path, three_iterations
     for name in ("ckpt-000002", "ckpt-000003"):
         truncate(run / name / "state.json")
     state, sampler = make_state(nb)
-    with pytest.warns(UserWarning), pytest.raises(nb.CheckpointError, match="no usable checkpoint"):
+    with pytest.warns(UserWarning), pytest.raises(runs.CheckpointError, match="no usable checkpoint"):
         nb.train_loop(state, sampler, text_reward, run, budget_s=1e9, max_iterations=3, resume=True, progress=False)
     assert state.iteration == 0 and sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003"]
 
@@ -380,10 +381,10 @@ def test_an_exception_in_the_loop_saves_a_checkpoint_and_is_reraised(nb, tmp_pat
     with pytest.raises(RuntimeError, match="reward server down"):
         nb.train_loop(state, sampler, failing_on_call(3, RuntimeError("reward server down")), tmp_path,
                       budget_s=1e9, max_iterations=10, ckpt_every=0, progress=False)
-    assert nb.latest_checkpoint(tmp_path).name == "ckpt-000002" and len(nb.read_log(tmp_path)) == 2
+    assert runs.latest_checkpoint(tmp_path).name == "ckpt-000002" and len(runs.read_log(tmp_path)) == 2
     assert state.iteration == 2
     # the save fails as well (a full disk): the original error comes back, with a note
-    monkeypatch.setattr(nb, "save_checkpoint", failing_on_call(1, OSError(28, "No space left on device")))
+    monkeypatch.setattr(runs, "save_checkpoint", failing_on_call(1, OSError(28, "No space left on device")))
     state, sampler = make_state(nb)
     with pytest.raises(RuntimeError, match="reward server down") as info:
         nb.train_loop(state, sampler, failing_on_call(2, RuntimeError("reward server down")), tmp_path / "b",
@@ -412,16 +413,16 @@ def test_interrupt_mid_iteration_resumes_exactly_like_an_uninterrupted_run(nb, t
     run = tmp_path / "interrupted"
     logs = nb.train_loop(state, sampler, reward, run, budget_s=1e9, max_iterations=4, ckpt_every=ckpt_every,
                          metrics_fn=metrics, progress=False)
-    assert state.iteration == 2 and len(logs) == 2 and len(nb.read_log(run)) == 2
-    assert nb.latest_checkpoint(run).name == "ckpt-000002"
+    assert state.iteration == 2 and len(logs) == 2 and len(runs.read_log(run)) == 2
+    assert runs.latest_checkpoint(run).name == "ckpt-000002"
     on_disk, on_disk_sampler = make_state(nb, seed=6)
-    nb.load_checkpoint(nb.latest_checkpoint(run), on_disk, on_disk_sampler)
+    runs.load_checkpoint(runs.latest_checkpoint(run), on_disk, on_disk_sampler)
     assert equal_weights(weights(on_disk), weights(state))  # the model in memory was rolled back too
     resumed, resumed_sampler = make_state(nb, seed=7)
     logs = nb.train_loop(resumed, resumed_sampler, text_reward, run, budget_s=1e9, max_iterations=4,
                          ckpt_every=ckpt_every, resume=True, metrics_fn=no_metrics, progress=False)
     assert equal_weights(weights(resumed), expected)
-    assert timeless(logs) == timeless(straight) and timeless(nb.read_log(run)) == timeless(straight)
+    assert timeless(logs) == timeless(straight) and timeless(runs.read_log(run)) == timeless(straight)
 
 
 def test_rerunning_a_fresh_run_in_the_same_kernel_starts_from_a_fresh_adapter(nb, tmp_path, capsys):
@@ -431,14 +432,14 @@ def test_rerunning_a_fresh_run_in_the_same_kernel_starts_from_a_fresh_adapter(nb
     nb.train_loop(state, sampler, text_reward, tmp_path / "first", budget_s=1e9, max_iterations=1, progress=False)
     assert any(p.any() for p in lora_b(state))
     assert "re-initialised" not in capsys.readouterr().out  # the first run's adapter was fresh already
-    runs = []
+    reruns = []
     for name in ("second", "third"):  # the training cell, re-run twice in the same kernel
         nb.seed_everything(0)
         state, sampler = nb.make_ppo_state(model, tok, cfg), nb.PromptSampler(PAIRS, 0)
         nb.train_loop(state, sampler, text_reward, tmp_path / name, budget_s=1e9, max_iterations=1, progress=False)
         assert "re-initialised" in capsys.readouterr().out
-        runs.append(weights(state))
-    assert equal_weights(*runs)  # each re-run starts from the same fresh adapter
+        reruns.append(weights(state))
+    assert equal_weights(*reruns)  # each re-run starts from the same fresh adapter
     state = nb.make_ppo_state(model, tok, cfg)
     nb.train_loop(state, sampler, text_reward, tmp_path / "fourth", budget_s=1e9, max_iterations=0, progress=False)
     assert not any(p.any() for p in lora_b(state))  # B = 0: the model is the base model again
@@ -456,17 +457,17 @@ def test_progress_bar_follows_the_limit_that_stops_the_run(nb, tmp_path, capsys)
     final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert final.startswith("PPO (0.5 s budget): 100%|"), final
     assert f"it={state.iteration}/10000" in final
-    assert nb.run_fraction(5, 1000, 600.0, 1200.0) == (0.5, "1200 s budget")
-    assert nb.run_fraction(3, 4, 1.0, float("inf")) == (0.75, "4 iterations")
+    assert runs.run_fraction(5, 1000, 600.0, 1200.0) == (0.5, "1200 s budget")
+    assert runs.run_fraction(3, 4, 1.0, float("inf")) == (0.75, "4 iterations")
 
 
 # --- issue 19: checkpoint cost and phase timing ------------------------------------------------------------------
 
 def test_checkpoint_due_by_count_or_seconds(nb):
-    assert nb.checkpoint_due(3, 1, 0.0, 0.0) and nb.checkpoint_due(4, 2, 0.0, 0.0) and not nb.checkpoint_due(3, 2, 0, 0)
-    assert not nb.checkpoint_due(3, 0, 0.0, 1e9)  # both off: only on an interrupt
-    assert nb.checkpoint_due(3, 0, 30.0, 30.0) and not nb.checkpoint_due(3, 0, 30.0, 29.9)
-    assert nb.checkpoint_due(3, 2, 30.0, 31.0) and nb.checkpoint_due(4, 2, 30.0, 1.0)  # either rule
+    assert runs.checkpoint_due(3, 1, 0.0, 0.0) and runs.checkpoint_due(4, 2, 0.0, 0.0) and not runs.checkpoint_due(3, 2, 0, 0)
+    assert not runs.checkpoint_due(3, 0, 0.0, 1e9)  # both off: only on an interrupt
+    assert runs.checkpoint_due(3, 0, 30.0, 30.0) and not runs.checkpoint_due(3, 0, 30.0, 29.9)
+    assert runs.checkpoint_due(3, 2, 30.0, 31.0) and runs.checkpoint_due(4, 2, 30.0, 1.0)  # either rule
 
 
 def test_ckpt_every_s_checkpoints_by_time_and_every_line_has_the_phase_times(nb, tmp_path):
@@ -479,7 +480,7 @@ def test_ckpt_every_s_checkpoints_by_time_and_every_line_has_the_phase_times(nb,
     logs = nb.train_loop(state, sampler, text_reward, tmp_path / "always", budget_s=1e9, max_iterations=3,
                          ckpt_every=0, ckpt_every_s=1e-9, progress=False)
     assert sorted(p.name for p in (tmp_path / "always").glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003"]
-    on_disk = nb.read_log(tmp_path / "always")
+    on_disk = runs.read_log(tmp_path / "always")
     for record in on_disk:
         for key in nb.PHASES:
             assert isinstance(record[key], float) and record[key] >= 0, key
