@@ -235,11 +235,11 @@ def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 # The plumbing lives in rlft_support/ (which never imports this notebook); one line per module, the names used here.
 import rlft_support  # noqa: F401
 from rlft_support.runs import (  # checkpoints, resume, RNG, logs, run folders, caches
-    BAR_FORMAT, CKPT_POINTER, LOG_NAME, PIPELINE_META, SFT_ADAPTER, PipelineResult, append_log, archive_run, capture,
-    checkpoint_due, data_key, latest_checkpoint, load_reward_data, load_sft_anchor, log_record, pipeline_result,
-    pointer_name, preserved_rng, read_log, reset_lora, save_checkpoint, save_on_interrupt, save_reward_data,
-    show_progress, start_or_resume, write_json_atomic)
-from rlft_support.runs import CKPT_FILES, CheckpointError, REWARD_DATA_FORMAT  # noqa: F401  (nb.X in tests)
+    BAR_FORMAT, CKPT_POINTER, LOG_NAME, SFT_ADAPTER, Checkpointing, PipelineResult, append_log, archive_run, data_key,
+    latest_checkpoint, load_reward_data, load_sft_anchor, log_record, pipeline_result, pointer_name, preserved_rng,
+    read_log, reset_lora, resume_plan, save_checkpoint, save_reward_data, show_progress, start_or_resume,
+    write_json_atomic, write_pipeline_meta)
+from rlft_support.runs import CKPT_FILES, CheckpointError, REWARD_DATA_FORMAT, checkpoint_due  # noqa: F401  (nb.X)
 from rlft_support.runs import anchor_state_dict, load_anchor, move_previous_run  # noqa: F401  (nb.X in tests)
 from rlft_support.runs import save_atomically as _save_atomically  # the model section's callers' name
 
@@ -2896,32 +2896,21 @@ def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, 
     iteration, 0 without one). `eval_fn(state) -> dict` runs every
     `eval_every` iterations with the RNG preserved. Ctrl-C or any exception rolls a half-done iteration back
     (to an in-memory copy taken at its start) and saves a checkpoint; Ctrl-C then returns, an exception is
-    re-raised. Returns the log."""
-    run_path = Path(run_path)
-    logs = start_or_resume(run_path, state, sampler, resume, writes_files(state))
-    t0, last_seconds, start, snapshot = time.time(), 0.0, state.iteration, None
-    last_ckpt, t_checkpoint = t0, 0.0
+    re-raised (runs.Checkpointing). Returns the log."""
+    run_path, writer = Path(run_path), writes_files(state)
+    logs = start_or_resume(run_path, state, sampler, resume, writer)
+    t0, last_seconds, start = time.time(), 0.0, state.iteration
+    knobs = {"CKPT_EVERY": ckpt_every, "CKPT_EVERY_S": ckpt_every_s, "CKPT_KEEP": keep}
     bar = tqdm(total=100, disable=not progress, desc="PPO: ", bar_format=BAR_FORMAT)
-    try:
+    with bar, Checkpointing(run_path, state, sampler, logs, knobs, writer) as ckpt:
         while everywhere(state.dp, state.iteration < max_iterations and time.time() - t0 + last_seconds <= budget_s):
-            snapshot = capture(state, sampler, logs)  # the state as of the last completed iteration
+            ckpt.begin()
             stats = train_iteration(run_path, state, sampler, reward_fn, metrics_fn, eval_fn, eval_every, logs, t0,
-                                    t_checkpoint)
-            snapshot, last_seconds, t_checkpoint = None, stats["seconds"], 0.0
+                                    ckpt.seconds)
+            ckpt.end()
+            last_seconds = stats["seconds"]
             show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, stats)
-            t1 = time.time()
-            if writes_files(state) and checkpoint_due(state.iteration, ckpt_every, ckpt_every_s, t1 - last_ckpt):
-                save_checkpoint(run_path, state, sampler, logs, keep)
-                last_ckpt = time.time()
-                t_checkpoint = last_ckpt - t1  # logged in the next iteration's line
         show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, done=True)
-    except (KeyboardInterrupt, Exception) as error:
-        saved = save_on_interrupt(run_path, state, sampler, logs, keep, snapshot is not None, snapshot, error,
-                                  writes_files(state))
-        if not (saved and isinstance(error, KeyboardInterrupt)):
-            raise
-    finally:
-        bar.close()
     return logs
 
 
@@ -3416,7 +3405,7 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
     """PIPELINE 'sft+rl' | 'sft' | 'rl' within TRAIN_BUDGET_S seconds from this call's start: a fresh adapter
     (reset_lora(SEED)), SFT for SFT_FRACTION of the budget (all of it for 'sft'), the SFT adapter saved and made
     the KL anchor (KL_ANCHOR='sft'), then RL for the rest. Ends within the budget plus one step. RESUME with an RL
-    checkpoint in run_path continues RL instead (`resume_pipeline`); a fresh run first moves an earlier one aside.
+    checkpoint in run_path continues RL instead (`resume_plan`); a fresh run first moves an earlier one aside.
     `params`: the parameters cell (globals() or a dict). `embedder` turns on the train-split monitor.
     `accelerator`: this process is one rank of a data-parallel run (section 8.1): SFT and RL are both
     data-parallel from rank 0's weights (each rank a share of every batch), and only rank 0 writes files."""
@@ -3424,8 +3413,13 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
     writer = accelerator is None or accelerator.is_main_process
     check_pipeline_params(p)
     if p["RESUME"] and p["PIPELINE"] != "sft" and pointer_name(run_path) is not None:  # an RL checkpoint
-        return resume_pipeline(model, tokenizer, train_pairs, reward_fn, run_path, p, embedder, progress, t0,
-                               accelerator)
+        deadline, anchor, sft_steps = resume_plan(run_path, p, t0)  # skip SFT; RL for what is left of the budget
+        if anchor:
+            load_sft_anchor(model, run_path)
+        state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p, deadline=deadline,
+                                  anchor=anchor, resume=True, embedder=embedder, progress=progress,
+                                  accelerator=accelerator)
+        return pipeline_result(p, state, [], rl_logs, sft_steps, 0.0, t0, resumed=True)
     if writer:
         archive_run(run_path)
         run_path.mkdir(parents=True, exist_ok=True)
@@ -3439,34 +3433,12 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
                              progress and writer, writer, dp)
     t_sft = time.time() - t0
     if writer:
-        write_json_atomic(run_path / PIPELINE_META, {"pipeline": p["PIPELINE"], "sft_seconds": t_sft,
-                                                     "budget_s": budget, "sft_steps": len(sft_logs),
-                                                     "sft_restored_step": (sft_logs[-1].get("restored_step")
-                                                                           if sft_logs else None),
-                                                     "kl_anchor": p["KL_ANCHOR"]})
+        write_pipeline_meta(run_path, p, t_sft, sft_logs)
     if p["PIPELINE"] != "sft":
         state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p, deadline=t0 + budget,
                                   anchor=p["PIPELINE"] == "sft+rl" and p["KL_ANCHOR"] == "sft", resume=False,
                                   embedder=embedder, progress=progress, accelerator=accelerator)
     return pipeline_result(p, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False)
-
-
-# %% rlft={"section": "pipeline"}
-#| export
-def resume_pipeline(model, tokenizer, train_pairs, reward_fn, run_path: Path, p: dict, embedder, progress: bool,
-                    t0: float, accelerator=None) -> PipelineResult:
-    """RESUME: skip SFT (pipeline.json says what it did), reload the SFT anchor, continue RL from the checkpoint for
-    what is left of the budget: TRAIN_BUDGET_S − the SFT seconds − the seconds of the RL iterations already run
-    (the run's log: time spent, even on iterations after the checkpoint, which RL repeats)."""
-    meta = json.loads((run_path / PIPELINE_META).read_text()) if (run_path / PIPELINE_META).exists() else {}
-    anchor = meta.get("pipeline", p["PIPELINE"]) == "sft+rl" and meta.get("kl_anchor", p["KL_ANCHOR"]) == "sft"
-    if anchor:
-        load_sft_anchor(model, run_path)
-    spent = meta.get("sft_seconds", 0.0) + sum(r.get("seconds", 0.0) for r in read_log(run_path))
-    state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p,
-                              deadline=t0 + p["TRAIN_BUDGET_S"] - spent, anchor=anchor, resume=True,
-                              embedder=embedder, progress=progress, accelerator=accelerator)
-    return pipeline_result(p, state, [], rl_logs, meta.get("sft_steps", 0), 0.0, t0, resumed=True)
 
 
 # %% rlft={"section": "pipeline"}

@@ -5,6 +5,7 @@ cfg, anchor, dp) and `sampler` its PromptSampler (seed, state_dict, load_state_d
 from __future__ import annotations
 
 import contextlib, copy, dataclasses, json, math, os, random, re, shutil, time, warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +254,53 @@ def checkpoint_due(iteration: int, ckpt_every: int, ckpt_every_s: float, since_l
     return by_count or (ckpt_every_s > 0 and since_last_s >= ckpt_every_s)
 
 
+def knob(cfg, name: str):
+    """The value of knob `name` in `cfg`: a mapping (the parameters cell's globals(), a dict) or a Config."""
+    return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
+
+
+class Checkpointing:
+    """What the training loop does around each iteration, as a context manager:
+
+        with Checkpointing(run_path, state, sampler, logs, cfg) as ckpt:
+            while ...:
+                ckpt.begin()                               # an in-memory copy (capture) of the state
+                stats = train_iteration(..., ckpt.seconds)  # seconds: the checkpoint written just before it
+                ckpt.end()                                 # the iteration is complete: save when checkpoint_due
+
+    Ctrl-C or any exception inside the block: `save_on_interrupt` rolls a half-done iteration back to the copy and
+    saves a checkpoint; the exception is re-raised, except a KeyboardInterrupt whose checkpoint was saved, which
+    ends the block quietly. `cfg`: the parameters (dict) or a Config, read for CKPT_EVERY, CKPT_EVERY_S (0: off)
+    and CKPT_KEEP. `writer`: this process writes files (False: a data-parallel rank > 0, which only rolls back)."""
+
+    def __init__(self, run_path, state, sampler, logs: list[dict], cfg, writer: bool = True):
+        self.run_path, self.state, self.sampler, self.logs, self.writer = Path(run_path), state, sampler, logs, writer
+        self.every, self.every_s, self.keep = knob(cfg, "CKPT_EVERY"), knob(cfg, "CKPT_EVERY_S"), knob(cfg, "CKPT_KEEP")
+        self.snapshot, self.seconds, self.last = None, 0.0, time.time()
+
+    def __enter__(self) -> Checkpointing:
+        return self
+
+    def begin(self) -> None:
+        """The state as of the last completed iteration, kept until `end` (what an interrupt rolls back to)."""
+        self.snapshot = capture(self.state, self.sampler, self.logs)
+
+    def end(self) -> None:
+        """The iteration is complete: drop the copy; save a checkpoint when due (`seconds`: what it took)."""
+        self.snapshot, self.seconds, t1 = None, 0.0, time.time()
+        if self.writer and checkpoint_due(self.state.iteration, self.every, self.every_s, t1 - self.last):
+            save_checkpoint(self.run_path, self.state, self.sampler, self.logs, self.keep)
+            self.last = time.time()
+            self.seconds = self.last - t1  # logged in the next iteration's line
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if not isinstance(error, (KeyboardInterrupt, Exception)):
+            return False  # a normal end, or SystemExit and the like: nothing to save
+        saved = save_on_interrupt(self.run_path, self.state, self.sampler, self.logs, self.keep,
+                                  self.snapshot is not None, self.snapshot, error, self.writer)
+        return saved and isinstance(error, KeyboardInterrupt)
+
+
 def start_or_resume(run_path: Path, state, sampler, resume: bool, writer: bool = True) -> list[dict]:
     """resume: continue from the newest usable checkpoint (`resume_from`) and cut the log back to it. A fresh
     start, or a resume that finds no checkpoint, is a `fresh_start`. `writer`: this process writes the run's
@@ -485,6 +533,29 @@ def load_sft_anchor(model, run_path: Path) -> None:
     if not (folder / "adapter_model.safetensors").exists():
         raise FileNotFoundError(f"RESUME with KL_ANCHOR='sft' needs {folder}, the adapter the SFT stage saved")
     set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+
+
+def write_pipeline_meta(run_path: Path, params, sft_seconds: float, sft_logs: list[dict]) -> None:
+    """run_path/pipeline.json: what the SFT stage did (PIPELINE, its seconds and steps, the step whose adapter was
+    kept, KL_ANCHOR), which `resume_plan` reads back. `params`: the parameters (dict) or a Config."""
+    write_json_atomic(Path(run_path) / PIPELINE_META, {
+        "pipeline": knob(params, "PIPELINE"), "sft_seconds": sft_seconds, "budget_s": knob(params, "TRAIN_BUDGET_S"),
+        "sft_steps": len(sft_logs), "sft_restored_step": sft_logs[-1].get("restored_step") if sft_logs else None,
+        "kl_anchor": knob(params, "KL_ANCHOR")})
+
+
+def resume_plan(run_path: Path, params, t0: float | None = None) -> tuple[float, bool, int]:
+    """RESUME of a pipeline with an RL checkpoint: SFT is skipped (pipeline.json says what it did) and RL goes on
+    for what is left of TRAIN_BUDGET_S: the budget − the SFT seconds − the seconds of the RL iterations already
+    run (the run's log: time spent, even on iterations after the checkpoint, which RL repeats). -> (deadline:
+    time.time() seconds, counted from `t0`, default now; anchor: whether RL's KL is anchored to the SFT adapter,
+    which `load_sft_anchor` then puts back; sft_steps: the run's SFT steps)."""
+    run_path, t0 = Path(run_path), time.time() if t0 is None else t0
+    meta = json.loads((run_path / PIPELINE_META).read_text()) if (run_path / PIPELINE_META).exists() else {}
+    anchor = (meta.get("pipeline", knob(params, "PIPELINE")) == "sft+rl"
+              and meta.get("kl_anchor", knob(params, "KL_ANCHOR")) == "sft")
+    spent = meta.get("sft_seconds", 0.0) + sum(r.get("seconds", 0.0) for r in read_log(run_path))
+    return t0 + knob(params, "TRAIN_BUDGET_S") - spent, anchor, meta.get("sft_steps", 0)
 
 
 @dataclasses.dataclass
