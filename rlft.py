@@ -237,7 +237,7 @@ import rlft_support  # noqa: F401
 from rlft_support.runs import (  # checkpoints, resume, RNG, logs, run folders, caches
     BAR_FORMAT, CKPT_POINTER, LOG_NAME, SFT_ADAPTER, Checkpointing, PipelineResult, append_log, archive_run, data_key,
     latest_checkpoint, load_reward_data, load_sft_anchor, log_record, pipeline_result, pointer_name, preserved_rng,
-    read_log, reset_lora, resume_plan, save_checkpoint, save_reward_data, show_progress, start_or_resume,
+    read_log, reset_lora, resume_plan, run_lock, save_checkpoint, save_reward_data, show_progress, start_or_resume,
     write_json_atomic, write_pipeline_meta)
 from rlft_support.runs import CKPT_FILES, CheckpointError, REWARD_DATA_FORMAT, checkpoint_due  # noqa: F401  (nb.X)
 from rlft_support.runs import anchor_state_dict, load_anchor, move_previous_run  # noqa: F401  (nb.X in tests)
@@ -2896,21 +2896,23 @@ def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, 
     iteration, 0 without one). `eval_fn(state) -> dict` runs every
     `eval_every` iterations with the RNG preserved. Ctrl-C or any exception rolls a half-done iteration back
     (to an in-memory copy taken at its start) and saves a checkpoint; Ctrl-C then returns, an exception is
-    re-raised (runs.Checkpointing). Returns the log."""
+    re-raised; SIGTERM / SIGHUP save likewise, then exit (runs.Checkpointing). Holds the run folder's lock
+    (runs.run_lock). Returns the log."""
     run_path, writer = Path(run_path), writes_files(state)
-    logs = start_or_resume(run_path, state, sampler, resume, writer)
-    t0, last_seconds, start = time.time(), 0.0, state.iteration
     knobs = {"CKPT_EVERY": ckpt_every, "CKPT_EVERY_S": ckpt_every_s, "CKPT_KEEP": keep}
-    bar = tqdm(total=100, disable=not progress, desc="PPO: ", bar_format=BAR_FORMAT)
-    with bar, Checkpointing(run_path, state, sampler, logs, knobs, writer) as ckpt:
-        while everywhere(state.dp, state.iteration < max_iterations and time.time() - t0 + last_seconds <= budget_s):
-            ckpt.begin()
-            stats = train_iteration(run_path, state, sampler, reward_fn, metrics_fn, eval_fn, eval_every, logs, t0,
-                                    ckpt.seconds)
-            ckpt.end()
-            last_seconds = stats["seconds"]
-            show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, stats)
-        show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, done=True)
+    with run_lock(run_path, writer):  # a second run in this folder is refused
+        logs = start_or_resume(run_path, state, sampler, resume, writer)
+        t0, last_seconds, start = time.time(), 0.0, state.iteration
+        bar = tqdm(total=100, disable=not progress, desc="PPO: ", bar_format=BAR_FORMAT)
+        with bar, Checkpointing(run_path, state, sampler, logs, knobs, writer) as ckpt:
+            while everywhere(state.dp, state.iteration < max_iterations and time.time() - t0 + last_seconds <= budget_s):
+                ckpt.begin()
+                stats = train_iteration(run_path, state, sampler, reward_fn, metrics_fn, eval_fn, eval_every, logs,
+                                        t0, ckpt.seconds)
+                ckpt.end()
+                last_seconds = stats["seconds"]
+                show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, stats)
+            show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, done=True)
     return logs
 
 
@@ -3405,40 +3407,42 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
     """PIPELINE 'sft+rl' | 'sft' | 'rl' within TRAIN_BUDGET_S seconds from this call's start: a fresh adapter
     (reset_lora(SEED)), SFT for SFT_FRACTION of the budget (all of it for 'sft'), the SFT adapter saved and made
     the KL anchor (KL_ANCHOR='sft'), then RL for the rest. Ends within the budget plus one step. RESUME with an RL
-    checkpoint in run_path continues RL instead (`resume_plan`); a fresh run first moves an earlier one aside.
+    checkpoint in run_path continues RL instead (`resume_plan`); a fresh run first moves an earlier one aside. The
+    run folder is locked throughout (`run_lock`).
     `params`: the parameters cell (globals() or a dict). `embedder` turns on the train-split monitor.
     `accelerator`: this process is one rank of a data-parallel run (section 8.1): SFT and RL are both
     data-parallel from rank 0's weights (each rank a share of every batch), and only rank 0 writes files."""
     p, t0, run_path = params, time.time(), Path(run_path)
     writer = accelerator is None or accelerator.is_main_process
     check_pipeline_params(p)
-    if p["RESUME"] and p["PIPELINE"] != "sft" and pointer_name(run_path) is not None:  # an RL checkpoint
-        deadline, anchor, sft_steps = resume_plan(run_path, p, t0)  # skip SFT; RL for what is left of the budget
-        if anchor:
-            load_sft_anchor(model, run_path)
-        state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p, deadline=deadline,
-                                  anchor=anchor, resume=True, embedder=embedder, progress=progress,
-                                  accelerator=accelerator)
-        return pipeline_result(p, state, [], rl_logs, sft_steps, 0.0, t0, resumed=True)
-    if writer:
-        archive_run(run_path)
-        run_path.mkdir(parents=True, exist_ok=True)
-    reset_lora(model, p["SEED"])
-    seed_everything(p["SEED"])
-    budget, sft_logs, state, rl_logs = p["TRAIN_BUDGET_S"], [], None, []
-    if p["PIPELINE"] != "rl":
-        share = 1.0 if p["PIPELINE"] == "sft" else p["SFT_FRACTION"]
-        dp = DataParallel(accelerator) if accelerator is not None else None
-        sft_logs = sft_stage(model, tokenizer, train_pairs, run_path, p, share * budget - (time.time() - t0),
-                             progress and writer, writer, dp)
-    t_sft = time.time() - t0
-    if writer:
-        write_pipeline_meta(run_path, p, t_sft, sft_logs)
-    if p["PIPELINE"] != "sft":
-        state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p, deadline=t0 + budget,
-                                  anchor=p["PIPELINE"] == "sft+rl" and p["KL_ANCHOR"] == "sft", resume=False,
-                                  embedder=embedder, progress=progress, accelerator=accelerator)
-    return pipeline_result(p, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False)
+    with run_lock(run_path, writer):  # a second run in this folder is refused (runs.run_lock)
+        if p["RESUME"] and p["PIPELINE"] != "sft" and pointer_name(run_path) is not None:  # an RL checkpoint
+            deadline, anchor, sft_steps = resume_plan(run_path, p, t0)  # skip SFT; RL for what is left of the budget
+            if anchor:
+                load_sft_anchor(model, run_path)
+            state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p, deadline=deadline,
+                                      anchor=anchor, resume=True, embedder=embedder, progress=progress,
+                                      accelerator=accelerator)
+            return pipeline_result(p, state, [], rl_logs, sft_steps, 0.0, t0, resumed=True)
+        if writer:
+            archive_run(run_path)
+            run_path.mkdir(parents=True, exist_ok=True)
+        reset_lora(model, p["SEED"])
+        seed_everything(p["SEED"])
+        budget, sft_logs, state, rl_logs = p["TRAIN_BUDGET_S"], [], None, []
+        if p["PIPELINE"] != "rl":
+            share = 1.0 if p["PIPELINE"] == "sft" else p["SFT_FRACTION"]
+            dp = DataParallel(accelerator) if accelerator is not None else None
+            sft_logs = sft_stage(model, tokenizer, train_pairs, run_path, p, share * budget - (time.time() - t0),
+                                 progress and writer, writer, dp)
+        t_sft = time.time() - t0
+        if writer:
+            write_pipeline_meta(run_path, p, t_sft, sft_logs)
+        if p["PIPELINE"] != "sft":
+            state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p, deadline=t0 + budget,
+                                      anchor=p["PIPELINE"] == "sft+rl" and p["KL_ANCHOR"] == "sft", resume=False,
+                                      embedder=embedder, progress=progress, accelerator=accelerator)
+        return pipeline_result(p, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False)
 
 
 # %% rlft={"section": "pipeline"}

@@ -4,7 +4,7 @@ notebook's PPOState (policy, value_head, optimizer, scheduler, scaler, reward_st
 cfg, anchor, dp) and `sampler` its PromptSampler (seed, state_dict, load_state_dict), both handed in."""
 from __future__ import annotations
 
-import contextlib, copy, dataclasses, json, math, os, random, re, shutil, time, warnings
+import contextlib, copy, dataclasses, errno, json, math, os, random, re, shutil, signal, threading, time, warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +14,11 @@ import torch.nn as nn
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
+
+try:
+    import fcntl  # the run-folder lock (POSIX); elsewhere runs are not locked
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 
 CKPT_POINTER, LOG_NAME = "latest", "train_log.jsonl"
@@ -83,6 +88,17 @@ def write_text_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders themselves (their entries), deepest first."""
+    paths = sorted(Path(folder).rglob("*"), key=lambda q: len(q.parts), reverse=True) + [Path(folder)]
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to path via a temporary file and one os.replace (never half-written)."""
     save_atomically(path, lambda tmp: write_text_synced(tmp, json.dumps(obj)))
@@ -115,6 +131,7 @@ def save_checkpoint(run_path: Path, state, sampler, logs: list[dict], keep: int 
     run_path = Path(run_path)
     name = f"ckpt-{state.iteration:06d}"
     write_checkpoint_files(run_path / name, state, sampler, logs)
+    fsync_tree(run_path / name)  # on disk before the pointer names it (a power cut leaves the older one)
     write_json_atomic(run_path / CKPT_POINTER, {"checkpoint": name})
     done = sorted(p for p in run_path.glob("ckpt-*") if p.is_dir() and p.name <= name)
     for old in done[:-keep] if keep > 0 else []:
@@ -167,9 +184,21 @@ def capture(state, sampler, logs: list[dict]) -> dict:
             "training": {**training, "rng": rng_state()}, "meta": checkpoint_meta(state, sampler), "logs": list(logs)}
 
 
-def read_log_file(path: Path) -> list[dict]:
-    """The records of one JSONL log file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_log_file(path: Path, torn_tail_ok: bool = False) -> list[dict]:
+    """The records of one JSONL log file. `torn_tail_ok`: a last line cut short (a full disk or a kill while it
+    was written) is reported with file:line and left out (the run's log: a resumed run rewrites it without that
+    line); otherwise, and for any bad line before the last, ValueError naming file:line."""
+    lines, records = Path(path).read_text().splitlines(), []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if not torn_tail_ok or any(rest.strip() for rest in lines[n:]):
+                raise ValueError(f"{path}:{n}: not a JSON log line ({e})") from e
+            warnings.warn(f"{path}:{n}: torn last line ({len(line)} characters: {e}); left out")
+    return records
 
 
 CKPT_READERS = (("adapter", "adapter/adapter_model.safetensors", load_file),
@@ -254,6 +283,57 @@ def checkpoint_due(iteration: int, ckpt_every: int, ckpt_every_s: float, since_l
     return by_count or (ckpt_every_s > 0 and since_last_s >= ckpt_every_s)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while training (a scheduler, `timeout`, `docker stop`, a closed terminal): handled like
+    Ctrl-C (the last completed iteration is saved), then the process exits with status 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"{signal.Signals(signum).name} received")
+        self.signum = signum
+
+
+TERMINATING_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+LOCK_NAME = ".lock"
+_LOCKS: dict = {}  # run folder -> its open lock file, while this process holds the lock (re-entrant)
+
+
+@contextlib.contextmanager
+def run_lock(run_path: Path, writer: bool = True):
+    """Hold an advisory lock on run_path (fcntl.flock on run_path/.lock, which dies with the process) while a run
+    writes there; re-entrant within a process. Another process that wants it gets RuntimeError naming the
+    folder and the holder's PID. A non-writer (a data-parallel rank > 0) takes none."""
+    key = Path(run_path).resolve()
+    if not writer or fcntl is None or key in _LOCKS:
+        yield
+        return
+    key.mkdir(parents=True, exist_ok=True)
+    f = open(key / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RuntimeError(f"{key} is in use by another run (PID {holder}); wait for it to end or stop it, or set "
+                           "RUN_DIR to another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[key] = f
+    try:
+        yield
+    finally:
+        del _LOCKS[key]
+        f.close()  # releases the lock
+
+
 def knob(cfg, name: str):
     """The value of knob `name` in `cfg`: a mapping (the parameters cell's globals(), a dict) or a Config."""
     return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
@@ -270,8 +350,10 @@ class Checkpointing:
 
     Ctrl-C or any exception inside the block: `save_on_interrupt` rolls a half-done iteration back to the copy and
     saves a checkpoint; the exception is re-raised, except a KeyboardInterrupt whose checkpoint was saved, which
-    ends the block quietly. `cfg`: the parameters (dict) or a Config, read for CKPT_EVERY, CKPT_EVERY_S (0: off)
-    and CKPT_KEEP. `writer`: this process writes files (False: a data-parallel rank > 0, which only rolls back)."""
+    ends the block quietly. SIGTERM and SIGHUP are turned into `Terminated` inside the block (main thread only):
+    saved like Ctrl-C, then SystemExit(128 + signal). `cfg`: the parameters (dict) or a Config, read for
+    CKPT_EVERY, CKPT_EVERY_S (0: off) and CKPT_KEEP. `writer`: this process writes files (False: a data-parallel
+    rank > 0, which only rolls back)."""
 
     def __init__(self, run_path, state, sampler, logs: list[dict], cfg, writer: bool = True):
         self.run_path, self.state, self.sampler, self.logs, self.writer = Path(run_path), state, sampler, logs, writer
@@ -279,6 +361,10 @@ class Checkpointing:
         self.snapshot, self.seconds, self.last = None, 0.0, time.time()
 
     def __enter__(self) -> Checkpointing:
+        self.handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (getattr(signal, name) for name in TERMINATING_SIGNALS if hasattr(signal, name)):
+                self.handlers[sig] = signal.signal(sig, _terminate)
         return self
 
     def begin(self) -> None:
@@ -294,10 +380,14 @@ class Checkpointing:
             self.seconds = self.last - t1  # logged in the next iteration's line
 
     def __exit__(self, kind, error, traceback) -> bool:
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
         if not isinstance(error, (KeyboardInterrupt, Exception)):
             return False  # a normal end, or SystemExit and the like: nothing to save
         saved = save_on_interrupt(self.run_path, self.state, self.sampler, self.logs, self.keep,
                                   self.snapshot is not None, self.snapshot, error, self.writer)
+        if saved and isinstance(error, Terminated):
+            raise SystemExit(128 + error.signum) from error
         return saved and isinstance(error, KeyboardInterrupt)
 
 
@@ -427,6 +517,7 @@ def save_on_interrupt(run_path, state, sampler, logs, keep: int, mid_iteration: 
     checkpoint unless `latest` already holds that iteration. If that fails, `error` gets a note saying so and
     False is returned (the caller re-raises `error`); without an `error` the failure propagates."""
     what = "interrupted" if error is None or isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}"
+    what = f"{error}" if isinstance(error, Terminated) else what
     where = "mid-iteration (its half-done update is dropped)" if mid_iteration else "between iterations"
     try:
         if mid_iteration and snapshot is not None:
@@ -463,14 +554,27 @@ def write_log(run_path: Path, logs: list[dict]) -> None:
 
 
 def append_log(run_path: Path, record: dict) -> None:
-    with open(Path(run_path) / LOG_NAME, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one line to the log, whole: one write() of the encoded line; a write cut short (a full disk) is
+    undone (the file cut back to its length before) and raised, so the log never keeps a torn line."""
+    path, data = Path(run_path) / LOG_NAME, (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"{path}: only {written} of {len(data)} bytes written")
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_log(run_path) -> list[dict]:
     """The records of run_path/train_log.jsonl."""
     path = Path(run_path) / LOG_NAME
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_log_file(path, torn_tail_ok=True) if path.exists() else []
 
 
 LOG_FIELDS = ("iteration", "score", "similarity", "reward_gap", "kl_ref", "entropy", "clip_frac", "approx_kl",
