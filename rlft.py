@@ -161,7 +161,7 @@ DEMO_PORT = 0  # 0 picks the first free port from 7860
 #| export
 from __future__ import annotations
 
-import contextlib, dataclasses, json, math, os, random, shutil, time, warnings
+import contextlib, dataclasses, json, math, random, time, warnings
 from pathlib import Path
 
 # rlft_support.config sets OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep, issue 18) when it is imported; torch
@@ -188,6 +188,14 @@ from rlft_support.assets import split_pairs  # noqa: F401  (nb.split_pairs: benc
 from rlft_support.fast import flat_head, make_cache, merged_adapter, select_cache_rows
 from rlft_support.guards import clip_scores, guarded_step
 from rlft_support.demo import DEMO_SIDES, DemoLimits, build_app, launch_app
+from rlft_support.runs import (  # checkpoints, resume, RNG, logs, run folders, caches
+    BAR_FORMAT, LOG_NAME, SFT_ADAPTER, Checkpointing, PipelineResult, append_log, archive_run, data_key,
+    load_reward_data, load_sft_anchor, log_record, pipeline_result, pointer_name, preserved_rng,
+    read_log, reset_lora, resume_plan, run_lock, save_checkpoint, save_reward_data, show_progress, start_or_resume,
+    write_json_atomic, write_pipeline_meta)
+from rlft_support.runs import CKPT_FILES, CheckpointError, REWARD_DATA_FORMAT, checkpoint_due  # noqa: F401  (nb.X)
+from rlft_support.runs import anchor_state_dict, load_anchor, move_previous_run  # noqa: F401  (nb.X in tests)
+from rlft_support.runs import save_atomically
 
 # %% rlft={"section": "common"}
 seed_everything(SEED)
@@ -235,14 +243,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
 
 
-def _save_atomically(out: Path, save) -> Path:
-    """Run `save(tmp_folder)`, then move it to `out` in one rename, so a killed run leaves no half folder."""
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
 
 
 # %% rlft={"section": "model"}
@@ -849,7 +849,7 @@ show_committed(("generate", "logits_modes"))
 
 # %% rlft={"section": "evaluate"}
 #| export
-import collections, re
+import collections
 from collections import Counter
 
 from tqdm.auto import tqdm
@@ -1076,13 +1076,6 @@ def sample_responses(model, tokenizer, prompts: list[str], temperatures: list[fl
     return out
 
 
-def data_key(pairs: list[dict], **settings) -> str:
-    """A short hash of the pairs and the settings that produced a reward-model data set (the cache key)."""
-    import hashlib
-    blob = json.dumps([[p["prompt"], p["reference"]] for p in pairs] + [settings], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 # %% rlft={"section": "reward_model"}
 #| export
 def anchor_rows(pairs: list[dict], n_mismatched: int, seed: int = 0) -> list[tuple]:
@@ -1094,50 +1087,6 @@ def anchor_rows(pairs: list[dict], n_mismatched: int, seed: int = 0) -> list[tup
         picks = rng.sample(others, min(n_mismatched, len(others)))
         rows += [(i, float("nan"), pairs[j]["reference"], "mismatched") for j in picks]
     return rows
-
-
-REWARD_DATA_FORMAT = "rlft-reward-data-1"
-REWARD_DATA_TENSORS = {"prompt_id": 1, "label": 1, "temperature": 1, "prompt_emb": 2, "response_emb": 2}  # name: ndim
-REWARD_DATA_TEXTS = ("prompts", "responses", "kind")
-
-
-def save_reward_data(data: dict, path: str | Path) -> None:
-    """Write a reward-model data set as one safetensors file (tensors; the texts and the key as JSON metadata),
-    atomically. Never a pickle: loading it back runs no code."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: data[k].detach().cpu().contiguous() for k in REWARD_DATA_TENSORS}
-    meta = {"format": REWARD_DATA_FORMAT, "key": data["key"],
-            "texts": json.dumps({k: list(data[k]) for k in REWARD_DATA_TEXTS})}
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-
-
-def load_reward_data(path: str | Path, key: str) -> dict | None:
-    """The cached data set at `path` if it is a valid safetensors cache written for `key`, else None (a foreign,
-    corrupt or pickled file is reported and ignored; its contents are only parsed as data, never executed)."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != REWARD_DATA_FORMAT or meta.get("key") != key:
-                return None  # another format, or other settings: recompute
-            if set(f.keys()) != set(REWARD_DATA_TENSORS):
-                raise ValueError(f"tensors {sorted(f.keys())}, expected {sorted(REWARD_DATA_TENSORS)}")
-            data = {k: f.get_tensor(k) for k in REWARD_DATA_TENSORS}
-        texts = json.loads(meta["texts"])
-        data |= {k: texts[k] for k in REWARD_DATA_TEXTS}
-        n = len(data["prompts"])
-        if any(len(data[k]) != n or not all(isinstance(t, str) for t in data[k]) for k in REWARD_DATA_TEXTS) or \
-                any(data[k].ndim != d or data[k].shape[0] != n for k, d in REWARD_DATA_TENSORS.items()):
-            raise ValueError("inconsistent lengths or types")
-    except Exception as e:  # SafetensorError (e.g. an old torch.save pickle), bad JSON, missing or bad fields
-        warnings.warn(f"{path} is not a valid reward-data cache ({type(e).__name__}: {e}); ignoring it and "
-                      "regenerating the data")
-        return None
-    return data | {"key": key, "cached": True}
 
 
 # %% rlft={"section": "reward_model"}
@@ -1622,27 +1571,6 @@ def anchored_reference(state: PPOState):
         with torch.no_grad():
             for name, p in live.items():
                 p.copy_(saved[name])
-
-
-def anchor_state_dict(state: PPOState) -> dict[str, torch.Tensor]:
-    """The anchor as CPU tensors for a checkpoint (e.g. safetensors' save_file); {} when π_ref is the base."""
-    return {k: v.detach().cpu().contiguous() for k, v in (state.anchor or {}).items()}
-
-
-def load_anchor(state: PPOState, tensors: dict[str, torch.Tensor] | None) -> None:
-    """Inverse of anchor_state_dict: an empty dict / None means π_ref = the base model. The names and shapes
-    must be this policy's LoRA tensors (ValueError otherwise); values move to each parameter's device/dtype."""
-    if not tensors:
-        state.anchor = None
-        return
-    live = lora_parameters(state.policy)
-    if set(tensors) != set(live):
-        missing, extra = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
-        raise ValueError(f"anchor does not fit this adapter: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, t in tensors.items():
-        if t.shape != live[name].shape:
-            raise ValueError(f"anchor tensor {name}: shape {tuple(t.shape)}, the adapter has {tuple(live[name].shape)}")
-    state.anchor = {name: t.to(live[name].device, live[name].dtype).clone() for name, t in tensors.items()}
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -2311,22 +2239,10 @@ del ppo_state, adapter_before
 
 # %% rlft={"section": "train"}
 #| export
-import copy, re
 
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
-
-CKPT_POINTER, LOG_NAME = "latest", "train_log.jsonl"
-CKPT_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "value_head.safetensors",
-              "training_state.pt", "state.json", LOG_NAME)  # a checkpoint is complete when all of these exist
-RUN_OUTPUTS = (CKPT_POINTER, LOG_NAME, "adapter", "train_curves.png", "phase_times.png", "after_eval.json")  # + ckpt-*: a run's output
-
-
-class CheckpointError(FileNotFoundError, ValueError):
-    """A checkpoint, or the `latest` pointer, that cannot be used: missing, incomplete, corrupt or of another
-    model. The message names the file. Both an OSError and a ValueError, so callers that skip bad folders catch it."""
 
 
 def writes_files(state) -> bool:
@@ -2368,228 +2284,8 @@ class PromptSampler:
         self.seed, self.epoch, self.position, self.order = d["seed"], d["epoch"], d["position"], list(d["order"])
 
 
-def rng_state() -> dict:
-    """Python, numpy, torch (and CUDA) RNG states, in types `torch.load(weights_only=True)` accepts."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                                                   *map(float, np_state[2:])], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 # %% rlft={"section": "train"}
 #| export
-def set_rng_state(state: dict) -> None:
-    """Inverse of `rng_state`."""
-    random.setstate(state["python"])
-    name, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    """Run a block (e.g. an evaluation) without disturbing the training RNG streams."""
-    saved = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(saved)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to path via a temporary file and one os.replace (never half-written)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoint_meta(state: PPOState, sampler: PromptSampler) -> dict:
-    """The JSON part of a checkpoint (a copy): iteration, counters, reward statistics, β, sampler, config."""
-    meta = {"iteration": state.iteration, "counters": state.counters, "reward_stats": state.reward_stats.state_dict(),
-            "kl_beta": state.kl_ctl.beta, "sampler": sampler.state_dict(), "config": dataclasses.asdict(state.cfg)}
-    if state.dp is not None:  # a data-parallel run resumes only with as many ranks (checkpoint_mismatch)
-        meta["processes"] = state.dp.world
-    return copy.deepcopy(meta)
-
-
-def write_checkpoint_files(folder: Path, state: PPOState, sampler: PromptSampler, logs: list[dict]) -> None:
-    """Every file of one checkpoint (CKPT_FILES), into `folder` (created fresh)."""
-    shutil.rmtree(folder, ignore_errors=True)  # a half-written folder left by a crash
-    folder.mkdir(parents=True)
-    state.policy.save_pretrained(folder / "adapter")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.value_head.state_dict().items()},
-              folder / "value_head.safetensors")
-    torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                "scaler": state.scaler.state_dict(), "rng": rng_state()}, folder / "training_state.pt")
-    (folder / "state.json").write_text(json.dumps(checkpoint_meta(state, sampler)))
-    (folder / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in logs))
-
-
-# %% rlft={"section": "train"}
-#| export
-def save_checkpoint(run_path: Path, state: PPOState, sampler: PromptSampler, logs: list[dict], keep: int = 2) -> Path:
-    """Write ckpt-NNNNNN/, then move the `latest` pointer onto it (os.replace), then keep only the last `keep`."""
-    run_path = Path(run_path)
-    name = f"ckpt-{state.iteration:06d}"
-    write_checkpoint_files(run_path / name, state, sampler, logs)
-    write_json_atomic(run_path / CKPT_POINTER, {"checkpoint": name})
-    done = sorted(p for p in run_path.glob("ckpt-*") if p.is_dir() and p.name <= name)
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return run_path / name
-
-
-def pointer_name(run_path: Path) -> str | None:
-    """The checkpoint folder name in run_path/latest, or None when there is no pointer. CheckpointError when
-    the pointer is unreadable or names something other than a ckpt-NNNNNN folder beside it."""
-    pointer = Path(run_path) / CKPT_POINTER
-    if not pointer.exists():
-        return None
-    try:
-        name = json.loads(pointer.read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{pointer} is not a checkpoint pointer ({type(e).__name__}: {e})") from e
-    if not isinstance(name, str) or not re.fullmatch(r"ckpt-\d{6,}", name):
-        raise CheckpointError(f"{pointer} names {name!r}, not a ckpt-NNNNNN folder")
-    return name
-
-
-def is_complete(folder: Path) -> bool:
-    """Whether every file of a checkpoint (CKPT_FILES) exists in `folder`."""
-    return all((Path(folder) / f).exists() for f in CKPT_FILES)
-
-
-def latest_checkpoint(run_path: Path) -> Path | None:
-    """The checkpoint the `latest` pointer names, or None when there is no pointer. Raises CheckpointError
-    (a FileNotFoundError and a ValueError) naming the pointer when it is unreadable or names a missing or
-    incomplete checkpoint."""
-    name = pointer_name(run_path)
-    if name is None:
-        return None
-    folder = Path(run_path) / name
-    if not is_complete(folder):
-        missing = next(f for f in CKPT_FILES if not (folder / f).exists())
-        raise CheckpointError(f"{Path(run_path) / CKPT_POINTER} names {name}, which is missing or incomplete "
-                              f"(no {missing})")
-    return folder
-
-
-def capture(state: PPOState, sampler: PromptSampler, logs: list[dict]) -> dict:
-    """An in-memory checkpoint: copies of everything a checkpoint holds, in the layout `read_checkpoint`
-    returns, so `apply_checkpoint` restores it (the training loop takes one at the start of every iteration)."""
-    training = copy.deepcopy({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                              "scaler": state.scaler.state_dict()})
-    return {"adapter": {k: v.detach().clone() for k, v in get_peft_model_state_dict(state.policy).items()},
-            "value_head": {k: v.detach().clone() for k, v in state.value_head.state_dict().items()},
-            "training": {**training, "rng": rng_state()}, "meta": checkpoint_meta(state, sampler), "logs": list(logs)}
-
-
-def read_log_file(path: Path) -> list[dict]:
-    """The records of one JSONL log file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-# %% rlft={"section": "train"}
-#| export
-CKPT_READERS = (("adapter", "adapter/adapter_model.safetensors", load_file),
-                ("value_head", "value_head.safetensors", load_file),
-                ("training", "training_state.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu")),
-                ("meta", "state.json", lambda p: json.loads(p.read_text())), ("logs", LOG_NAME, read_log_file))
-
-
-def checkpoint_mismatch(data: dict, state: PPOState) -> str | None:
-    """Why checkpoint `data` (read_checkpoint's layout) cannot be applied to `state`, or None: the LoRA and
-    value-head tensors must have this model's names and shapes, and the two states their keys."""
-    shapes = lambda tensors: {k: tuple(v.shape) for k, v in tensors.items()}
-    for key, name, own in (("adapter", "adapter/adapter_model.safetensors", get_peft_model_state_dict(state.policy)),
-                           ("value_head", "value_head.safetensors", state.value_head.state_dict())):
-        if shapes(data[key]) != shapes(own):
-            return f"{name} holds other tensors than this model's (another model or LoRA configuration?)"
-    for key, name, keys in (("training", "training_state.pt", ("optimizer", "scheduler", "scaler", "rng")),
-                            ("meta", "state.json", ("iteration", "counters", "reward_stats", "kl_beta", "sampler"))):
-        if not isinstance(data[key], dict) or not all(k in data[key] for k in keys):
-            return f"{name} lacks one of {keys}"
-    saved, now = data["meta"].get("processes", 1), 1 if state.dp is None else state.dp.world
-    if saved != now:
-        return (f"state.json was written by a run of {saved} data-parallel processes and this run has {now}: resume "
-                f"with NUM_PROCESSES / N = {saved} (the batch split, the ranks' RNG streams and the log depend on it)")
-    return None
-
-
-def read_checkpoint(folder: Path, state: PPOState) -> dict:
-    """Every part of one checkpoint read into memory and checked against `state`; nothing is applied yet.
-    Raises CheckpointError naming the checkpoint and the file that is missing, corrupt or of another model."""
-    folder, data = Path(folder), {}
-    for key, name, read in CKPT_READERS:
-        try:
-            data[key] = read(folder / name)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {folder}: {name} is missing or corrupt ({type(e).__name__}: {e})") from e
-    problem = checkpoint_mismatch(data, state)
-    if problem:
-        raise CheckpointError(f"checkpoint {folder}: {problem}")
-    return data
-
-
-# %% rlft={"section": "train"}
-#| export
-def apply_checkpoint(data: dict, state: PPOState, sampler: PromptSampler) -> list[dict]:
-    """Copy checkpoint `data` (from read_checkpoint or capture) into `state`, `sampler` and the RNGs.
-    Returns its log."""
-    set_peft_model_state_dict(state.policy, data["adapter"])
-    state.value_head.load_state_dict(data["value_head"])
-    device, saved, meta = next(state.value_head.parameters()).device, data["training"], data["meta"]
-    state.optimizer.load_state_dict(saved["optimizer"])
-    for group in state.optimizer.state.values():  # optimizer moments live beside their parameters
-        for k, v in group.items():
-            if torch.is_tensor(v) and k != "step":
-                group[k] = v.to(device)
-    state.scheduler.load_state_dict(saved["scheduler"])
-    state.scaler.load_state_dict(saved["scaler"])
-    state.iteration, state.counters = meta["iteration"], dict(meta["counters"])
-    state.reward_stats.load_state_dict(meta["reward_stats"])
-    state.kl_ctl.beta = meta["kl_beta"]
-    sampler.load_state_dict(meta["sampler"])
-    set_rng_state(saved["rng"])
-    return list(data["logs"])
-
-
-def load_checkpoint(folder: Path, state: PPOState, sampler: PromptSampler) -> list[dict]:
-    """Restore everything `write_checkpoint_files` saved into `state` and `sampler`, all or nothing: every file
-    is read and checked first, and a failure while applying rolls everything back. Raises CheckpointError
-    naming the bad file (the state is then unchanged). Returns the log so far."""
-    data = read_checkpoint(folder, state)
-    before = capture(state, sampler, [])
-    try:
-        return apply_checkpoint(data, state, sampler)
-    except Exception as e:
-        apply_checkpoint(before, state, sampler)
-        raise CheckpointError(f"checkpoint {folder} does not fit this run ({type(e).__name__}: {e}); "
-                              "nothing was changed") from e
-
-
-LOG_FIELDS = ("iteration", "score", "similarity", "reward_gap", "kl_ref", "entropy", "clip_frac", "approx_kl",
-              "value_loss", "explained_variance", "response_len", "eos_rate", "tokens_per_s", "seconds",
-              "skipped_reward", "skipped_loss", "skipped_grad")
-
-
-def log_record(stats: dict, metrics: dict, elapsed: float) -> dict:
-    """One JSON-able log line: every PPO statistic, the extra metrics (e.g. the true similarity) and the gap."""
-    record = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in {**stats, **metrics}.items()}
-    if "similarity" not in record:
-        record["similarity"] = float("nan")
-    record["reward_gap"] = record["score"] - record["similarity"]
-    record["elapsed_s"] = elapsed
-    return record
-
-
 def rank_seed(seed: int, rank: int, iteration: int) -> int:
     """The seed of data-parallel rank > 0 at an iteration (rank 0's RNG streams are checkpointed instead)."""
     return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
@@ -2614,31 +2310,6 @@ def run_iteration(state, sampler, reward_fn, metrics_fn) -> tuple[dict, dict]:
     return stats, metrics
 
 
-BAR_FORMAT = "{desc}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
-
-
-def run_fraction(done: int, iterations_left: int, elapsed: float, budget_s: float) -> tuple[float, str]:
-    """How far this call is towards the limit that will stop it first -> (fraction in [0, 1], that limit's name):
-    `done` of the `iterations_left` it started with, or `elapsed` of `budget_s` seconds, whichever is further."""
-    by_iterations = done / iterations_left if iterations_left > 0 else 1.0
-    by_time = elapsed / budget_s if budget_s > 0 else 1.0
-    if by_time > by_iterations:
-        return min(by_time, 1.0), f"{budget_s:.0f} s budget" if budget_s >= 1 else f"{budget_s:.1f} s budget"
-    return min(by_iterations, 1.0), f"{iterations_left} iterations"
-
-
-def show_progress(bar, state: PPOState, start: int, max_iterations: int, elapsed: float, budget_s: float,
-                  stats: dict | None = None, done: bool = False) -> None:
-    """Move the bar to this call's progress towards whichever limit stops it (100% when the loop ended normally);
-    the postfix shows the iteration count, the reward, the KL and the seconds per iteration."""
-    fraction, limit = run_fraction(state.iteration - start, max_iterations - start, elapsed, budget_s)
-    bar.set_description(f"PPO ({limit})", refresh=False)
-    if stats is not None:
-        bar.set_postfix(it=f"{state.iteration}/{max_iterations}", reward=f"{stats['score']:.2f}",
-                        kl=f"{stats['kl_ref']:.3f}", s_it=f"{stats['seconds']:.1f}", refresh=False)
-    bar.update((1.0 if done else fraction) * 100 - bar.n)
-
-
 def train_iteration(run_path: Path, state, sampler, reward_fn, metrics_fn, eval_fn, eval_every: int,
                     logs: list[dict], t0: float, t_checkpoint: float = 0.0) -> dict:
     """One logged iteration: run_iteration, the periodic eval (RNG preserved), the log line (kept and appended).
@@ -2658,13 +2329,6 @@ def train_iteration(run_path: Path, state, sampler, reward_fn, metrics_fn, eval_
 
 # %% rlft={"section": "train"}
 #| export
-def checkpoint_due(iteration: int, ckpt_every: int, ckpt_every_s: float, since_last_s: float) -> bool:
-    """Checkpoint after this iteration? Every `ckpt_every` iterations, or once `ckpt_every_s` seconds have passed
-    since the last checkpoint (either rule 0 = off; both 0: only on an interrupt)."""
-    by_count = ckpt_every > 0 and iteration % ckpt_every == 0
-    return by_count or (ckpt_every_s > 0 and since_last_s >= ckpt_every_s)
-
-
 def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, budget_s: float, max_iterations: int,
                ckpt_every: int = 1, keep: int = 2, resume: bool = False, metrics_fn=None, eval_fn=None,
                eval_every: int = 0, progress: bool = True, ckpt_every_s: float = 0.0) -> list[dict]:
@@ -2674,211 +2338,28 @@ def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, 
     iteration, 0 without one). `eval_fn(state) -> dict` runs every
     `eval_every` iterations with the RNG preserved. Ctrl-C or any exception rolls a half-done iteration back
     (to an in-memory copy taken at its start) and saves a checkpoint; Ctrl-C then returns, an exception is
-    re-raised. Returns the log."""
-    run_path = Path(run_path)
-    logs = start_or_resume(run_path, state, sampler, resume)
-    t0, last_seconds, start, snapshot = time.time(), 0.0, state.iteration, None
-    last_ckpt, t_checkpoint = t0, 0.0
-    bar = tqdm(total=100, disable=not progress, desc="PPO: ", bar_format=BAR_FORMAT)
-    try:
-        while everywhere(state.dp, state.iteration < max_iterations and time.time() - t0 + last_seconds <= budget_s):
-            snapshot = capture(state, sampler, logs)  # the state as of the last completed iteration
-            stats = train_iteration(run_path, state, sampler, reward_fn, metrics_fn, eval_fn, eval_every, logs, t0,
-                                    t_checkpoint)
-            snapshot, last_seconds, t_checkpoint = None, stats["seconds"], 0.0
-            show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, stats)
-            t1 = time.time()
-            if writes_files(state) and checkpoint_due(state.iteration, ckpt_every, ckpt_every_s, t1 - last_ckpt):
-                save_checkpoint(run_path, state, sampler, logs, keep)
-                last_ckpt = time.time()
-                t_checkpoint = last_ckpt - t1  # logged in the next iteration's line
-        show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, done=True)
-    except (KeyboardInterrupt, Exception) as error:
-        saved = save_on_interrupt(run_path, state, sampler, logs, keep, snapshot is not None, snapshot, error)
-        if not (saved and isinstance(error, KeyboardInterrupt)):
-            raise
-    finally:
-        bar.close()
+    re-raised; SIGTERM / SIGHUP save likewise, then exit (runs.Checkpointing). Holds the run folder's lock
+    (runs.run_lock). Returns the log."""
+    run_path, writer = Path(run_path), writes_files(state)
+    knobs = {"CKPT_EVERY": ckpt_every, "CKPT_EVERY_S": ckpt_every_s, "CKPT_KEEP": keep}
+    with run_lock(run_path, writer):  # a second run in this folder is refused
+        logs = start_or_resume(run_path, state, sampler, resume, writer)
+        t0, last_seconds, start = time.time(), 0.0, state.iteration
+        bar = tqdm(total=100, disable=not progress, desc="PPO: ", bar_format=BAR_FORMAT)
+        with bar, Checkpointing(run_path, state, sampler, logs, knobs, writer) as ckpt:
+            while everywhere(state.dp, state.iteration < max_iterations and time.time() - t0 + last_seconds <= budget_s):
+                ckpt.begin()
+                stats = train_iteration(run_path, state, sampler, reward_fn, metrics_fn, eval_fn, eval_every, logs,
+                                        t0, ckpt.seconds)
+                ckpt.end()
+                last_seconds = stats["seconds"]
+                show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, stats)
+            show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, done=True)
     return logs
 
 
 # %% rlft={"section": "train"}
 #| export
-def start_or_resume(run_path: Path, state: PPOState, sampler: PromptSampler, resume: bool) -> list[dict]:
-    """resume: continue from the newest usable checkpoint (`resume_from`) and cut the log back to it. A fresh
-    start, or a resume that finds no checkpoint, is a `fresh_start`. Returns the log so far."""
-    if writes_files(state):
-        run_path.mkdir(parents=True, exist_ok=True)
-    logs = resume_from(run_path, state, sampler) if resume else None
-    if logs is None:
-        if resume:
-            print(f"RESUME: no checkpoint in {run_path}; starting fresh")
-        fresh_start(run_path, state, sampler.seed)
-        logs = []
-    if writes_files(state):
-        write_log(run_path, logs)
-    return logs
-
-
-def resume_candidates(run_path: Path) -> list[Path]:
-    """The checkpoints to resume from, best first: the one `latest` names, then the complete older ones,
-    newest first. A `latest` that names a missing or incomplete checkpoint is skipped with a warning."""
-    name = pointer_name(run_path)
-    if name is None:
-        return []
-    try:
-        first = [latest_checkpoint(run_path)]
-    except CheckpointError as e:
-        warnings.warn(f"{e}; trying the older checkpoints")
-        first = []
-    older = [p for p in sorted(run_path.glob("ckpt-*"), reverse=True) if p.name < name and is_complete(p)]
-    return first + older
-
-
-def resume_from(run_path: Path, state: PPOState, sampler: PromptSampler) -> list[dict] | None:
-    """Load the newest usable checkpoint (all or nothing each); a bad one is named in a warning and the next
-    one tried. Returns its log; None when the run folder has no `latest`; CheckpointError when none is usable."""
-    bad = []
-    for folder in resume_candidates(run_path):
-        try:
-            logs = load_checkpoint(folder, state, sampler)
-        except CheckpointError as e:
-            warnings.warn(f"{e}; trying the previous checkpoint")
-            bad.append(folder.name)
-            continue
-        if folder.name != pointer_name(run_path) and writes_files(state):  # `latest` moves back onto it
-            write_json_atomic(run_path / CKPT_POINTER, {"checkpoint": folder.name})
-        skipped = f" (skipped the unusable {', '.join(bad)})" if bad else ""
-        print(f"resumed from {folder} at iteration {state.iteration}{skipped}")
-        return logs
-    if pointer_name(run_path) is None:
-        return None
-    raise CheckpointError(f"RESUME: no usable checkpoint in {run_path} (tried {', '.join(bad) or 'none complete'}); "
-                          "RESUME = False starts afresh and moves this run aside")
-
-
-# %% rlft={"section": "train"}
-#| export
-def fresh_start(run_path: Path, state: PPOState, seed: int) -> None:
-    """A fresh run: refuse a PPOState that has already trained; move an earlier run's output aside (never
-    deleted); re-initialise the adapter if it was already trained (e.g. by an earlier run in this kernel)."""
-    if state.iteration:
-        raise ValueError(f"this PPOState has already run {state.iteration} iterations: make a new one with "
-                         "make_ppo_state for a fresh run, or pass resume=True to continue from its checkpoint")
-    moved = move_previous_run(run_path) if writes_files(state) else None
-    if moved is not None:
-        print(f"fresh run (RESUME = False): moved the previous run's checkpoints, log and outputs to {moved}")
-    if reset_trained_adapter(state.policy, seed):
-        print(f"fresh run: the adapter was already trained (an earlier run in this kernel?); re-initialised "
-              f"its LoRA weights (seed {seed}, B = 0)")
-
-
-def move_previous_run(run_path: Path) -> Path | None:
-    """Move an earlier run's checkpoints, pointer, log and final outputs (RUN_OUTPUTS) into a new
-    run_path/previous-<time>/; the run's inputs (caches, reward model, base evaluation) stay. Returns that
-    folder, or None when there was nothing to keep (no such files, or only an empty log)."""
-    items = sorted(run_path.glob("ckpt-*")) + [run_path / n for n in RUN_OUTPUTS if (run_path / n).exists()]
-    if not any(p.name != LOG_NAME or p.stat().st_size > 0 for p in items):
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target, n = run_path / f"previous-{stamp}", 1
-    while target.exists():
-        n += 1
-        target = run_path / f"previous-{stamp}-{n}"
-    target.mkdir()
-    for path in items:
-        os.replace(path, target / path.name)
-    return target
-
-
-def reset_lora(model, seed: int) -> int:
-    """Re-initialise every LoRA pair in place as peft 0.21 does at creation (`LoraLayer.reset_lora_parameters`,
-    init_lora_weights=True): A [r, in] Kaiming-uniform (a = √5), drawn in module order from a CPU generator seeded
-    with `seed`; B [out, r] (and a LoRA bias) zero. The model then equals its base again, and one seed always
-    gives the same adapter. Returns the number of pairs reset."""
-    gen, count = torch.Generator().manual_seed(seed), 0
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            for name in module.lora_A:
-                weight = module.lora_A[name].weight
-                fresh = torch.empty(weight.shape, dtype=torch.float32)
-                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
-                weight.copy_(fresh)
-                module.lora_B[name].weight.zero_()
-                if module.lora_B[name].bias is not None:
-                    module.lora_B[name].bias.zero_()
-                count += 1
-    return count
-
-
-# %% rlft={"section": "train"}
-#| export
-def reset_trained_adapter(policy: PeftModel, seed: int) -> bool:
-    """If any LoRA B matrix is non-zero (the adapter has been trained), `reset_lora(policy, seed)`. Returns
-    whether it did."""
-    layers = [m for m in policy.modules() if isinstance(m, LoraLayer)]
-    if not any(bool(m.lora_B[a].weight.detach().any()) for m in layers for a in m.lora_B):
-        return False
-    reset_lora(policy, seed)
-    return True
-
-
-def save_on_interrupt(run_path, state, sampler, logs, keep: int, mid_iteration: bool, snapshot: dict | None = None,
-                      error: BaseException | None = None) -> bool:
-    """Ctrl-C or an exception (`error`): roll a half-done iteration back to `snapshot` (taken at its start, so
-    the state, the model in memory and the log are as the last completed iteration left them), then save a
-    checkpoint unless `latest` already holds that iteration. If that fails, `error` gets a note saying so and
-    False is returned (the caller re-raises `error`); without an `error` the failure propagates."""
-    what = "interrupted" if error is None or isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}"
-    where = "mid-iteration (its half-done update is dropped)" if mid_iteration else "between iterations"
-    try:
-        if mid_iteration and snapshot is not None:
-            apply_checkpoint(snapshot, state, sampler)
-            del logs[len(snapshot["logs"]):]
-        name = f"ckpt-{state.iteration:06d}"
-        done = f"checkpoint {name} is already saved" if writes_files(state) else "rank 0 saves the checkpoint"
-        if writes_files(state) and current_pointer(run_path) != name:
-            done = f"saved {save_checkpoint(run_path, state, sampler, logs, keep)}"
-        if writes_files(state):
-            write_log(run_path, logs)
-    except Exception as save_error:
-        if error is None:
-            raise
-        error.add_note(f"rlft: saving a checkpoint after this error failed too ({type(save_error).__name__}: "
-                       f"{save_error}); the last periodic checkpoint in {run_path}, if any, is intact")
-        return False
-    print(f"\n{what} {where}: {done} (iteration {state.iteration}); RESUME = True continues from there")
-    return True
-
-
-def current_pointer(run_path: Path) -> str | None:
-    """pointer_name, or None when the pointer is missing or unreadable (it is about to be rewritten)."""
-    try:
-        return pointer_name(run_path)
-    except CheckpointError:
-        return None
-
-
-def write_log(run_path: Path, logs: list[dict]) -> None:
-    """(Re)write the JSONL log from `logs` (a resumed run drops lines written after its checkpoint)."""
-    tmp = Path(run_path) / (LOG_NAME + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in logs))
-    os.replace(tmp, Path(run_path) / LOG_NAME)
-
-
-def append_log(run_path: Path, record: dict) -> None:
-    with open(Path(run_path) / LOG_NAME, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-# %% rlft={"section": "train"}
-#| export
-def read_log(run_path) -> list[dict]:
-    """The records of run_path/train_log.jsonl."""
-    path = Path(run_path) / LOG_NAME
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 # %% [markdown] rlft={"section": "scale_out"}
@@ -3001,7 +2482,7 @@ def train_rank(model, tokenizer, train_pairs, reward_fn, run_path, params: dict,
     result = run_pipeline(model, tokenizer, train_pairs, reward_fn, run_path, params, embedder=embedder,
                           accelerator=accelerator)
     if accelerator.is_main_process:
-        _save_atomically(Path(run_path) / "adapter", model.save_pretrained)
+        save_atomically(Path(run_path) / "adapter", model.save_pretrained)
         write_json_atomic(Path(run_path) / DP_RESULT, {
             "seconds": result.seconds, "sft_steps": result.sft_steps, "iterations": result.iterations,
             "samples_seen": result.samples_seen, "resumed": result.resumed, "processes": accelerator.num_processes})
@@ -3088,9 +2569,6 @@ print(f"all-reduce per optimizer step: {4 * (lora_numel + value_numel):,} bytes 
 # %% rlft={"section": "pipeline"}
 #| export
 PIPELINES, KL_ANCHORS = ("sft+rl", "sft", "rl"), ("sft", "base")
-SFT_ADAPTER, PIPELINE_META = "sft_adapter", "pipeline.json"
-PIPELINE_OUTPUTS = (SFT_ADAPTER, PIPELINE_META, "pipeline_result.json")  # this section's files in RUN_DIR, besides
-# train_loop's (pipeline_result.json: DP_RESULT, written by a data-parallel run, section 8.1)
 
 
 def held_out_nll(model, tokenizer, pairs: list[dict], batch_size: int, dp=None) -> float:
@@ -3231,20 +2709,6 @@ def make_monitors(tokenizer, pairs: list[dict], embedder, *, max_new_tokens: int
     return rollout_similarity, (monitor_eval if pairs else None)
 
 
-@dataclasses.dataclass
-class PipelineResult:
-    """What `run_pipeline` returns."""
-    pipeline: str
-    state: object  # the PPOState of the RL stage (None for "sft")
-    sft_logs: list  # sft_train's log ([] when SFT was skipped or resumed past)
-    rl_logs: list  # train_loop's log (the notebook's `train_logs`)
-    seconds: dict  # {"sft": s, "rl": s, "total": s} of this call
-    sft_steps: int  # SFT steps of the run (a resumed run: read from pipeline.json)
-    iterations: int  # RL iterations of the run, in total
-    samples_seen: int  # SFT examples + RL responses
-    resumed: bool
-
-
 def check_pipeline_params(p: dict) -> None:
     """Fail early, naming the parameter, on a PIPELINE / KL_ANCHOR / SFT_FRACTION the pipeline cannot run."""
     if p["PIPELINE"] not in PIPELINES:
@@ -3286,32 +2750,10 @@ def sft_stage(model, tokenizer, train_pairs, run_path: Path, p: dict, budget_s: 
         print(f"SFT: {len(logs)} steps; held-out NLL lowest at step {stopper.best_step} ({stopper.best:.3f} on "
               f"{len(held)} held-out train prompts), that adapter kept")
     if writer:
-        _save_atomically(run_path / SFT_ADAPTER, model.save_pretrained)
+        save_atomically(run_path / SFT_ADAPTER, model.save_pretrained)
     if any(counters.values()):
         print(f"SFT: skipped non-finite steps {counters}")
     return logs
-
-
-def archive_run(run_path: Path) -> Path | None:
-    """A fresh run's first step: `move_previous_run` (section 8) moves an earlier run's checkpoints, log and
-    outputs aside, never deleting them; this section's own files (PIPELINE_OUTPUTS) follow into the same folder.
-    Returns that folder, or None when there was nothing to move."""
-    target = move_previous_run(run_path)
-    mine = [run_path / name for name in PIPELINE_OUTPUTS if (run_path / name).exists()]
-    if mine and target is None:
-        target = run_path / f"previous-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        target.mkdir(parents=True)
-    for path in mine:
-        os.replace(path, Path(target) / path.name)
-    return target
-
-
-def load_sft_anchor(model, run_path: Path) -> None:
-    """Put the saved SFT adapter (run_path/sft_adapter) into the model's LoRA, for `set_kl_anchor` to snapshot."""
-    folder = run_path / SFT_ADAPTER
-    if not (folder / "adapter_model.safetensors").exists():
-        raise FileNotFoundError(f"RESUME with KL_ANCHOR='sft' needs {folder}, the adapter the SFT stage saved")
-    set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
 
 
 # %% rlft={"section": "pipeline"}
@@ -3356,67 +2798,42 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
     """PIPELINE 'sft+rl' | 'sft' | 'rl' within TRAIN_BUDGET_S seconds from this call's start: a fresh adapter
     (reset_lora(SEED)), SFT for SFT_FRACTION of the budget (all of it for 'sft'), the SFT adapter saved and made
     the KL anchor (KL_ANCHOR='sft'), then RL for the rest. Ends within the budget plus one step. RESUME with an RL
-    checkpoint in run_path continues RL instead (`resume_pipeline`); a fresh run first moves an earlier one aside.
+    checkpoint in run_path continues RL instead (`resume_plan`); a fresh run first moves an earlier one aside. The
+    run folder is locked throughout (`run_lock`).
     `params`: the parameters cell (globals() or a dict). `embedder` turns on the train-split monitor.
     `accelerator`: this process is one rank of a data-parallel run (section 8.1): SFT and RL are both
     data-parallel from rank 0's weights (each rank a share of every batch), and only rank 0 writes files."""
     p, t0, run_path = params, time.time(), Path(run_path)
     writer = accelerator is None or accelerator.is_main_process
     check_pipeline_params(p)
-    if p["RESUME"] and p["PIPELINE"] != "sft" and pointer_name(run_path) is not None:  # an RL checkpoint
-        return resume_pipeline(model, tokenizer, train_pairs, reward_fn, run_path, p, embedder, progress, t0,
-                               accelerator)
-    if writer:
-        archive_run(run_path)
-        run_path.mkdir(parents=True, exist_ok=True)
-    reset_lora(model, p["SEED"])
-    seed_everything(p["SEED"])
-    budget, sft_logs, state, rl_logs = p["TRAIN_BUDGET_S"], [], None, []
-    if p["PIPELINE"] != "rl":
-        share = 1.0 if p["PIPELINE"] == "sft" else p["SFT_FRACTION"]
-        dp = DataParallel(accelerator) if accelerator is not None else None
-        sft_logs = sft_stage(model, tokenizer, train_pairs, run_path, p, share * budget - (time.time() - t0),
-                             progress and writer, writer, dp)
-    t_sft = time.time() - t0
-    if writer:
-        write_json_atomic(run_path / PIPELINE_META, {"pipeline": p["PIPELINE"], "sft_seconds": t_sft,
-                                                     "budget_s": budget, "sft_steps": len(sft_logs),
-                                                     "sft_restored_step": (sft_logs[-1].get("restored_step")
-                                                                           if sft_logs else None),
-                                                     "kl_anchor": p["KL_ANCHOR"]})
-    if p["PIPELINE"] != "sft":
-        state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p, deadline=t0 + budget,
-                                  anchor=p["PIPELINE"] == "sft+rl" and p["KL_ANCHOR"] == "sft", resume=False,
-                                  embedder=embedder, progress=progress, accelerator=accelerator)
-    return pipeline_result(p, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False)
-
-
-# %% rlft={"section": "pipeline"}
-#| export
-def resume_pipeline(model, tokenizer, train_pairs, reward_fn, run_path: Path, p: dict, embedder, progress: bool,
-                    t0: float, accelerator=None) -> PipelineResult:
-    """RESUME: skip SFT (pipeline.json says what it did), reload the SFT anchor, continue RL from the checkpoint for
-    what is left of the budget: TRAIN_BUDGET_S − the SFT seconds − the seconds of the RL iterations already run
-    (the run's log: time spent, even on iterations after the checkpoint, which RL repeats)."""
-    meta = json.loads((run_path / PIPELINE_META).read_text()) if (run_path / PIPELINE_META).exists() else {}
-    anchor = meta.get("pipeline", p["PIPELINE"]) == "sft+rl" and meta.get("kl_anchor", p["KL_ANCHOR"]) == "sft"
-    if anchor:
-        load_sft_anchor(model, run_path)
-    spent = meta.get("sft_seconds", 0.0) + sum(r.get("seconds", 0.0) for r in read_log(run_path))
-    state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p,
-                              deadline=t0 + p["TRAIN_BUDGET_S"] - spent, anchor=anchor, resume=True,
-                              embedder=embedder, progress=progress, accelerator=accelerator)
-    return pipeline_result(p, state, [], rl_logs, meta.get("sft_steps", 0), 0.0, t0, resumed=True)
-
-
-def pipeline_result(p: dict, state, sft_logs, rl_logs, sft_steps: int, t_sft: float, t0: float,
-                    resumed: bool) -> PipelineResult:
-    """Assemble the PipelineResult (samples_seen = SFT steps × SFT_BATCH_SIZE + RL iterations × PPO_BATCH_SIZE)."""
-    iterations = state.iteration if state is not None else 0
-    total = time.time() - t0
-    return PipelineResult(p["PIPELINE"], state, sft_logs, rl_logs, {"sft": t_sft, "rl": total - t_sft, "total": total},
-                          sft_steps, iterations, sft_steps * p["SFT_BATCH_SIZE"] + iterations * p["PPO_BATCH_SIZE"],
-                          resumed)
+    with run_lock(run_path, writer):  # a second run in this folder is refused (runs.run_lock)
+        if p["RESUME"] and p["PIPELINE"] != "sft" and pointer_name(run_path) is not None:  # an RL checkpoint
+            deadline, anchor, sft_steps = resume_plan(run_path, p, t0)  # skip SFT; RL for what is left of the budget
+            if anchor:
+                load_sft_anchor(model, run_path)
+            state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p, deadline=deadline,
+                                      anchor=anchor, resume=True, embedder=embedder, progress=progress,
+                                      accelerator=accelerator)
+            return pipeline_result(p, state, [], rl_logs, sft_steps, 0.0, t0, resumed=True)
+        if writer:
+            archive_run(run_path)
+            run_path.mkdir(parents=True, exist_ok=True)
+        reset_lora(model, p["SEED"])
+        seed_everything(p["SEED"])
+        budget, sft_logs, state, rl_logs = p["TRAIN_BUDGET_S"], [], None, []
+        if p["PIPELINE"] != "rl":
+            share = 1.0 if p["PIPELINE"] == "sft" else p["SFT_FRACTION"]
+            dp = DataParallel(accelerator) if accelerator is not None else None
+            sft_logs = sft_stage(model, tokenizer, train_pairs, run_path, p, share * budget - (time.time() - t0),
+                                 progress and writer, writer, dp)
+        t_sft = time.time() - t0
+        if writer:
+            write_pipeline_meta(run_path, p, t_sft, sft_logs)
+        if p["PIPELINE"] != "sft":
+            state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, p, deadline=t0 + budget,
+                                      anchor=p["PIPELINE"] == "sft+rl" and p["KL_ANCHOR"] == "sft", resume=False,
+                                      embedder=embedder, progress=progress, accelerator=accelerator)
+        return pipeline_result(p, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False)
 
 
 # %% rlft={"section": "pipeline"}
@@ -3448,7 +2865,7 @@ if last:
 
 # %% rlft={"section": "pipeline"}
 # Before vs after, on the same eval prompts with the same (greedy) settings as the base evaluation in section 4.
-final_adapter = _save_atomically(RUN_PATH / "adapter", model.save_pretrained)
+final_adapter = save_atomically(RUN_PATH / "adapter", model.save_pretrained)
 after_eval = evaluate(model, tokenizer, eval_subset, embedder, **base_eval["settings"], batch_size=EVAL_BATCH_SIZE,
                       with_kl=EVAL_KL, n_boot=BOOTSTRAP, seed=SEED)
 (RUN_PATH / "after_eval.json").write_text(json.dumps(after_eval, indent=1))

@@ -26,9 +26,9 @@ def packaged_tokenizer(cache_dir: str):
     """The real SmolLM2 tokenizer, read from the GGUF once (~3 s) and cached as a plain folder."""
     out = Path(cache_dir).expanduser() / "smollm2-135m-instruct-tokenizer"
     if not (out / "tokenizer.json").exists():
-        from rlft_support.runs import _save_atomically  # the one atomic folder write (issue 31: runs.py)
+        from rlft_support.runs import save_atomically  # the one atomic folder write (issue 31: runs.py)
         tok = AutoTokenizer.from_pretrained(packaged_gguf_folder(), gguf_file=PACKAGED_GGUF)
-        _save_atomically(out, tok.save_pretrained)
+        save_atomically(out, tok.save_pretrained)
     return AutoTokenizer.from_pretrained(out)
 
 
@@ -44,8 +44,8 @@ def convert_packaged(cache_dir: str) -> Path:
     plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
     plain.load_state_dict(gguf_model.state_dict())
     tok = packaged_tokenizer(cache_dir)
-    from rlft_support.runs import _save_atomically  # the one atomic folder write (issue 31: runs.py)
-    return _save_atomically(out, lambda tmp: (plain.save_pretrained(tmp), tok.save_pretrained(tmp)))
+    from rlft_support.runs import save_atomically  # the one atomic folder write (issue 31: runs.py)
+    return save_atomically(out, lambda tmp: (plain.save_pretrained(tmp), tok.save_pretrained(tmp)))
 
 
 def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from nbimport import ROOT, notebook_parameters
 from rlft_support import report
+from rlft_support import runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,13 +50,14 @@ def run(nb, model, tok, pairs, run_path, P, **overrides):
 
 # --- reset_lora -----------------------------------------------------------------------------------------------
 def test_reset_lora_reinitialises_like_peft_and_is_seeded(nb, tiny_lora):
+    from peft.tuners.lora import LoraLayer
     model, tok = tiny_lora
-    layers = [m for m in model.modules() if isinstance(m, nb.LoraLayer)]
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p))  # a "trained" adapter
-    assert nb.reset_lora(model, seed=3) == len(layers) > 0
+    assert runs.reset_lora(model, seed=3) == len(layers) > 0
     first = lora_tensors(model)
     for m in layers:
         a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
@@ -68,9 +70,9 @@ def test_reset_lora_reinitialises_like_peft_and_is_seeded(nb, tiny_lora):
         with model.disable_adapter():
             base = model(input_ids=ids).logits
     assert torch.equal(tuned, base)  # B = 0: the fresh adapter is the base model
-    nb.reset_lora(model, seed=3)
+    runs.reset_lora(model, seed=3)
     assert same_tensors(lora_tensors(model), first)
-    nb.reset_lora(model, seed=4)
+    runs.reset_lora(model, seed=4)
     assert not same_tensors(lora_tensors(model), first)
 
 
@@ -263,8 +265,8 @@ def test_rerun_starts_from_the_same_fresh_adapter(nb, tiny_lora, train_pairs, P,
 def test_a_fresh_run_archives_the_previous_run_first(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch):
     model, tok = tiny_lora
     seen = []
-    real_archive = nb.move_previous_run
-    monkeypatch.setattr(nb, "move_previous_run", lambda path, *a, **k: (
+    real_archive = runs.move_previous_run
+    monkeypatch.setattr(runs, "move_previous_run", lambda path, *a, **k: (
         seen.append(sorted(p.name for p in path.iterdir()) if path.exists() else []), real_archive(path, *a, **k))[1])
     kw = dict(PIPELINE="sft+rl", TRAIN_BUDGET_S=300, SFT_MAX_STEPS=1, TRAIN_MAX_ITERS=1)
     run(nb, model, tok, train_pairs, tmp_path / "run", P, **kw)
