@@ -42,8 +42,7 @@ def serve_demo(notebook: str | Path = ROOT / "rlft.ipynb", block: bool = True, *
     `block=False`; returns (app, url)."""
     nb, p = load_notebook(notebook), {**notebook_parameters(notebook), **overrides}
     where = [p["DEMO_ADAPTER"]] if p["DEMO_ADAPTER"] else [p["RUN_DIR"], "runs"]
-    runs = dict(latest_checkpoint=nb.latest_checkpoint, pointer=nb.CKPT_POINTER)
-    adapter = next((a for a in (demo.find_adapter(w, **runs) for w in where) if a is not None), None)
+    adapter = next((a for a in map(demo.find_adapter, where) if a is not None), None)
     if adapter is None:
         raise FileNotFoundError(f"no saved adapter (adapter_config.json) under {' or '.join(map(str, where))}: run "
                                 "`make run` first, or point DEMO_ADAPTER / ADAPTER= at a folder saved by "

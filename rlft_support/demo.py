@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from rlft_support import runs
+
 DEMO_SIDES = ("base", "tuned")
 DEMO_CSS = ".rlft-info { min-height: 2.2em; }"
 
@@ -117,19 +119,18 @@ def stream_text(stream_fn, model, tokenizer, prompt: str, sampling: dict):
         yield text
 
 
-def find_adapter(path: str | Path, *, latest_checkpoint, pointer: str) -> Path | None:
+def find_adapter(path: str | Path) -> Path | None:
     """The adapter folder to serve: `path` itself if it holds `adapter_config.json`, or a run's final `adapter/`
     in it; else the adapter of the newest complete checkpoint below it (the one a training run's `latest`
     pointer names); else the most recently written adapter folder below it (temporary folders skipped).
-    The run layout is handed in: `pointer`, the pointer file's name (CKPT_POINTER), and `latest_checkpoint(run)`,
-    the checkpoint folder it names (or None); it raises OSError/ValueError/KeyError for a bad pointer."""
+    The run layout is `runs`': the pointer file CKPT_POINTER and `latest_checkpoint(run)`, the checkpoint it names."""
     root = Path(path).expanduser()
     for folder in (root, root / "adapter"):
         if (folder / "adapter_config.json").exists():
             return folder
-    for pointer in sorted(root.glob(f"**/{pointer}"), key=lambda f: f.stat().st_mtime, reverse=True):
+    for pointer in sorted(root.glob(f"**/{runs.CKPT_POINTER}"), key=lambda f: f.stat().st_mtime, reverse=True):
         try:
-            checkpoint = latest_checkpoint(pointer.parent)
+            checkpoint = runs.latest_checkpoint(pointer.parent)
         except (OSError, ValueError, KeyError):  # a pointer to a missing checkpoint, or not a pointer at all
             continue
         if checkpoint is not None and (checkpoint / "adapter" / "adapter_config.json").exists():

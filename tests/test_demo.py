@@ -13,7 +13,7 @@ import torch
 import chat
 from conftest import CACHE_DIR, CPU
 from nbimport import ROOT
-from rlft_support import demo
+from rlft_support import demo, runs
 
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=10, logits_mode="full", pca_k=16)
 KNOBS = tuple(GREEDY)  # the order of ChatDemo.answer's sampling arguments
@@ -23,11 +23,6 @@ KNOBS = tuple(GREEDY)  # the order of ChatDemo.answer's sampling arguments
 def method(nb):
     """What the demo is handed of the method (as the notebook's demo cell and chat.py hand it)."""
     return dict(stream_fn=nb.generate_stream, logits_modes=nb.LOGITS_MODES, escape_fn=nb.escape_special_tokens)
-
-
-def run_layout(nb) -> dict:
-    """find_adapter's view of a run folder: the pointer file's name and the checkpoint it names."""
-    return dict(latest_checkpoint=nb.latest_checkpoint, pointer=nb.CKPT_POINTER)
 
 
 def word_score(prompt: str, response: str) -> float:
@@ -189,22 +184,22 @@ def test_clamp_sampling_keeps_values_in_range(nb):
 
 def test_find_and_attach_a_saved_adapter(nb, tuned, tmp_path):
     model, tokenizer = tuned
-    assert demo.find_adapter(tmp_path, **run_layout(nb)) is None
+    assert demo.find_adapter(tmp_path) is None
     older, newer = tmp_path / "runs/a/ckpt-000001/adapter", tmp_path / "runs/a/ckpt-000002/adapter"
     model.save_pretrained(older)
     time.sleep(0.05)
     model.save_pretrained(newer)
     shutil.copytree(newer, tmp_path / "runs/a/ckpt-000003.tmp123/adapter")  # a half-written folder is skipped
-    assert demo.find_adapter(tmp_path / "runs", **run_layout(nb)) == newer  # no `latest` pointer: the newest adapter
+    assert demo.find_adapter(tmp_path / "runs") == newer  # no `latest` pointer: the newest adapter
     # a training run's pointer names its last complete checkpoint; a newer, half-written one is not served
     for name in nb.CKPT_FILES:  # make ckpt-000001 complete (the files a checkpoint must hold)
         if not (older.parent / name).exists():
             (older.parent / name).write_text("{}")
-    nb.write_json_atomic(tmp_path / "runs/a" / nb.CKPT_POINTER, {"checkpoint": older.parent.name})
-    assert demo.find_adapter(tmp_path / "runs", **run_layout(nb)) == older
+    runs.write_json_atomic(tmp_path / "runs/a" / runs.CKPT_POINTER, {"checkpoint": older.parent.name})
+    assert demo.find_adapter(tmp_path / "runs") == older
     model.save_pretrained(tmp_path / "runs/a/adapter")  # the run's final adapter comes first
-    assert demo.find_adapter(tmp_path / "runs/a", **run_layout(nb)) == tmp_path / "runs/a/adapter"
-    assert demo.find_adapter(newer, **run_layout(nb)) == newer
+    assert demo.find_adapter(tmp_path / "runs/a") == tmp_path / "runs/a/adapter"
+    assert demo.find_adapter(newer) == newer
     loaded = demo.attach_adapter(wordy_tiny(nb)[0], newer)
     for side in ("base", "tuned"):
         assert expected_answer(nb, loaded, tokenizer, side, "Hi") == expected_answer(nb, model, tokenizer, side, "Hi")

@@ -267,8 +267,7 @@ def test_dangling_or_bad_pointer_raises_a_checkpoint_error_and_find_adapter_skip
     (run / "latest").write_text(json.dumps({"checkpoint": "ckpt-000007"}))
     os.utime(run / "latest", (time.time() + 60, time.time() + 60))  # the dangling pointer is the newest
     from rlft_support.demo import find_adapter
-    layout = dict(latest_checkpoint=runs.latest_checkpoint, pointer=runs.CKPT_POINTER)
-    assert find_adapter(tmp_path / "runs", **layout) == good / "ckpt-000001" / "adapter"
+    assert find_adapter(tmp_path / "runs") == good / "ckpt-000001" / "adapter"
     with pytest.raises(runs.CheckpointError, match=r"latest names ckpt-000007, which is missing") as info:
         runs.latest_checkpoint(run)
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ValueError)
