@@ -12,9 +12,12 @@ On GPUs or several machines use `accelerate launch rlft_dp.py train` (see the RE
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from rlft_support.config import seed_everything  # first: it sets OMP_WAIT_POLICY before torch loads
@@ -86,8 +89,13 @@ class DataParallel:
         return accelerate_broadcast(x.clone().to(self.accelerator.device), from_process=0).to(x.device)
 
     def all(self, flag: bool) -> bool:
-        """Whether `flag` holds on every rank (so all ranks take the same branch)."""
-        return bool(self.sum(torch.tensor(float(not flag))) == 0)
+        """Whether `flag` holds on every rank (so all ranks take the same branch). A Ctrl-C that a rank deferred
+        (deferred_interrupts) is raised here, as KeyboardInterrupt, on every rank at the same call."""
+        votes = self.sum(torch.tensor([float(not flag), float(_INTERRUPTED.is_set())]))
+        if votes[1] > 0:
+            _INTERRUPTED.clear()
+            raise KeyboardInterrupt(f"interrupted (Ctrl-C reached {votes[1].item():.0f} of {self.world} ranks)")
+        return bool(votes[0] == 0)
 
     def own(self, x):
         """This rank's consecutive share of a batch (a tensor [W·b, ...] or a list) -> [b, ...]."""
@@ -113,6 +121,28 @@ class DataParallel:
         self.reduced_bytes += flat.numel() * flat.element_size()
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad = g.view_as(p).to(p.dtype).clone()
+
+
+_INTERRUPTED = threading.Event()  # a Ctrl-C this rank deferred (deferred_interrupts); DataParallel.all raises it
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Inside, in one rank of a launched run: Ctrl-C (SIGINT, which a notebook's interrupt sends to the kernel and
+    every rank forked from it) does not raise where it lands, which would leave the other ranks waiting in a
+    collective, but is noted; the next DataParallel.all raises it on every rank at once, so train_loop's save path
+    runs on all of them and rank 0 saves. A second Ctrl-C before that raises at once."""
+    def note(signum, frame):
+        if _INTERRUPTED.is_set():
+            raise KeyboardInterrupt
+        _INTERRUPTED.set()
+    _INTERRUPTED.clear()
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED.clear()
 
 
 def broadcast_parameters(comm, params) -> None:
@@ -157,14 +187,16 @@ def train_rank(run_fn, model, tokenizer, train_pairs, reward_fn, run_path, param
     """One rank of a data-parallel training run, as notebook_launcher or `accelerate launch` starts it: an
     Accelerator (gloo between CPU processes, one torch thread each on CPUs: forked OpenMP pools are unsafe),
     run_fn (the notebook's run_pipeline) with it, then on rank 0 the final adapter (run_path/adapter) and the
-    run's figures (DP_RESULT), which `launched_pipeline` reads back."""
+    run's figures (DP_RESULT), which `launched_pipeline` reads back. Ctrl-C is deferred (deferred_interrupts):
+    in the RL stage every rank stops at the same point and rank 0 saves, then the rank ends as normally."""
     from rlft_support.runs import save_atomically, write_json_atomic
     cpu = next(model.parameters()).device.type == "cpu"
     if cpu:
         torch.set_num_threads(1)
     accelerator = Accelerator(cpu=cpu)
-    result = run_fn(model, tokenizer, train_pairs, reward_fn, run_path, params, embedder=embedder,
-                    accelerator=accelerator)
+    with deferred_interrupts():
+        result = run_fn(model, tokenizer, train_pairs, reward_fn, run_path, params, embedder=embedder,
+                        accelerator=accelerator)
     if accelerator.is_main_process:
         save_atomically(Path(run_path) / "adapter", model.save_pretrained)
         write_json_atomic(Path(run_path) / DP_RESULT, {
@@ -189,11 +221,40 @@ def run_pipeline_parallel(num_processes: int, model, tokenizer, train_pairs, rew
     """run_fn (the notebook's run_pipeline) on `num_processes` ranks of this machine, started by accelerate's
     notebook_launcher (forked from this kernel, so the model in memory is each rank's copy; on CPUs only: CUDA
     cannot be forked once used, so GPUs use `make train-dp`). `port`: the rendezvous port (0: a free one).
-    Returns launched_pipeline."""
+    Interrupting the cell interrupts the ranks too: in the RL stage they stop together, rank 0 saves, and this
+    returns launched_pipeline, as the one-process run returns after Ctrl-C; in the SFT stage KeyboardInterrupt."""
     from accelerate import notebook_launcher
-    notebook_launcher(train_rank, (run_fn, model, tokenizer, train_pairs, reward_fn, run_path, params, embedder),
-                      num_processes=num_processes, use_port=str(port or free_port()), master_addr="127.0.0.1")
+    wait_through_interrupts(notebook_launcher, train_rank,
+                            (run_fn, model, tokenizer, train_pairs, reward_fn, run_path, params, embedder),
+                            num_processes=num_processes, use_port=str(port or free_port()), master_addr="127.0.0.1")
     return launched_pipeline(model, run_path, params)
+
+
+def wait_through_interrupts(fn, *args, **kwargs) -> None:
+    """fn(*args, **kwargs) in a thread while this (main) thread waits: a Ctrl-C here is noted, not raised, because
+    the ranks fn launched got it too and are saving (a launcher in the main thread would install torch elastic's
+    SIGINT handler, which kills them). Re-raises fn's error; as KeyboardInterrupt after a Ctrl-C."""
+    outcome, done, interrupted = {}, threading.Event(), False
+
+    def target():
+        try:
+            fn(*args, **kwargs)
+        except BaseException as error:  # handed to the waiting thread
+            outcome["error"] = error
+        finally:
+            done.set()
+    threading.Thread(target=target, name="rlft-launcher", daemon=True).start()
+    while not done.is_set():
+        try:  # not Thread.join: a Ctrl-C inside it can mark a running thread as ended (Python 3.11)
+            done.wait(0.5)
+        except KeyboardInterrupt:
+            if not interrupted:
+                print("\ninterrupted: the ranks stop together and rank 0 saves; waiting for them", flush=True)
+            interrupted = True
+    if "error" in outcome:
+        if interrupted:
+            raise KeyboardInterrupt("the data-parallel run was interrupted") from outcome["error"]
+        raise outcome["error"]
 
 
 def free_port() -> int:

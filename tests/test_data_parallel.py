@@ -373,3 +373,64 @@ def test_num_processes_runs_the_pipeline_on_two_forked_ranks_and_the_kernel_gets
     live = nb.get_peft_model_state_dict(model)
     assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
     assert any(v.abs().sum() > 0 for k, v in live.items() if "lora_B" in k)  # trained, not the fresh adapter
+
+
+def interrupted_kernel(run_dir: str, marker: str) -> None:
+    """A stand-in for a notebook kernel (its own process group, as Jupyter starts one): NUM_PROCESSES = 2 through
+    run_pipeline_parallel, RL only, no periodic checkpoints; rank 0 says when iteration 2 is under way (marker)
+    and dawdles there, so that the test's interrupt lands mid-iteration. Prints the returned result (JSON)."""
+    import os
+    import time
+    from nbimport import notebook_parameters
+    nb = load_notebook()
+    torch.set_num_threads(1)
+    P = {**notebook_parameters(), **json.loads((ROOT / "tests" / "tiny_params.json").read_text()),
+         "TRAIN_BUDGET_S": 600, "TRAIN_MAX_ITERS": 50, "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4,
+         "PIPELINE": "rl", "CKPT_EVERY": 0, "CKPT_EVERY_S": 0, "RUN_DIR": run_dir, "RESUME": False}
+    nb.seed_everything(0)
+    base, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
+    calls = []
+
+    def reward(prompts, responses, references):
+        calls.append(1)
+        if len(calls) == 3 and os.environ.get("RANK") == "0":  # iteration 2, generated, not yet updated
+            Path(marker).write_text("")
+            time.sleep(5)
+        return text_reward(prompts, responses, references)
+    pairs = [dict(p, split="train") for p in PAIRS]
+    result = parallel.run_pipeline_parallel(2, model, tok, pairs, reward, run_dir, P, run_fn=nb.run_pipeline)
+    print("RESULT " + json.dumps({"iterations": result.iterations, "logs": len(result.rl_logs)}), flush=True)
+
+
+def test_interrupting_a_two_rank_run_saves_on_rank_0_and_returns_like_one_process(tmp_path):
+    """Issue 35 item 4: Ctrl-C in the notebook (SIGINT to the kernel's process group, ranks included) used to raise
+    SignalException in the kernel and could kill rank 0 before it saved. Now every rank stops at the same point,
+    rank 0 saves the last completed iteration, and run_pipeline_parallel returns the result."""
+    import os
+    import signal
+    import subprocess
+    import time
+    run_dir, marker = tmp_path / "run", tmp_path / "iteration2"
+    code = ("import sys; sys.path[:0] = [{tests!r}, {root!r}]; import test_data_parallel as t; "
+            "t.interrupted_kernel({run!r}, {marker!r})").format(tests=str(ROOT / "tests"), root=str(ROOT),
+                                                               run=str(run_dir), marker=str(marker))
+    kernel = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert kernel.poll() is None, kernel.stdout.read()[-3000:]
+            assert time.time() < deadline, "the run never reached iteration 2"
+            time.sleep(0.1)
+        os.killpg(kernel.pid, signal.SIGINT)  # what Jupyter's interrupt does: the kernel and its forked ranks
+        out, _ = kernel.communicate(timeout=300)
+    finally:
+        if kernel.poll() is None:
+            os.killpg(kernel.pid, signal.SIGKILL)
+    assert kernel.returncode == 0, out[-3000:]
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    assert result == {"iterations": 2, "logs": 2}, out[-3000:]  # iteration 2 was rolled back, 0 and 1 kept
+    assert json.loads((run_dir / "latest").read_text()) == {"checkpoint": "ckpt-000002"}  # saved on the interrupt
+    assert len((run_dir / "train_log.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run_dir / parallel.DP_RESULT).read_text())["iterations"] == 2
