@@ -191,11 +191,14 @@ from rlft_support.demo import DEMO_SIDES, DemoLimits, build_app, launch_app
 from rlft_support.runs import (  # checkpoints, resume, RNG, logs, run folders, caches
     BAR_FORMAT, LOG_NAME, SFT_ADAPTER, Checkpointing, PipelineResult, append_log, archive_run, data_key,
     load_reward_data, load_sft_anchor, log_record, pipeline_result, pointer_name, preserved_rng,
-    read_log, reset_lora, resume_plan, run_lock, save_checkpoint, save_reward_data, show_progress, start_or_resume,
-    write_json_atomic, write_pipeline_meta)
+    reset_lora, resume_plan, run_lock, save_checkpoint, save_reward_data, show_progress, start_or_resume,
+    write_pipeline_meta)
 from rlft_support.runs import CKPT_FILES, CheckpointError, REWARD_DATA_FORMAT, checkpoint_due  # noqa: F401  (nb.X)
 from rlft_support.runs import anchor_state_dict, load_anchor, move_previous_run  # noqa: F401  (nb.X in tests)
+from rlft_support.runs import read_log, write_json_atomic  # noqa: F401  (nb.X in benchmarks)
 from rlft_support.runs import save_atomically
+from rlft_support.parallel import (DataParallel, SingleProcess, broadcast_parameters, enable_data_parallel, rank_seed,
+                                   run_pipeline_parallel, writes_files)
 
 # %% rlft={"section": "common"}
 seed_everything(SEED)
@@ -1503,7 +1506,7 @@ class PPOState:
     iteration: int = 0
     last_rollout: object = None  # the latest Rollout (texts, scores), for logging
     anchor: dict | None = None  # LoRA tensors of the KL reference policy (set_kl_anchor); None: the base model
-    dp: object = None  # the data-parallel ranks (DataParallel, section "Scaling out"); None: one process
+    comm: object = dataclasses.field(default_factory=SingleProcess)  # the ranks (DataParallel, section 8.1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
@@ -1573,55 +1576,24 @@ def anchored_reference(state: PPOState):
                 p.copy_(saved[name])
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over positions where mask is 1 (x, mask: same shape) -> scalar."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, comm=None) -> torch.Tensor:
+    """Mean of x over positions where mask is 1 (x, mask: same shape) -> scalar; with `comm` (state.comm, section
+    8.1) over every rank's positions: the sums are added over the ranks, so W ranks get the combined batch's mean."""
+    total, count = (x * mask).sum(), mask.sum()
+    if comm is not None:
+        total, count = comm.sum(total), comm.sum(count)
+    return total / count.clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, dp=None) -> torch.Tensor:
-    """(x − mean) / std over valid positions (of every rank's rows, with `dp`); 0 where masked. x, mask: [B, T]."""
-    mean = global_masked_mean(x, mask, dp)
-    var = global_masked_mean((x - mean) ** 2, mask, dp)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, comm=None) -> torch.Tensor:
+    """(x − mean) / std over valid positions (of every rank's rows, with `comm`); 0 where masked. x, mask: [B, T]."""
+    mean = masked_mean(x, mask, comm)
+    var = masked_mean((x - mean) ** 2, mask, comm)
     return (x - mean) * torch.rsqrt(var + eps) * mask
-
-
-# Data parallelism (section "Scaling out"): each rank holds a consecutive share of the batch's rows, whole prompts
-# (all K answers) each. The few batch-wide statistics below see every rank's rows, so W ranks compute exactly
-# what one process computes on the combined batch. With dp = None (one process) each helper is the identity.
-def all_rows(dp, x: torch.Tensor) -> torch.Tensor:
-    """This rank's rows x [b, ...] -> every rank's rows [W·b, ...] in rank order (x itself in one process)."""
-    return x if dp is None else dp.gather(x)
 
 
 # %% rlft={"section": "ppo"}
 #| export
-def own_rows(dp, x):
-    """This rank's consecutive share of a batch (a tensor [W·b, ...] or a list): x itself in one process."""
-    if dp is None:
-        return x
-    if len(x) % dp.world:
-        raise ValueError(f"{len(x)} rows (prompts) do not split evenly over {dp.world} ranks")
-    b = len(x) // dp.world
-    return x[dp.rank * b:(dp.rank + 1) * b]
-
-
-def total(dp, x: torch.Tensor) -> torch.Tensor:
-    """x summed over the ranks (x itself in one process)."""
-    return x if dp is None else dp.sum(x)
-
-
-def everywhere(dp, flag: bool) -> bool:
-    """Whether `flag` holds on every rank (so all ranks take the same branch)."""
-    return flag if dp is None else bool(dp.sum(torch.tensor(float(not flag))) == 0)
-
-
-def global_masked_mean(x: torch.Tensor, mask: torch.Tensor, dp=None) -> torch.Tensor:
-    """masked_mean over every rank's valid positions; exactly masked_mean in one process. x, mask [B, T] -> scalar."""
-    if dp is None:
-        return masked_mean(x, mask)
-    return total(dp, (x * mask).sum()) / total(dp, mask.sum()).clamp(min=1)
-
-
 PolicyOutput = collections.namedtuple("PolicyOutput", "logprobs entropy values hidden kl", defaults=(None,))
 
 
@@ -1722,16 +1694,16 @@ def group_advantages(seq_rewards: torch.Tensor, mask: torch.Tensor, group_size: 
 
 
 def scale_group_advantages(adv: torch.Tensor, mask: torch.Tensor, floor: float = ADVANTAGE_STD_FLOOR,
-                           dp=None) -> torch.Tensor:
-    """Divide by the standard deviation of the per-response advantages over the batch (every rank's, with `dp`),
+                           comm=None) -> torch.Tensor:
+    """Divide by the standard deviation of the per-response advantages over the batch (every rank's, with `comm`),
     floored at `floor` (not re-centred: leave-one-out advantages already average to 0 within each prompt, and the
     floor keeps a batch of near-ties from being blown up to full size). adv, mask [B, T] -> [B, T]."""
-    lengths = mask.sum(-1)
+    rows = torch.stack([(adv * mask).sum(-1), mask.sum(-1).to(adv.dtype)], -1)  # [B, 2]: each response's sum, length
+    if comm is not None:
+        rows = comm.gather(rows)  # every rank's responses
+    sums, lengths = rows.unbind(-1)
     valid = lengths > 0
-    per_row = (adv * mask).sum(-1)[valid] / lengths[valid]
-    if dp is not None:  # every rank's responses; an empty response is NaN here and left out, as above
-        rows = all_rows(dp, torch.where(valid, (adv * mask).sum(-1) / lengths.clamp(min=1), torch.nan))
-        per_row = rows[~rows.isnan()]
+    per_row = sums[valid] / lengths[valid]  # empty responses are left out
     std = per_row.std(unbiased=False).item() if per_row.numel() > 1 else 0.0
     return adv / max(std, floor)
 
@@ -1887,9 +1859,9 @@ def compute_advantages(state: PPOState, ro: Rollout) -> Rollout:
     scaled by its std over the batch (scale_group_advantages); no returns (no critic), deltas 0."""
     cfg, mask = state.cfg, ro.mask
     device = mask.device
-    raw, clipped = clip_scores(all_rows(state.dp, ro.scores), cfg.reward_clip, state.reward_stats)  # whole batch
+    raw, clipped = clip_scores(state.comm.gather(ro.scores), cfg.reward_clip, state.reward_stats)  # whole batch
     state.counters["clipped_reward"] = state.counters.get("clipped_reward", 0) + clipped
-    scores = own_rows(state.dp, normalise_scores(raw, cfg.reward_norm, state.reward_stats, cfg.samples_per_prompt))
+    scores = state.comm.own(normalise_scores(raw, cfg.reward_norm, state.reward_stats, cfg.samples_per_prompt))
     scores = scores.to(device)
     no_eos = torch.tensor([r != "eos" for r in ro.stop_reason], dtype=torch.float32, device=device)
     scores = scores - cfg.no_eos_penalty * no_eos
@@ -1901,11 +1873,11 @@ def compute_advantages(state: PPOState, ro: Rollout) -> Rollout:
     if cfg.advantage == "group":
         sequence_rewards = scores - state.kl_ctl.beta * kl.sum(-1)
         ro.advantages = scale_group_advantages(group_advantages(sequence_rewards, mask, cfg.samples_per_prompt), mask,
-                                               dp=state.dp)
+                                               comm=state.comm)
         ro.returns, ro.deltas = None, torch.zeros_like(mask)
         return ro
     advantages, ro.returns, ro.deltas = gae(ro.rewards, ro.values, mask, cfg.gamma, cfg.lam)
-    ro.advantages = masked_whiten(advantages, mask, dp=state.dp)
+    ro.advantages = masked_whiten(advantages, mask, comm=state.comm)
     return ro
 
 
@@ -1914,7 +1886,7 @@ def compute_advantages(state: PPOState, ro: Rollout) -> Rollout:
 def optimizer_step(state: PPOState, loss: torch.Tensor) -> bool:
     """guarded_step on the LoRA + value-head parameters with the state's AdamW, scaler and scheduler."""
     return guarded_step(state.optimizer, state.trainable_parameters(), loss, state.cfg.max_grad_norm, state.counters,
-                        state.scaler, state.scheduler, state.dp.reduce_grads if state.dp is not None else None)
+                        state.scaler, state.scheduler, state.comm.reduce_grads)
 
 
 # %% rlft={"section": "ppo"}
@@ -1991,31 +1963,26 @@ def minibatch_terms(state: PPOState, ro: Rollout, idx: torch.Tensor):
                                          "value_clip_frac": vf_clip.item(), "approx_kl": approx_kl.item(), **extra}
 
 
-def minibatch_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
-    """Total PPO loss on the rows idx of a rollout -> (loss, stats dict of floats): minibatch_terms' token loss,
-    plus ptx_coef · reference_nll ('ptx_loss') when ptx_coef > 0."""
-    token_loss, ptx, _, stats = minibatch_terms(state, ro, idx)
-    return (token_loss if ptx is None else token_loss + state.cfg.ptx_coef * ptx), stats
-
-
 # %% rlft={"section": "ppo"}
 #| export
-def rank_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
-    """Data parallel: this rank's part of the loss of one minibatch whose rows are spread over the ranks; idx are
-    this rank's rows of it (maybe none). A mean over all the minibatch's tokens is Σ_ranks (own tokens / all
-    tokens) · own mean, so with each rank's loss weighted by its share (the PPO-ptx mean by its share of answer
-    tokens) the SUM of the ranks' gradients is exactly one process's gradient on the whole minibatch.
+def minibatch_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
+    """Total PPO loss on the rows idx of a rollout -> (loss, stats dict of floats): minibatch_terms' token loss,
+    plus ptx_coef · reference_nll ('ptx_loss') when ptx_coef > 0.
+    On W ranks (state.comm, section 8.1) the minibatch's rows are spread over the ranks and idx are this rank's
+    (maybe none). A mean over all the minibatch's tokens is Σ_ranks (own tokens / all tokens) · own mean, so with
+    each rank's loss weighted by its share (the PPO-ptx mean by its share of answer tokens) the SUM of the ranks'
+    gradients is exactly one process's gradient on the whole minibatch; in one process both shares are exactly 1.
     -> (loss, or None for a rank without rows, which still joins every collective; stats, with approx_kl that
     of the whole minibatch, so every rank takes the same early-stopping decision)."""
-    dp, cfg = state.dp, state.cfg
+    comm, cfg = state.comm, state.cfg
     if len(idx):
         token_loss, ptx, ptx_tokens, stats = minibatch_terms(state, ro, idx)
     else:
         token_loss, ptx, ptx_tokens, stats = None, None, torch.zeros(()), {}
     tokens = ro.mask[idx].sum().cpu()
-    counts = total(dp, torch.stack([tokens, ptx_tokens.float().cpu()]))
+    counts = comm.sum(torch.stack([tokens, ptx_tokens.float().cpu()]))
     share, ptx_share = tokens / counts[0].clamp(min=1), ptx_tokens.float().cpu() / counts[1].clamp(min=1)
-    stats["approx_kl"] = total(dp, share * stats.get("approx_kl", 0.0)).item()
+    stats["approx_kl"] = comm.sum(share * stats.get("approx_kl", 0.0)).item()
     if token_loss is None:
         return None, stats
     loss = share.to(token_loss.device) * token_loss
@@ -2026,36 +1993,26 @@ def rank_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
 
 def minibatches(state: PPOState, rows: int) -> list[torch.Tensor]:
     """One epoch's shuffled minibatches of `rows` rows (every rank's: rank 0's permutation, broadcast)."""
-    order = torch.randperm(rows)
-    if state.dp is not None:
-        order = state.dp.broadcast(order)
+    order = state.comm.broadcast(torch.randperm(rows))
     return list(order.split(state.cfg.minibatch_size))
-
-
-def own_indices(dp, idx: torch.Tensor, rows: int) -> torch.Tensor:
-    """The rows of minibatch idx (global row numbers) that this rank holds, as its own row numbers [0, rows)."""
-    if dp is None:
-        return idx
-    first = dp.rank * rows
-    return idx[(idx >= first) & (idx < first + rows)] - first
 
 
 # %% rlft={"section": "ppo"}
 #| export
 def ppo_update(state: PPOState, ro: Rollout) -> dict:
-    """Epochs over shuffled minibatches of the rollout (every rank's rows, with state.dp: each rank computes its
-    own rows of a minibatch, rank_loss, and the gradients are summed); stops early once approx-KL passes
+    """Epochs over shuffled minibatches of the rollout (every rank's rows, with state.comm: each rank computes
+    its own rows of a minibatch, minibatch_loss, and the gradients are summed); stops early once approx-KL passes
     cfg.target_kl. Returns mean minibatch statistics (this rank's, except approx_kl), plus 'first_ratio_dev' =
     max |ρ − 1| in the very first minibatch (≈ 0)."""
     cfg, rows = state.cfg, ro.sequences.shape[0]
-    world = 1 if state.dp is None else state.dp.world
+    world = state.comm.world
     state.policy.eval()
     history, first_ratio, stop = collections.defaultdict(list), None, False
     for epoch in range(cfg.epochs):
         epoch_kl = []
         for idx in minibatches(state, rows * world):
-            idx = own_indices(state.dp, idx, rows).to(ro.mask.device)
-            loss, stats = minibatch_loss(state, ro, idx) if state.dp is None else rank_loss(state, ro, idx)
+            idx = state.comm.own_indices(idx, rows).to(ro.mask.device)
+            loss, stats = minibatch_loss(state, ro, idx)
             first_ratio = stats.get("ratio_dev", float("nan")) if first_ratio is None else first_ratio
             optimizer_step(state, loss)
             for k, v in stats.items():
@@ -2126,8 +2083,8 @@ def ppo_iteration(state: PPOState, prompts: list[str], references: list[str], re
     state.last_rollout = ro
     stats = {"iteration": state.iteration, **rollout_stats(ro), **ro.timings, "t_update": 0.0,
              "kl_coef": state.kl_ctl.beta, "skipped": 0.0}
-    finite = everywhere(state.dp, bool(torch.isfinite(ro.scores).all()))  # every rank takes the same branch
-    if not (finite and everywhere(state.dp, bool(torch.isfinite(compute_advantages(state, ro).advantages).all()))):
+    finite = state.comm.all(bool(torch.isfinite(ro.scores).all()))  # every rank takes the same branch
+    if not (finite and state.comm.all(bool(torch.isfinite(compute_advantages(state, ro).advantages).all()))):
         state.counters["skipped_reward"] += 1
         stats["skipped"] = 1.0
     else:
@@ -2138,10 +2095,8 @@ def ppo_iteration(state: PPOState, prompts: list[str], references: list[str], re
         stats["update_seconds"] = stats["t_update"] = time.time() - t1
         if ro.entropy is None:  # no π_old forward ran: report the update's mean entropy (≈ π_old's)
             stats["rollout_entropy"] = stats.get("entropy", float("nan"))
-        kl, n = stats["kl_ref_sampled"], len(prompts)
-        if state.dp is not None:  # the whole batch's mean KL and size (every rank holds as many rows)
-            kl, n = total(state.dp, torch.tensor(kl)).item() / state.dp.world, n * state.dp.world
-        state.kl_ctl.update(kl, n)
+        kl = state.comm.sum(torch.tensor(stats["kl_ref_sampled"], dtype=torch.float64)).item() / state.comm.world
+        state.kl_ctl.update(kl, len(prompts) * state.comm.world)  # the whole batch's mean KL and size (equal shares)
     stats["clipped_now"] = float(state.counters.get("clipped_reward", 0) - clipped_before)
     state.iteration += 1
     stats.update({k: float(v) for k, v in state.counters.items()}, seconds=time.time() - t0)
@@ -2241,14 +2196,7 @@ del ppo_state, adapter_before
 #| export
 
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
-
-
-def writes_files(state) -> bool:
-    """Whether this process writes the run's files: the one process, or rank 0 of a data-parallel run (section
-    8.1; the other ranks hold the same weights and optimizer state and write nothing)."""
-    return state.dp is None or state.dp.is_main
 
 
 class PromptSampler:
@@ -2286,22 +2234,19 @@ class PromptSampler:
 
 # %% rlft={"section": "train"}
 #| export
-def rank_seed(seed: int, rank: int, iteration: int) -> int:
-    """The seed of data-parallel rank > 0 at an iteration (rank 0's RNG streams are checkpointed instead)."""
-    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
 
 
 # %% rlft={"section": "train"}
 #| export
 def run_iteration(state, sampler, reward_fn, metrics_fn) -> tuple[dict, dict]:
     """One ppo_iteration on the sampler's next batch_size / K prompts (each K times), plus metrics_fn(rollout,
-    prompts, references) -> dict; its seconds are stats['t_monitor']. Data parallel (state.dp): every rank draws
-    the same prompts from its own copy of the sampler and answers its consecutive share (own_rows), whole prompts
+    prompts, references) -> dict; its seconds are stats['t_monitor']. Data parallel (state.comm): every rank draws
+    the same prompts from its own copy of the sampler and answers its consecutive share (comm.own), whole prompts
     with all K answers each, so the group baselines stay exact."""
     k = state.cfg.samples_per_prompt
-    if state.dp is not None and state.dp.rank > 0:  # rank r's own streams, a function of (seed, rank, iteration):
-        seed_everything(rank_seed(sampler.seed, state.dp.rank, state.iteration))  # a resumed run repeats them
-    batch = repeat_each(own_rows(state.dp, sampler.next_batch(state.cfg.batch_size // k)), k)
+    if state.comm.rank > 0:  # rank r's own streams, a function of (seed, rank, iteration):
+        seed_everything(rank_seed(sampler.seed, state.comm.rank, state.iteration))  # a resumed run repeats them
+    batch = repeat_each(state.comm.own(sampler.next_batch(state.cfg.batch_size // k)), k)
     prompts, references = [p["prompt"] for p in batch], [p["reference"] for p in batch]
     stats = ppo_iteration(state, prompts, references, reward_fn)
     t0 = time.time()
@@ -2347,7 +2292,7 @@ def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, 
         t0, last_seconds, start = time.time(), 0.0, state.iteration
         bar = tqdm(total=100, disable=not progress, desc="PPO: ", bar_format=BAR_FORMAT)
         with bar, Checkpointing(run_path, state, sampler, logs, knobs, writer) as ckpt:
-            while everywhere(state.dp, state.iteration < max_iterations and time.time() - t0 + last_seconds <= budget_s):
+            while state.comm.all(state.iteration < max_iterations and time.time() - t0 + last_seconds <= budget_s):
                 ckpt.begin()
                 stats = train_iteration(run_path, state, sampler, reward_fn, metrics_fn, eval_fn, eval_every, logs,
                                         t0, ckpt.seconds)
@@ -2368,19 +2313,20 @@ def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, 
 # One process is enough for the packaged 135M model. A larger model, more prompts per iteration or several GPUs
 # call for **data parallelism**: $W$ processes (ranks), each holding the whole model, each doing $1/W$ of every
 # iteration. The engine is Hugging Face `accelerate` (gloo between CPU processes, NCCL between GPUs); the method
-# itself stays the functions of section 7, which take the ranks from `state.dp` (`None` = one process).
+# itself stays the functions of section 7, which see the ranks through one collective, `state.comm`
+# (`rlft_support/parallel.py`: `SingleProcess()` in one process, `DataParallel` on $W$ ranks).
 #
 # **What each rank does.** Every rank draws the *same* prompts from its own copy of the sampler and answers its
 # consecutive share of them, with all $K$ answers to a prompt on one rank, so the leave-one-out baseline of
 # section 7 needs nothing from other ranks. Generation, scoring, the reward model and the embedder, the reference
 # pass and the advantages all run per rank. Only a handful of batch-wide statistics cross ranks, so that $W$ ranks
 # compute exactly what one process computes on the combined batch:
-# - the scores, all-gathered ($B$ floats) for the outlier clip and the running mean and variance (`all_rows`);
+# - the scores, all-gathered ($B$ floats) for the outlier clip and the running mean and variance (`comm.gather`);
 # - the standard deviation of the group advantages (one float per response), or the GAE whitening (two sums);
 # - the mean KL for the adaptive controller, and whether every rank's scores are finite (one float each).
 #
 # **The gradient.** A minibatch is a set of rows of the *whole* batch (rank 0's permutation, broadcast), and each
-# rank computes the loss on its own rows of it (`rank_loss`). Every term of the loss is a mean over the
+# rank computes the loss on its own rows of it (`minibatch_loss`). Every term of the loss is a mean over the
 # minibatch's tokens, and a mean over all tokens is $\sum_r \frac{n_r}{n}\,\text{mean}_r$, so each rank weights
 # its loss by its share of tokens $n_r/n$ (the PPO-ptx mean by its share of answer tokens) and the gradients are
 # **summed** over the ranks (`accelerator.reduce`, one flat all-reduce in `DataParallel.reduce_grads`). The sum
@@ -2394,126 +2340,12 @@ def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, 
 # its consecutive $1/W$ of them (`sft_step`), weights its mean cross-entropy by its share of answer tokens, and the
 # gradients are summed by the same all-reduce, so $W$ ranks take one process's step on the whole batch. The
 # held-out NLL that stops SFT is scored the same way (each rank every $W$-th held-out prompt, the sums added), so
-# every rank stops at the same step; the clock is checked with `everywhere`, so no rank starts a step alone.
+# every rank stops at the same step; the clock is checked with `comm.all`, so no rank starts a step alone.
 #
-# With one process (`state.dp = None`) every helper above is the identity: the single-process run is unchanged,
-# bit for bit. `enable_data_parallel(state, accelerator, seed)` makes a state one rank: the weights become rank
-# 0's, as DDP does when it wraps a model, and ranks above 0 reseed their RNGs so their samples are independent.
-
-# %% rlft={"section": "scale_out"}
-#| export
-from accelerate import Accelerator
-from accelerate.utils import broadcast as accelerate_broadcast
-
-
-class DataParallel:
-    """The ranks of one data-parallel run, through a Hugging Face `Accelerator`. Section 7 calls it through
-    all_rows / total / everywhere / minibatches and guarded_step's reduce_grads. Tensors travel on the
-    accelerator's device and come back on their own; `reduced_bytes` counts the gradient bytes all-reduced."""
-
-    def __init__(self, accelerator: Accelerator):
-        self.accelerator, self.rank, self.world = accelerator, accelerator.process_index, accelerator.num_processes
-        self.is_main, self.reduced_bytes = accelerator.is_main_process, 0
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """[b, ...] on every rank -> [W·b, ...] in rank order (all-gather)."""
-        return self.accelerator.gather(x.contiguous().to(self.accelerator.device)).to(x.device)
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """x summed over the ranks (all-reduce)."""
-        return self.accelerator.reduce(x.to(self.accelerator.device), "sum").to(x.device)
-
-    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
-        """Rank 0's x, on every rank."""
-        return accelerate_broadcast(x.clone().to(self.accelerator.device), from_process=0).to(x.device)
-
-    def barrier(self) -> None:
-        """Wait until every rank gets here."""
-        self.accelerator.wait_for_everyone()
-
-    def reduce_grads(self, params: list[torch.Tensor]) -> None:
-        """Sum the gradients of `params` over the ranks in one flat fp32 all-reduce (a rank with no gradient,
-        e.g. no rows in this minibatch, adds zeros); every rank then holds the same p.grad."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.sum(torch.cat([g.detach().float().flatten() for g in grads]))
-        self.reduced_bytes += flat.numel() * flat.element_size()
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = g.view_as(p).to(p.dtype).clone()
-
-
-def broadcast_parameters(dp: DataParallel, params) -> None:
-    """Every rank's `params` become rank 0's, in place (as DDP does when it wraps a model)."""
-    with torch.no_grad():
-        for p in params:
-            p.copy_(dp.broadcast(p.detach()))
-
-
-def allreduce_bytes_per_step(state: PPOState) -> int:
-    """The bytes one optimizer step all-reduces: the fp32 gradients of the LoRA and value-head parameters."""
-    return 4 * sum(p.numel() for p in state.trainable_parameters())
-
-
-def enable_data_parallel(state: PPOState, accelerator: Accelerator, seed: int) -> DataParallel:
-    """Make `state` one rank of a data-parallel run: its trainable weights become rank 0's (as DDP does when it
-    wraps a model), ranks > 0 reseed python/numpy/torch with seed + 1000003·rank so their rollouts sample
-    independently (rank 0 keeps its streams), and state.dp is set. Returns the DataParallel."""
-    dp = DataParallel(accelerator)
-    broadcast_parameters(dp, state.trainable_parameters())
-    if dp.rank > 0:
-        seed_everything(seed + 1000003 * dp.rank)
-    state.dp = dp
-    return dp
-
-
-DP_RESULT = "pipeline_result.json"  # rank 0's summary of a launched run (PipelineResult's figures), in RUN_DIR
-
-
-# %% rlft={"section": "scale_out"}
-#| export
-def train_rank(model, tokenizer, train_pairs, reward_fn, run_path, params: dict, embedder=None) -> None:
-    """One rank of a data-parallel training run, as notebook_launcher or `accelerate launch` starts it: an
-    Accelerator (gloo between CPU processes, one torch thread each on CPUs: forked OpenMP pools are unsafe),
-    run_pipeline with it, then on rank 0 the final adapter (run_path/adapter) and the run's figures (DP_RESULT),
-    which `launched_pipeline` reads back."""
-    cpu = next(model.parameters()).device.type == "cpu"
-    if cpu:
-        torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=cpu)
-    result = run_pipeline(model, tokenizer, train_pairs, reward_fn, run_path, params, embedder=embedder,
-                          accelerator=accelerator)
-    if accelerator.is_main_process:
-        save_atomically(Path(run_path) / "adapter", model.save_pretrained)
-        write_json_atomic(Path(run_path) / DP_RESULT, {
-            "seconds": result.seconds, "sft_steps": result.sft_steps, "iterations": result.iterations,
-            "samples_seen": result.samples_seen, "resumed": result.resumed, "processes": accelerator.num_processes})
-    accelerator.wait_for_everyone()
-
-
-def launched_pipeline(model, run_path, params: dict) -> PipelineResult:
-    """After a launched run: rank 0's final adapter loaded into this process's `model`, and the run's
-    PipelineResult (the RL log read from run_path; state None and sft_logs [] stay in the ranks)."""
-    run_path = Path(run_path)
-    set_peft_model_state_dict(model, load_file(run_path / "adapter" / "adapter_model.safetensors"))
-    r = json.loads((run_path / DP_RESULT).read_text())
-    return PipelineResult(params["PIPELINE"], None, [], read_log(run_path), r["seconds"], r["sft_steps"],
-                          r["iterations"], r["samples_seen"], r["resumed"])
-
-
-def run_pipeline_parallel(num_processes: int, model, tokenizer, train_pairs, reward_fn, run_path, params: dict,
-                          embedder=None, port: int = 0) -> PipelineResult:
-    """run_pipeline on `num_processes` ranks of this machine, started by accelerate's notebook_launcher (forked
-    from this kernel, so the model in memory is each rank's copy; on CPUs only: CUDA cannot be forked once used,
-    so GPUs use `make train-dp`). `port`: the rendezvous port (0: a free one). Returns launched_pipeline."""
-    from accelerate import notebook_launcher
-    import socket
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    notebook_launcher(train_rank, (model, tokenizer, train_pairs, reward_fn, run_path, params, embedder),
-                      num_processes=num_processes, use_port=str(port), master_addr="127.0.0.1")
-    return launched_pipeline(model, run_path, params)
-
+# With one process (`state.comm = SingleProcess()`) every collective is the identity and both token shares are
+# exactly 1: the single-process run is unchanged, bit for bit. `enable_data_parallel(state, accelerator, seed)`
+# makes a state one rank: the weights become rank 0's, as DDP does when it wraps a model, and ranks above 0 reseed
+# their RNGs so their samples are independent.
 
 # %% rlft={"section": "scale_out"}
 # What one optimizer step of a data-parallel run sends between the ranks: the fp32 gradients of the LoRA and the
@@ -2571,11 +2403,12 @@ print(f"all-reduce per optimizer step: {4 * (lora_numel + value_numel):,} bytes 
 PIPELINES, KL_ANCHORS = ("sft+rl", "sft", "rl"), ("sft", "base")
 
 
-def held_out_nll(model, tokenizer, pairs: list[dict], batch_size: int, dp=None) -> float:
-    """Mean NLL per answer token of the references of `pairs` (sft_batch's labels), without gradients. With `dp`
+def held_out_nll(model, tokenizer, pairs: list[dict], batch_size: int, comm=None) -> float:
+    """Mean NLL per answer token of the references of `pairs` (sft_batch's labels), without gradients. With `comm`
     (section 8.1) each rank scores every W-th pair and the sums are added over the ranks, so all get one value."""
     device, was_training = next(model.parameters()).device, model.training
-    mine = pairs if dp is None else pairs[dp.rank::dp.world]
+    comm = comm or SingleProcess()
+    mine = pairs[comm.rank::comm.world]
     model.eval()
     nll, count = 0.0, 0
     with torch.no_grad():
@@ -2585,19 +2418,18 @@ def held_out_nll(model, tokenizer, pairs: list[dict], batch_size: int, dp=None) 
             nll += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * n
             count += n
     model.train(was_training)
-    if dp is not None:
-        nll, count = total(dp, torch.tensor([nll, float(count)], dtype=torch.float64)).tolist()
+    nll, count = comm.sum(torch.tensor([nll, float(count)], dtype=torch.float64)).tolist()
     return nll / max(count, 1)
 
 
 class HeldOutStop:
     """Early stopping of SFT on held-out TRAIN prompts: every `every` steps the held-out NLL is measured; the LoRA
     weights at its lowest are kept; after `patience` checks without a new lowest, `check` says stop, and
-    `restore` puts the kept weights back. Step 0 (before any update) is checked too. `dp`: the ranks share the
+    `restore` puts the kept weights back. Step 0 (before any update) is checked too. `comm`: the ranks share the
     scoring (held_out_nll), so every rank sees the same NLL and stops at the same step."""
 
-    def __init__(self, model, tokenizer, pairs: list[dict], every: int, patience: int, batch_size: int, dp=None):
-        self.model, self.tokenizer, self.pairs, self.batch_size, self.dp = model, tokenizer, pairs, batch_size, dp
+    def __init__(self, model, tokenizer, pairs: list[dict], every: int, patience: int, batch_size: int, comm=None):
+        self.model, self.tokenizer, self.pairs, self.batch_size, self.comm = model, tokenizer, pairs, batch_size, comm
         self.every, self.patience = max(1, every), max(1, patience)
         self.best, self.best_step, self.best_weights, self.since_best = math.inf, -1, None, 0
 
@@ -2605,7 +2437,7 @@ class HeldOutStop:
         """The held-out NLL when `step` is a check step (or `force`), else None; sets `self.stop`."""
         if not force and step % self.every:
             return None
-        nll = held_out_nll(self.model, self.tokenizer, self.pairs, self.batch_size, self.dp)
+        nll = held_out_nll(self.model, self.tokenizer, self.pairs, self.batch_size, self.comm)
         if nll < self.best:
             self.best, self.best_step, self.since_best = nll, step, 0
             self.best_weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
@@ -2625,36 +2457,35 @@ class HeldOutStop:
 # %% rlft={"section": "pipeline"}
 #| export
 def sft_step(model, tokenizer, batch: list[dict], optimizer, params, max_grad_norm: float, counters: dict,
-             dp=None) -> tuple[float, bool]:
+             comm=None) -> tuple[float, bool]:
     """One SFT step on `batch` (sft_batch: input_ids / labels [B, L]): the mean cross-entropy over its answer
-    tokens, then guarded_step. With `dp` (section 8.1) each rank takes its consecutive share of the batch and
+    tokens, then guarded_step. With `comm` (section 8.1) each rank takes its consecutive share of the batch and
     weights its mean by its share of the answer tokens, so the SUM of the ranks' gradients (all-reduced in
-    guarded_step) is one process's gradient on the whole batch. -> (the batch's loss, whether it stepped)."""
-    ids, mask, labels = sft_batch(tokenizer, own_rows(dp, batch), next(model.parameters()).device)
+    guarded_step) is one process's gradient on the whole batch; in one process the share is exactly 1.
+    -> (the batch's loss, whether it stepped)."""
+    comm = comm or SingleProcess()
+    ids, mask, labels = sft_batch(tokenizer, comm.own(batch), next(model.parameters()).device)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    if dp is None:
-        return loss.item(), bool(guarded_step(optimizer, params, loss, max_grad_norm, counters))
     tokens = (labels[:, 1:] != -100).sum().float().cpu()
-    share = (tokens / total(dp, tokens).clamp(min=1)).to(loss.device)
-    stepped = guarded_step(optimizer, params, share * loss, max_grad_norm, counters, reduce_grads=dp.reduce_grads)
-    return total(dp, (share * loss).detach().cpu()).item(), bool(stepped)
+    share = (tokens / comm.sum(tokens).clamp(min=1)).to(loss.device)
+    stepped = guarded_step(optimizer, params, share * loss, max_grad_norm, counters, reduce_grads=comm.reduce_grads)
+    return comm.sum((share * loss).detach().cpu()).item(), bool(stepped)
 
 
 # %% rlft={"section": "pipeline"}
 #| export
 def sft_train(model, tokenizer, sampler, *, budget_s: float, max_steps: int, batch_size: int, lr: float,
               max_grad_norm: float = 1.0, progress: bool = True, counters: dict | None = None,
-              stopper: HeldOutStop | None = None, dp=None) -> list[dict]:
+              stopper: HeldOutStop | None = None, comm=None) -> list[dict]:
     """Supervised fine-tuning of the LoRA on the references (`sft_step`), AdamW, until `budget_s` seconds or
     `max_steps` steps, or until `stopper` (HeldOutStop) says the held-out NLL stopped falling; its best adapter is
-    then put back. A step starts only while time is left (on every rank, with `dp`: data-parallel, section 8.1).
+    then put back. A step starts only while time is left (on every rank, with `comm`: data-parallel, section 8.1).
     A non-finite loss or gradient skips its step (PPO's `guarded_step`) and is counted in `counters`
     ('skipped_loss', 'skipped_grad'; updated in place), so one NaN never reaches the weights.
     Returns the log: one {'step', 'loss', 'stepped', 'elapsed_s', 'skipped_loss', 'skipped_grad'} per step
     (+ 'val_nll' on check steps; the last row has 'restored_step' with a stopper)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if dp is not None:
-        broadcast_parameters(dp, params)
+    params, comm = [p for p in model.parameters() if p.requires_grad], comm or SingleProcess()
+    broadcast_parameters(comm, params)
     optimizer = torch.optim.AdamW(params, lr=lr)
     counters = {} if counters is None else counters
     for key in ("skipped_loss", "skipped_grad"):
@@ -2664,10 +2495,9 @@ def sft_train(model, tokenizer, sampler, *, budget_s: float, max_steps: int, bat
                bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
     if stopper is not None:
         stopper.check(0)
-    while everywhere(dp, (step < max_steps and time.time() - t0 < budget_s
-                          and not (stopper is not None and stopper.stop))):
+    while comm.all(step < max_steps and time.time() - t0 < budget_s and not (stopper is not None and stopper.stop)):
         loss, stepped = sft_step(model, tokenizer, sampler.next_batch(batch_size), optimizer, params, max_grad_norm,
-                                 counters, dp)
+                                 counters, comm)
         step += 1
         logs.append({"step": step, "loss": loss, "stepped": stepped, "elapsed_s": time.time() - t0,
                      "skipped_loss": counters["skipped_loss"], "skipped_grad": counters["skipped_grad"]})
@@ -2732,20 +2562,20 @@ def held_out_split(pairs: list[dict], frac: float) -> tuple[list[dict], list[dic
 # %% rlft={"section": "pipeline"}
 #| export
 def sft_stage(model, tokenizer, train_pairs, run_path: Path, p: dict, budget_s: float, progress: bool,
-              writer: bool = True, dp=None) -> list[dict]:
+              writer: bool = True, comm=None) -> list[dict]:
     """SFT with the SFT_* parameters for up to `budget_s` seconds, on the train pairs less SFT_VAL_FRAC held out
     to stop it (HeldOutStop); the adapter kept is then saved to run_path/sft_adapter (by the `writer` only:
-    rank 0 of a data-parallel run, whose ranks `dp` split each SFT batch and the held-out scoring)."""
-    if dp is not None and p["SFT_BATCH_SIZE"] % dp.world:
-        raise ValueError(f"SFT_BATCH_SIZE={p['SFT_BATCH_SIZE']} does not split evenly over {dp.world} processes")
+    rank 0 of a data-parallel run, whose ranks `comm` split each SFT batch and the held-out scoring)."""
+    if comm is not None and p["SFT_BATCH_SIZE"] % comm.world:
+        raise ValueError(f"SFT_BATCH_SIZE={p['SFT_BATCH_SIZE']} does not split evenly over {comm.world} processes")
     counters = {"skipped_loss": 0, "skipped_grad": 0}
     fit, held = held_out_split(train_pairs, p["SFT_VAL_FRAC"])
     stopper = HeldOutStop(model, tokenizer, held, p["SFT_VAL_EVERY"], p["SFT_PATIENCE"],
-                          p["EVAL_BATCH_SIZE"], dp) if held else None
+                          p["EVAL_BATCH_SIZE"], comm) if held else None
     logs = sft_train(model, tokenizer, PromptSampler(fit, p["SEED"]), budget_s=budget_s,
                      max_steps=p["SFT_MAX_STEPS"], batch_size=p["SFT_BATCH_SIZE"], lr=p["SFT_LR"],
                      max_grad_norm=p["MAX_GRAD_NORM"], progress=progress, counters=counters, stopper=stopper,
-                     dp=dp)
+                     comm=comm)
     if stopper is not None and logs:
         print(f"SFT: {len(logs)} steps; held-out NLL lowest at step {stopper.best_step} ({stopper.best:.3f} on "
               f"{len(held)} held-out train prompts), that adapter kept")
@@ -2766,7 +2596,7 @@ def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, p: dict, 
     adapter, iteration 0) is saved as a checkpoint first and RL continues from it, so train_loop keeps that
     adapter (a fresh train_loop would re-initialise a trained one) and a kill during RL never repeats SFT.
     With an `accelerator` (section 8.1) this process is one rank of a data-parallel RL stage: it starts from rank
-    0's weights (enable_data_parallel), and only rank 0 writes files. Returns (state, log)."""
+    0's weights (enable_data_parallel sets state.comm), and only rank 0 writes files. Returns (state, log)."""
     state = make_ppo_state(model, tokenizer, ppo_config(p))
     if accelerator is not None:
         enable_data_parallel(state, accelerator, p["SEED"])
@@ -2777,8 +2607,7 @@ def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, p: dict, 
         if writes_files(state):
             start = save_checkpoint(run_path, state, sampler, [], p["CKPT_KEEP"])
             print(f"RL stage: {deadline - time.time():.0f} s left, from the current adapter (saved as {start.name})")
-        if state.dp is not None:
-            state.dp.barrier()  # the other ranks resume from that checkpoint: it must be complete
+        state.comm.barrier()  # the other ranks resume from that checkpoint: it must be complete
     metrics_fn = eval_fn = None
     if embedder is not None:
         metrics_fn, eval_fn = make_monitors(tokenizer, monitor_subset(train_pairs, p["EVAL_MONITOR_N"]), embedder,
@@ -2823,9 +2652,9 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
         budget, sft_logs, state, rl_logs = p["TRAIN_BUDGET_S"], [], None, []
         if p["PIPELINE"] != "rl":
             share = 1.0 if p["PIPELINE"] == "sft" else p["SFT_FRACTION"]
-            dp = DataParallel(accelerator) if accelerator is not None else None
+            comm = DataParallel(accelerator) if accelerator is not None else SingleProcess()
             sft_logs = sft_stage(model, tokenizer, train_pairs, run_path, p, share * budget - (time.time() - t0),
-                                 progress and writer, writer, dp)
+                                 progress and writer, writer, comm)
         t_sft = time.time() - t0
         if writer:
             write_pipeline_meta(run_path, p, t_sft, sft_logs)
@@ -2841,7 +2670,7 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
 # PPOState and log (None / [] for PIPELINE = "sft"); the SFT stage's log is `pipeline.sft_logs`.
 if NUM_PROCESSES > 1:  # data parallel on this machine (section 8.1): the ranks train, this kernel gets the adapter
     pipeline = run_pipeline_parallel(NUM_PROCESSES, model, tokenizer, train_pairs, reward_fn, RUN_PATH, globals(),
-                                     embedder=embedder)
+                                     run_fn=run_pipeline, embedder=embedder)
 else:
     pipeline = run_pipeline(model, tokenizer, train_pairs, reward_fn, RUN_PATH, globals(), embedder=embedder)
 train_state, train_logs = pipeline.state, pipeline.rl_logs

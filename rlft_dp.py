@@ -1,56 +1,19 @@
-"""Data-parallel plumbing for rlft.ipynb (issue 21): start W local processes joined by gloo, for the tests, the
-benchmark and CPU runs. The method (DataParallel, enable_data_parallel, rank_loss, ...) lives in the notebook,
-sections 7 and 8.1; this module only starts processes and sets the environment `accelerate` reads.
+"""The `accelerate launch` entry of a data-parallel training run (`make train-dp`): each process loads the notebook
+and runs its run_pipeline as one rank (rlft_support.parallel.train_rank). The plumbing (the collective, the
+local launcher launch_local) lives in rlft_support/parallel.py; this file is only the command line.
 
-    from rlft_dp import launch_local
-    launch_local(fn, (arg1, arg2), num_processes=2)  # fn(*args) on ranks 0 and 1; fn builds Accelerator(cpu=True)
-
-On GPUs or several machines use `accelerate launch` (see the README, "Scale out") instead.
+    accelerate launch rlft_dp.py train --params overrides.json
 """
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from nbimport import load_notebook  # noqa: E402,F401  (the notebook as a module, as the benchmarks import it)
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (the OS picks it), so parallel runs never collide."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_environment(rank: int, world: int, port: int, threads: int = 1) -> dict[str, str]:
-    """The variables torch.distributed and accelerate read to make this process rank `rank` of `world` (CPU)."""
-    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ACCELERATE_USE_CPU": "yes",
-            "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": str(threads)}
-
-
-def _worker(rank: int, world: int, port: int, threads: int, fn, args) -> None:
-    os.environ.update(rank_environment(rank, world, port, threads))
-    import torch
-    torch.set_num_threads(threads)
-    try:
-        fn(*args)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def launch_local(fn, args: tuple = (), num_processes: int = 2, threads: int = 1) -> None:
-    """Run fn(*args) in `num_processes` fresh (spawned) processes on this machine, ranks 0..W−1 joined by gloo on
-    a free port, each with `threads` torch threads. fn must be importable (a module-level function) and create
-    its own `Accelerator(cpu=True)`. Raises if any rank fails (torch.multiprocessing's ProcessRaisedException)."""
-    import torch.multiprocessing as mp
-    mp.start_processes(_worker, args=(num_processes, free_port(), threads, fn, args), nprocs=num_processes,
-                       start_method="spawn")
+from nbimport import load_notebook  # noqa: E402  (the notebook as a module, as the benchmarks import it)
+from rlft_support import parallel  # noqa: E402
 
 
 def parameters(params_file: str | None = None) -> dict:
@@ -65,7 +28,8 @@ def parameters(params_file: str | None = None) -> dict:
 
 def train(P: dict) -> None:
     """The notebook's training run on this process's rank (started by `accelerate launch`, see `make train-dp`):
-    the model, data, embedder and reward as sections 1, 2, 4 and 6 build them, then the notebook's train_rank.
+    the model, data, embedder and reward as sections 1, 2, 4 and 6 build them, then parallel.train_rank with the
+    notebook's run_pipeline.
     REWARD_FN must be "similarity" here (the reward MLP is fitted by the notebook's section 6)."""
     import torch
     nb = load_notebook()
@@ -81,7 +45,7 @@ def train(P: dict) -> None:
     train_pairs = nb.split_pairs(nb.load_pairs(str(ROOT / P["DATA_PATH"])), "train")
     embedder = nb.Embedder(P["EMBEDDER"], device=device)
     reward_fn = nb.make_reward_fn("similarity", embedder, None, device=device)
-    nb.train_rank(model, tok, train_pairs, reward_fn, Path(P["RUN_DIR"]), P, embedder=embedder)
+    parallel.train_rank(nb.run_pipeline, model, tok, train_pairs, reward_fn, Path(P["RUN_DIR"]), P, embedder=embedder)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Issue 21: data-parallel RL throughput on this machine: 1 process x 2 threads, 1 process x 1 thread and
 2 processes x 1 thread (gloo, through accelerate), the same total batch (PPO_BATCH_SIZE responses per iteration).
 
-Each measurement is a fresh set of processes (rlft_dp.launch_local), each rank with its own model, embedder and
+Each measurement is a fresh set of processes (parallel.launch_local), each rank with its own model, embedder and
 similarity reward (REWARD_FN "similarity": the MLP would add only its fit), running the notebook's own
 `run_iteration` (rollout of its share of the prompts, advantages, update with the gradients all-reduced).
 One warm-up iteration, then --iters measured ones, each timed between barriers on rank 0; then the SFT stage's
@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import rlft_dp  # noqa: E402
+from nbimport import load_notebook  # noqa: E402
+from rlft_support import parallel  # noqa: E402
 from ppo_seeds import cpu_name, parameters, write_report  # noqa: E402
 
 SETTINGS = {"1p2t": (1, 2), "1p1t": (1, 1), "2p1t": (2, 1)}  # name: (processes, threads per process)
@@ -54,7 +55,7 @@ def rank_run(P: dict, iters: int, sft_steps: int, seed: int, out: str) -> None:
     """One rank (or the single process): warm-up + `iters` timed RL iterations, then warm-up + `sft_steps` timed
     SFT steps -> rank 0 writes `out` (JSON)."""
     import torch
-    nb = rlft_dp.load_notebook()
+    nb = load_notebook()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = None
     if world > 1:
@@ -66,21 +67,21 @@ def rank_run(P: dict, iters: int, sft_steps: int, seed: int, out: str) -> None:
     model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
     state = nb.make_ppo_state(model, tok, nb.ppo_config(P))
     if accelerator is not None:
-        nb.enable_data_parallel(state, accelerator, seed)
+        parallel.enable_data_parallel(state, accelerator, seed)
     pairs = nb.split_pairs(nb.load_pairs(str(ROOT / P["DATA_PATH"])), "train")
     sampler = nb.PromptSampler(pairs, seed)
     reward_fn = nb.make_reward_fn("similarity", nb.Embedder(P["EMBEDDER"], device=device), None, device=device)
     barrier = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)
     seconds = timed(lambda: nb.run_iteration(state, sampler, reward_fn, None), iters, barrier)
-    rl_bytes = state.dp.reduced_bytes if state.dp is not None else 0
+    rl_bytes = state.comm.reduced_bytes
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, counters = torch.optim.AdamW(params, lr=P["SFT_LR"]), {}
     sft_seconds = timed(lambda: nb.sft_step(model, tok, sampler.next_batch(P["SFT_BATCH_SIZE"]), optimizer, params,
-                                            P["MAX_GRAD_NORM"], counters, state.dp), sft_steps, barrier)
+                                            P["MAX_GRAD_NORM"], counters, state.comm), sft_steps, barrier)
     if accelerator is None or accelerator.is_main_process:
         Path(out).write_text(json.dumps({
-            "seconds": seconds, "sft_seconds": sft_seconds, "bytes_per_step": nb.allreduce_bytes_per_step(state),
-            "reduced_bytes": rl_bytes, "sft_reduced_bytes": state.dp.reduced_bytes - rl_bytes if state.dp else 0,
+            "seconds": seconds, "sft_seconds": sft_seconds, "bytes_per_step": parallel.allreduce_bytes_per_step(state),
+            "reduced_bytes": rl_bytes, "sft_reduced_bytes": state.comm.reduced_bytes - rl_bytes,
             "sft_bytes_per_step": 4 * sum(p.numel() for p in params),
             "iterations": 1 + iters, "threads": torch.get_num_threads(), "world": world}))
 
@@ -89,7 +90,7 @@ def measure(P: dict, name: str, iters: int, sft_steps: int, seed: int, work: Pat
     """One fresh launch of setting `name` -> rank 0's record."""
     processes, threads = SETTINGS[name]
     out = work / f"{name}-{time.time_ns()}.json"
-    rlft_dp.launch_local(rank_run, (P, iters, sft_steps, seed, str(out)), num_processes=processes, threads=threads)
+    parallel.launch_local(rank_run, (P, iters, sft_steps, seed, str(out)), num_processes=processes, threads=threads)
     record = json.loads(out.read_text())
     print(f"{name}: " + " ".join(f"{s:.2f}" for s in record["seconds"]) + " s/iteration; SFT "
           + " ".join(f"{s:.2f}" for s in record["sft_seconds"]) + " s/step", flush=True)

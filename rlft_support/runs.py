@@ -108,8 +108,8 @@ def checkpoint_meta(state, sampler) -> dict:
     """The JSON part of a checkpoint (a copy): iteration, counters, reward statistics, β, sampler, config."""
     meta = {"iteration": state.iteration, "counters": state.counters, "reward_stats": state.reward_stats.state_dict(),
             "kl_beta": state.kl_ctl.beta, "sampler": sampler.state_dict(), "config": dataclasses.asdict(state.cfg)}
-    if state.dp is not None:  # a data-parallel run resumes only with as many ranks (checkpoint_mismatch)
-        meta["processes"] = state.dp.world
+    if state.comm.world > 1:  # a data-parallel run resumes only with as many ranks (checkpoint_mismatch)
+        meta["processes"] = state.comm.world
     return copy.deepcopy(meta)
 
 
@@ -219,7 +219,7 @@ def checkpoint_mismatch(data: dict, state) -> str | None:
                             ("meta", "state.json", ("iteration", "counters", "reward_stats", "kl_beta", "sampler"))):
         if not isinstance(data[key], dict) or not all(k in data[key] for k in keys):
             return f"{name} lacks one of {keys}"
-    saved, now = data["meta"].get("processes", 1), 1 if state.dp is None else state.dp.world
+    saved, now = data["meta"].get("processes", 1), state.comm.world
     if saved != now:
         return (f"state.json was written by a run of {saved} data-parallel processes and this run has {now}: resume "
                 f"with NUM_PROCESSES / N = {saved} (the batch split, the ranks' RNG streams and the log depend on it)")

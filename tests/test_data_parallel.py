@@ -8,10 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nbimport import ROOT
-
-sys.path.insert(0, str(ROOT))
-import rlft_dp  # noqa: E402
+from nbimport import ROOT, load_notebook
+from rlft_support import parallel
 
 PROMPTS = [f"Question number {i}?" for i in range(4)]
 REFERENCES = [f"Answer number {i}." for i in range(4)]
@@ -65,30 +63,30 @@ def trained(state) -> dict:
 def summary(state, stats) -> dict:
     return {"reward_stats": state.reward_stats.state_dict(), "kl_coef": state.kl_ctl.beta,
             "counters": state.counters, "approx_kl": stats["approx_kl"], "epochs_done": stats["epochs_done"],
-            "reduced_bytes": state.dp.reduced_bytes if state.dp is not None else 0,
+            "reduced_bytes": state.comm.reduced_bytes,
             "bytes_per_step": None}
 
 
 def rank_iteration(out_dir: str, advantage: str, ptx_coef: float) -> None:
-    """One rank of the 2-process run (launched by rlft_dp.launch_local): its half of the fixed batch."""
+    """One rank of the 2-process run (launched by parallel.launch_local): its half of the fixed batch."""
     from accelerate import Accelerator
-    nb = rlft_dp.load_notebook()
+    nb = load_notebook()
     accelerator = Accelerator(cpu=True)
     state, ro, prompts, references = fixed_batch_state(nb, advantage, ptx_coef)
-    nb.enable_data_parallel(state, accelerator, seed=0)
+    parallel.enable_data_parallel(state, accelerator, seed=0)
     b = len(prompts) // accelerator.num_processes
     lo = accelerator.process_index * b
     stats = one_iteration(nb, state, ro, prompts, references, lo, lo + b)
     out = Path(out_dir)
     save_file(trained(state), out / f"rank{accelerator.process_index}.safetensors")
     info = summary(state, stats)
-    info["bytes_per_step"] = nb.allreduce_bytes_per_step(state)
+    info["bytes_per_step"] = parallel.allreduce_bytes_per_step(state)
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(info))
 
 
 @pytest.mark.parametrize("advantage,ptx_coef", [("group", 0.5), ("gae", 0.0)])
 def test_two_processes_equal_one_process_on_the_combined_batch(nb, tmp_path, one_thread, advantage, ptx_coef):
-    rlft_dp.launch_local(rank_iteration, (str(tmp_path), advantage, ptx_coef), num_processes=2)
+    parallel.launch_local(rank_iteration, (str(tmp_path), advantage, ptx_coef), num_processes=2)
     state, ro, prompts, references = fixed_batch_state(nb, advantage, ptx_coef)
     before = trained(state)
     stats = one_iteration(nb, state, ro, prompts, references, 0, len(prompts))
@@ -121,15 +119,15 @@ SFT_PAIRS = [{"prompt": f"Question number {i}?", "reference": "Answer" + " more"
 SFT_HELD = [{"prompt": f"Question number {i}?", "reference": "Answer" + " more" * i + "."} for i in range(8, 11)]
 
 
-def sft_run(nb, dp=None):
+def sft_run(nb, comm=None):
     """sft_train on the tiny model: 3 steps of 4 references of unequal length (so the ranks' token shares
     differ), the held-out NLL checked at every step on 3 prompts (which 2 ranks split unevenly)."""
     nb.seed_everything(0)
     model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
     lora = nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
-    stopper = nb.HeldOutStop(lora, tok, SFT_HELD, every=1, patience=10, batch_size=2, dp=dp)
+    stopper = nb.HeldOutStop(lora, tok, SFT_HELD, every=1, patience=10, batch_size=2, comm=comm)
     logs = nb.sft_train(lora, tok, nb.PromptSampler(SFT_PAIRS, 0), budget_s=1e9, max_steps=3, batch_size=4,
-                        lr=3e-3, progress=False, stopper=stopper, dp=dp)
+                        lr=3e-3, progress=False, stopper=stopper, comm=comm)
     weights = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
     return weights, [{k: r[k] for k in ("step", "loss", "val_nll", "restored_step") if k in r} for r in logs]
 
@@ -137,15 +135,15 @@ def sft_run(nb, dp=None):
 def rank_sft(out_dir: str) -> None:
     """One rank of the 2-process SFT run: its half of every batch and of the held-out scoring."""
     from accelerate import Accelerator
-    nb = rlft_dp.load_notebook()
-    dp = nb.DataParallel(Accelerator(cpu=True))
-    weights, logs = sft_run(nb, dp)
-    save_file(weights, Path(out_dir) / f"sft{dp.rank}.safetensors")
-    (Path(out_dir) / f"sft{dp.rank}.json").write_text(json.dumps({"logs": logs, "reduced": dp.reduced_bytes}))
+    nb = load_notebook()
+    comm = parallel.DataParallel(Accelerator(cpu=True))
+    weights, logs = sft_run(nb, comm)
+    save_file(weights, Path(out_dir) / f"sft{comm.rank}.safetensors")
+    (Path(out_dir) / f"sft{comm.rank}.json").write_text(json.dumps({"logs": logs, "reduced": comm.reduced_bytes}))
 
 
 def test_two_process_sft_equals_one_process_on_the_whole_batch(nb, tmp_path, one_thread):
-    rlft_dp.launch_local(rank_sft, (str(tmp_path),), num_processes=2)
+    parallel.launch_local(rank_sft, (str(tmp_path),), num_processes=2)
     single, single_logs = sft_run(nb)
     ranks = [load_file(tmp_path / f"sft{r}.safetensors") for r in (0, 1)]
     assert single_logs[-1]["restored_step"] > 0, "the stopper kept the untrained adapter (the check would be vacuous)"
@@ -165,19 +163,33 @@ def test_two_process_sft_equals_one_process_on_the_whole_batch(nb, tmp_path, one
     assert info[0]["reduced"] == 3 * lora_bytes  # one gradient all-reduce per SFT step, the LoRA only
 
 
+def fake_ranks(rank: int, world: int) -> parallel.DataParallel:
+    """A DataParallel of rank `rank` of `world` on a stand-in accelerator (for what needs no collective)."""
+    import types
+    return parallel.DataParallel(types.SimpleNamespace(process_index=rank, num_processes=world,
+                                                       is_main_process=rank == 0))
+
+
 def test_sft_stage_refuses_a_batch_that_does_not_split_over_the_ranks(nb, params, tmp_path):
-    dp = type("FakeRanks", (), {"rank": 0, "world": 3})()
     with pytest.raises(ValueError, match="SFT_BATCH_SIZE=8 does not split evenly over 3 processes"):
-        nb.sft_stage(None, None, [], tmp_path, {**params, "SFT_BATCH_SIZE": 8}, 1.0, False, dp=dp)
+        nb.sft_stage(None, None, [], tmp_path, {**params, "SFT_BATCH_SIZE": 8}, 1.0, False, comm=fake_ranks(0, 3))
 
 
-def test_own_rows_splits_whole_prompts_and_refuses_an_uneven_split(nb):
-    dp = type("FakeRanks", (), {"rank": 1, "world": 2})()
-    assert nb.own_rows(dp, list("abcd")) == ["c", "d"]
-    assert nb.own_rows(None, list("abc")) == list("abc")
-    assert torch.equal(nb.own_indices(dp, torch.tensor([5, 0, 2, 7]), 4), torch.tensor([1, 3]))
+def test_own_rows_splits_whole_prompts_and_refuses_an_uneven_split():
+    comm = fake_ranks(1, 2)
+    assert comm.own(list("abcd")) == ["c", "d"]
+    assert torch.equal(comm.own_indices(torch.tensor([5, 0, 2, 7]), 4), torch.tensor([1, 3]))
     with pytest.raises(ValueError, match="do not split evenly over 2 ranks"):
-        nb.own_rows(dp, list("abc"))
+        comm.own(list("abc"))
+
+
+def test_single_process_is_the_identity():
+    one, x, idx = parallel.SingleProcess(), torch.arange(6.0).view(3, 2), torch.tensor([2, 0])
+    assert all(f(x) is x for f in (one.gather, one.sum, one.broadcast, one.own))
+    assert one.own(list("abc")) == list("abc") and one.own_indices(idx, 3) is idx
+    assert one.all(True) is True and one.all(False) is False
+    assert (one.rank, one.world, one.is_main, one.reduced_bytes, one.reduce_grads) == (0, 1, True, 0, None)
+    one.barrier()
 
 
 def test_benchmark_smoke_two_ranks_and_the_report(tmp_path, one_thread):
@@ -233,7 +245,7 @@ def watch_writes(folders: list[Path]) -> list[str]:
 def rank_train(run_dir: str, out_dir: str, iters: int) -> None:
     """One rank of a 2-process train_loop run (tiny model): rank 1 watches run_dir for writes."""
     from accelerate import Accelerator
-    nb = rlft_dp.load_notebook()
+    nb = load_notebook()
     accelerator = Accelerator(cpu=True)
     rank, out = accelerator.process_index, Path(out_dir)
     writes = watch_writes([Path(run_dir), out / "probe"]) if rank > 0 else []
@@ -243,7 +255,7 @@ def rank_train(run_dir: str, out_dir: str, iters: int) -> None:
     cfg = nb.PPOConfig(batch_size=8, samples_per_prompt=2, minibatch_size=4, epochs=1, max_new_tokens=5,
                        temperature=1.0, advantage="group", reward_norm="group")
     state = nb.make_ppo_state(lora, tok, cfg)
-    nb.enable_data_parallel(state, accelerator, seed=0)
+    parallel.enable_data_parallel(state, accelerator, seed=0)
     logs = nb.train_loop(state, nb.PromptSampler(PAIRS, 0), text_reward, run_dir, budget_s=1e9, max_iterations=iters,
                          ckpt_every=1, progress=False)
     if rank > 0:
@@ -255,7 +267,7 @@ def rank_train(run_dir: str, out_dir: str, iters: int) -> None:
 def test_only_rank_0_writes_files_and_the_ranks_stay_equal(tmp_path, one_thread):
     run_dir, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()
-    rlft_dp.launch_local(rank_train, (str(run_dir), str(out), 2), num_processes=2)
+    parallel.launch_local(rank_train, (str(run_dir), str(out), 2), num_processes=2)
     info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert info[0]["iterations"] == info[1]["iterations"] == 2
     assert info[1]["writes"] == [f"os.mkdir {out / 'probe'}"], info[1]["writes"]  # rank 1 wrote nothing else
@@ -265,7 +277,7 @@ def test_only_rank_0_writes_files_and_the_ranks_stay_equal(tmp_path, one_thread)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)
     # the run's checkpoints are refused by a run with another number of processes (here: one)
-    nb = rlft_dp.load_notebook()
+    nb = load_notebook()
     nb.seed_everything(0)
     model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
     state = nb.make_ppo_state(nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"]), tok, nb.PPOConfig(
@@ -282,14 +294,14 @@ def rank_resumable(run_dir: str, out_dir: str, iters: int, resume: bool, stall_a
     after saying so in out_dir/stalled, so that the test can SIGKILL the whole run there."""
     import time
     from accelerate import Accelerator
-    nb = rlft_dp.load_notebook()
+    nb = load_notebook()
     accelerator = Accelerator(cpu=True)
     nb.seed_everything(0)
     model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
     cfg = nb.PPOConfig(batch_size=8, samples_per_prompt=2, minibatch_size=3, epochs=2, max_new_tokens=5,
                        temperature=1.0, advantage="group", reward_norm="group", ptx_coef=0.5)
     state = nb.make_ppo_state(nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"]), tok, cfg)
-    nb.enable_data_parallel(state, accelerator, seed=0)
+    parallel.enable_data_parallel(state, accelerator, seed=0)
 
     def reward(prompts, responses, references):
         if state.iteration == stall_at and accelerator.is_main_process:  # generated, not yet updated
@@ -318,12 +330,12 @@ def test_two_process_run_killed_and_resumed_ends_where_an_uninterrupted_one_ends
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for d in (straight, killed):
         d.mkdir()
-    code = ("import sys; sys.path[:0] = [{tests!r}, {root!r}]; import rlft_dp, test_data_parallel as t; "
-            "rlft_dp.launch_local(t.rank_resumable, ({run!r}, {out!r}, 5, False, 3), num_processes=2)").format(
+    code = ("import sys; sys.path[:0] = [{tests!r}, {root!r}]; import test_data_parallel as t; "
+            "t.parallel.launch_local(t.rank_resumable, ({run!r}, {out!r}, 5, False, 3), num_processes=2)").format(
         tests=str(ROOT / "tests"), root=str(ROOT), run=str(killed / "run"), out=str(killed))
     victim = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    rlft_dp.launch_local(rank_resumable, (str(straight / "run"), str(straight), 5, False, -1), num_processes=2)
+    parallel.launch_local(rank_resumable, (str(straight / "run"), str(straight), 5, False, -1), num_processes=2)
     deadline = time.time() + 300
     while not (killed / "stalled").exists():
         assert victim.poll() is None, victim.stdout.read()[-3000:]
@@ -333,7 +345,7 @@ def test_two_process_run_killed_and_resumed_ends_where_an_uninterrupted_one_ends
     victim.wait()
     assert json.loads((killed / "run" / "latest").read_text()) == {"checkpoint": "ckpt-000003"}
     assert not (killed / "final0.safetensors").exists()
-    rlft_dp.launch_local(rank_resumable, (str(killed / "run"), str(killed), 5, True, -1), num_processes=2)
+    parallel.launch_local(rank_resumable, (str(killed / "run"), str(killed), 5, True, -1), num_processes=2)
     for r in (0, 1):
         a, b = load_file(straight / f"final{r}.safetensors"), load_file(killed / f"final{r}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), r
@@ -352,11 +364,73 @@ def test_num_processes_runs_the_pipeline_on_two_forked_ranks_and_the_kernel_gets
     base, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
     model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
     pairs = [dict(p, split="train") for p in PAIRS]
-    result = nb.run_pipeline_parallel(2, model, tok, pairs, text_reward, tmp_path / "run", P)
+    result = parallel.run_pipeline_parallel(2, model, tok, pairs, text_reward, tmp_path / "run", P,
+                                            run_fn=nb.run_pipeline)
     assert result.iterations > 0 and len(result.rl_logs) == result.iterations and result.state is None
     assert result.sft_steps > 0 and (tmp_path / "run" / nb.SFT_ADAPTER / "adapter_model.safetensors").exists()
-    assert json.loads((tmp_path / "run" / nb.DP_RESULT).read_text())["processes"] == 2
+    assert json.loads((tmp_path / "run" / parallel.DP_RESULT).read_text())["processes"] == 2
     saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     live = nb.get_peft_model_state_dict(model)
     assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
     assert any(v.abs().sum() > 0 for k, v in live.items() if "lora_B" in k)  # trained, not the fresh adapter
+
+
+def interrupted_kernel(run_dir: str, marker: str) -> None:
+    """A stand-in for a notebook kernel (its own process group, as Jupyter starts one): NUM_PROCESSES = 2 through
+    run_pipeline_parallel, RL only, no periodic checkpoints; rank 0 says when iteration 2 is under way (marker)
+    and dawdles there, so that the test's interrupt lands mid-iteration. Prints the returned result (JSON)."""
+    import os
+    import time
+    from nbimport import notebook_parameters
+    nb = load_notebook()
+    torch.set_num_threads(1)
+    P = {**notebook_parameters(), **json.loads((ROOT / "tests" / "tiny_params.json").read_text()),
+         "TRAIN_BUDGET_S": 600, "TRAIN_MAX_ITERS": 50, "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4,
+         "PIPELINE": "rl", "CKPT_EVERY": 0, "CKPT_EVERY_S": 0, "RUN_DIR": run_dir, "RESUME": False}
+    nb.seed_everything(0)
+    base, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
+    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
+    calls = []
+
+    def reward(prompts, responses, references):
+        calls.append(1)
+        if len(calls) == 3 and os.environ.get("RANK") == "0":  # iteration 2, generated, not yet updated
+            Path(marker).write_text("")
+            time.sleep(5)
+        return text_reward(prompts, responses, references)
+    pairs = [dict(p, split="train") for p in PAIRS]
+    result = parallel.run_pipeline_parallel(2, model, tok, pairs, reward, run_dir, P, run_fn=nb.run_pipeline)
+    print("RESULT " + json.dumps({"iterations": result.iterations, "logs": len(result.rl_logs)}), flush=True)
+
+
+def test_interrupting_a_two_rank_run_saves_on_rank_0_and_returns_like_one_process(tmp_path):
+    """Issue 35 item 4: Ctrl-C in the notebook (SIGINT to the kernel's process group, ranks included) used to raise
+    SignalException in the kernel and could kill rank 0 before it saved. Now every rank stops at the same point,
+    rank 0 saves the last completed iteration, and run_pipeline_parallel returns the result."""
+    import os
+    import signal
+    import subprocess
+    import time
+    run_dir, marker = tmp_path / "run", tmp_path / "iteration2"
+    code = ("import sys; sys.path[:0] = [{tests!r}, {root!r}]; import test_data_parallel as t; "
+            "t.interrupted_kernel({run!r}, {marker!r})").format(tests=str(ROOT / "tests"), root=str(ROOT),
+                                                               run=str(run_dir), marker=str(marker))
+    kernel = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert kernel.poll() is None, kernel.stdout.read()[-3000:]
+            assert time.time() < deadline, "the run never reached iteration 2"
+            time.sleep(0.1)
+        os.killpg(kernel.pid, signal.SIGINT)  # what Jupyter's interrupt does: the kernel and its forked ranks
+        out, _ = kernel.communicate(timeout=300)
+    finally:
+        if kernel.poll() is None:
+            os.killpg(kernel.pid, signal.SIGKILL)
+    assert kernel.returncode == 0, out[-3000:]
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    assert result == {"iterations": 2, "logs": 2}, out[-3000:]  # iteration 2 was rolled back, 0 and 1 kept
+    assert json.loads((run_dir / "latest").read_text()) == {"checkpoint": "ckpt-000002"}  # saved on the interrupt
+    assert len((run_dir / "train_log.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run_dir / parallel.DP_RESULT).read_text())["iterations"] == 2

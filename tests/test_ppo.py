@@ -408,7 +408,8 @@ def fake_state(nb, cfg):
     import types
     return types.SimpleNamespace(cfg=cfg, reward_stats=nb.RunningMoments(), kl_ctl=nb.AdaptiveKLController(
         cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), counters={"skipped_reward": 0, "skipped_loss": 0,
-                                                               "skipped_grad": 0, "clipped_reward": 0}, dp=None)
+                                                               "skipped_grad": 0, "clipped_reward": 0},
+        comm=nb.SingleProcess())
 
 
 def test_compute_advantages_group_mode(nb):
