@@ -195,7 +195,7 @@ def test_each_arm_runs_end_to_end(nb, tiny_lora, train_pairs, P, tmp_path, monke
     assert (r.state is None) == (arm == "sft") and not r.resumed
     assert set(r.seconds) == {"sft", "rl", "total"} and r.seconds["total"] >= r.seconds["sft"] >= 0
     assert (tmp_path / "run" / "sft_adapter" / "adapter_model.safetensors").exists() == (arm != "rl")
-    assert (nb.latest_checkpoint(tmp_path / "run") is not None) == (arm != "sft")
+    assert (runs.latest_checkpoint(tmp_path / "run") is not None) == (arm != "sft")
     meta = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert meta["pipeline"] == arm and meta["sft_steps"] == sft_steps
     if arm == "sft+rl":  # RL starts from the SFT adapter, and the KL is anchored to it
