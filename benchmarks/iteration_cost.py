@@ -84,7 +84,7 @@ def phase_summary(nb, records: list[dict]) -> dict:
 def measure(ctx: Context, configs: dict, iters: int, seed: int, work: Path) -> dict:
     """Warm-up + `iters` alternated iterations of each arm -> {arm: [records of the measured iterations]}."""
     P0, model, tok = configs["after"], None, None
-    if P0["REWARD_FN"] == "mlp":  # the reward model's data is sampled from the (fp32) base model
+    if P0.REWARD_FN == "mlp":  # the reward model's data is sampled from the (fp32) base model
         model, tok = fresh_model(ctx.nb, configs["before"], seed, ctx.device)
     reward_fn = ctx.reward_fn(P0, model, tok, seed)  # the same reward for both arms
     del model

@@ -359,9 +359,10 @@ def test_num_processes_runs_the_pipeline_on_two_forked_ranks_and_the_kernel_gets
                                                                                               one_thread):
     """NUM_PROCESSES > 1: the training cell's run_pipeline_parallel (accelerate's notebook_launcher, forked from
     this process as from a kernel); the model here then holds rank 0's final adapter."""
-    P = dataclasses.replace(cfg, **json.loads((ROOT / "tests" / "tiny_params.json").read_text()), TRAIN_BUDGET_S=8,
-                            PPO_BATCH_SIZE=8, PPO_MINIBATCH_SIZE=4, EVAL_MONITOR_N=2, RUN_DIR=str(tmp_path / "run"),
-                            PIPELINE="sft+rl", SFT_FRACTION=0.3, SFT_BATCH_SIZE=4)  # both stages through the ranks
+    P = dataclasses.replace(cfg, **{**json.loads((ROOT / "tests" / "tiny_params.json").read_text()), "TRAIN_BUDGET_S": 8,
+                            "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4, "EVAL_MONITOR_N": 2,
+                            "RUN_DIR": str(tmp_path / "run"), "PIPELINE": "sft+rl", "SFT_FRACTION": 0.3,
+                            "SFT_BATCH_SIZE": 4})  # both stages through the ranks
     nb.seed_everything(0)
     base, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
     model = nb.add_lora(base, P.LORA_R, P.LORA_ALPHA, P.LORA_DROPOUT, P.LORA_TARGETS)
@@ -386,9 +387,9 @@ def interrupted_kernel(run_dir: str, marker: str) -> None:
     from nbimport import notebook_config
     nb = load_notebook()
     torch.set_num_threads(1)
-    P = notebook_config(**json.loads((ROOT / "tests" / "tiny_params.json").read_text()),
-                        TRAIN_BUDGET_S=600, TRAIN_MAX_ITERS=50, PPO_BATCH_SIZE=8, PPO_MINIBATCH_SIZE=4,
-                        PIPELINE="rl", CKPT_EVERY=0, CKPT_EVERY_S=0, RUN_DIR=run_dir, RESUME=False)
+    P = notebook_config(**{**json.loads((ROOT / "tests" / "tiny_params.json").read_text()),
+                           "TRAIN_BUDGET_S": 600, "TRAIN_MAX_ITERS": 50, "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4,
+                           "PIPELINE": "rl", "CKPT_EVERY": 0, "CKPT_EVERY_S": 0, "RUN_DIR": run_dir, "RESUME": False})
     nb.seed_everything(0)
     base, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
     model = nb.add_lora(base, P.LORA_R, P.LORA_ALPHA, P.LORA_DROPOUT, P.LORA_TARGETS)
