@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nbimport import ROOT, load_notebook, notebook_parameters
+from nbimport import ROOT, load_notebook, notebook_config
 from rlft_support import demo
 
 
@@ -36,21 +36,21 @@ def saved_reward_model(nb, run: str | Path):
 
 
 def serve_demo(notebook: str | Path = ROOT / "rlft.ipynb", block: bool = True, **overrides):
-    """`make demo`: the notebook's parameters (with `overrides`, e.g. DEMO_ADAPTER=...), its model, the adapter
+    """`make demo`: the notebook's Config (with `overrides`, e.g. DEMO_ADAPTER=...), its model, the adapter
     (DEMO_ADAPTER, else the newest under RUN_DIR, else under runs/), the reward model of that adapter's run
     (`run_folder`; none: similarity only) and the MiniLM similarity, served on 127.0.0.1. Blocks unless
     `block=False`; returns (app, url)."""
-    nb, p = load_notebook(notebook), {**notebook_parameters(notebook), **overrides}
-    where = [p["DEMO_ADAPTER"]] if p["DEMO_ADAPTER"] else [p["RUN_DIR"], "runs"]
+    nb, p = load_notebook(notebook), notebook_config(notebook, **overrides)
+    where = [p.DEMO_ADAPTER] if p.DEMO_ADAPTER else [p.RUN_DIR, "runs"]
     adapter = next((a for a in map(demo.find_adapter, where) if a is not None), None)
     if adapter is None:
         raise FileNotFoundError(f"no saved adapter (adapter_config.json) under {' or '.join(map(str, where))}: run "
                                 "`make run` first, or point DEMO_ADAPTER / ADAPTER= at a folder saved by "
                                 "save_pretrained")
-    device = nb.resolve_device(p["DEVICE"])
-    dtype = nb.resolve_dtype(p["DTYPE"], device)
-    base, tokenizer = nb.load_base(p["MODEL"], p["CACHE_DIR"], device, dtype, seed=p["SEED"])
-    embedder = nb.Embedder(p.get("EMBEDDER", "packaged"), device=device)
+    device = nb.resolve_device(p.DEVICE)
+    dtype = nb.resolve_dtype(p.DTYPE, device)
+    base, tokenizer = nb.load_base(p.MODEL, p.CACHE_DIR, device, dtype, seed=p.SEED)
+    embedder = nb.Embedder(p.EMBEDDER, device=device)
     rm = saved_reward_model(nb, run_folder(adapter))
     if rm is None:
         print(f"no reward_mlp.pt in {run_folder(adapter)}, the run of {adapter}: answers show the similarity only")
@@ -59,11 +59,11 @@ def serve_demo(notebook: str | Path = ROOT / "rlft.ipynb", block: bool = True, *
         stream_fn=nb.generate_stream, logits_modes=nb.LOGITS_MODES, escape_fn=nb.escape_special_tokens,
         score_fn=(lambda q, r: float(rm.score([q], [r], embedder)[0])) if rm is not None else None,
         similarity_fn=lambda r, ref: float(nb.similarity([r], [ref], embedder)[0]),
-        limits=demo.DemoLimits(max_new_tokens=max(p["MAX_NEW_TOKENS"], demo.DemoLimits.max_new_tokens)),
-        sampling=dict(temperature=p["TEMPERATURE"], top_k=p["TOP_K"], top_p=p["TOP_P"],
-                      max_new_tokens=p["MAX_NEW_TOKENS"], logits_mode=p["LOGITS_MODE"], pca_k=p["PCA_K"]))
+        limits=demo.DemoLimits(max_new_tokens=max(p.MAX_NEW_TOKENS, demo.DemoLimits.max_new_tokens)),
+        sampling=dict(temperature=p.TEMPERATURE, top_k=p.TOP_K, top_p=p.TOP_P,
+                      max_new_tokens=p.MAX_NEW_TOKENS, logits_mode=p.LOGITS_MODE, pca_k=p.PCA_K))
     print(f"serving base vs {adapter}")
-    return demo.launch_app(app, share=p["DEMO_SHARE"], port=p["DEMO_PORT"] or None, prevent_thread_lock=not block)
+    return demo.launch_app(app, share=p.DEMO_SHARE, port=p.DEMO_PORT or None, prevent_thread_lock=not block)
 
 
 def main(argv: list[str]) -> None:

@@ -6,46 +6,37 @@ local launcher launch_local) lives in rlft_support/parallel.py; this file is onl
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from nbimport import load_notebook  # noqa: E402  (the notebook as a module, as the benchmarks import it)
+from nbimport import load_notebook, notebook_config  # noqa: E402  (the notebook as a module, as the benchmarks import it)
 from rlft_support import parallel  # noqa: E402
 
 
-def parameters(params_file: str | None = None) -> dict:
-    """The notebook's parameters cell, then the overrides of a JSON file (e.g. tests/tiny_params.json)."""
-    import json
-    from nbimport import notebook_parameters
-    P = notebook_parameters()
-    if params_file:
-        P.update(json.loads(Path(params_file).read_text()))
-    return P
-
-
-def train(P: dict) -> None:
+def train(P) -> None:
     """The notebook's training run on this process's rank (started by `accelerate launch`, see `make train-dp`):
     the model, data, embedder and reward as sections 1, 2, 4 and 6 build them, then parallel.train_rank with the
     notebook's run_pipeline.
     REWARD_FN must be "similarity" here (the reward MLP is fitted by the notebook's section 6)."""
     import torch
     nb = load_notebook()
-    if P["REWARD_FN"] != "similarity":
-        raise SystemExit(f"make train-dp: REWARD_FN={P['REWARD_FN']!r}; the script entry runs REWARD_FN='similarity' "
+    if P.REWARD_FN != "similarity":
+        raise SystemExit(f"make train-dp: REWARD_FN={P.REWARD_FN!r}; the script entry runs REWARD_FN='similarity' "
                          "(fit the reward model in the notebook, or use NUM_PROCESSES there)")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    nb.seed_everything(P["SEED"])
-    base, tok = nb.load_base(P["MODEL"], os.path.expanduser(P["CACHE_DIR"]), device,
-                             nb.resolve_dtype(P["DTYPE"], device), seed=P["SEED"])
-    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
-    train_pairs = nb.split_pairs(nb.load_pairs(str(ROOT / P["DATA_PATH"])), "train")
-    embedder = nb.Embedder(P["EMBEDDER"], device=device)
+    nb.seed_everything(P.SEED)
+    base, tok = nb.load_base(P.MODEL, os.path.expanduser(P.CACHE_DIR), device,
+                             nb.resolve_dtype(P.DTYPE, device), seed=P.SEED)
+    model = nb.add_lora(base, P.LORA_R, P.LORA_ALPHA, P.LORA_DROPOUT, P.LORA_TARGETS)
+    train_pairs = nb.split_pairs(nb.load_pairs(str(ROOT / P.DATA_PATH)), "train")
+    embedder = nb.Embedder(P.EMBEDDER, device=device)
     reward_fn = nb.make_reward_fn("similarity", embedder, None, device=device)
-    parallel.train_rank(nb.run_pipeline, model, tok, train_pairs, reward_fn, Path(P["RUN_DIR"]), P, embedder=embedder)
+    parallel.train_rank(nb.run_pipeline, model, tok, train_pairs, reward_fn, Path(P.RUN_DIR), P, embedder=embedder)
 
 
 if __name__ == "__main__":
@@ -54,4 +45,4 @@ if __name__ == "__main__":
     ap.add_argument("command", choices=["train"])
     ap.add_argument("--params", default=None, help="JSON file of parameter overrides")
     args = ap.parse_args()
-    train(parameters(args.params))
+    train(notebook_config(**(json.loads(Path(args.params).read_text()) if args.params else {})))

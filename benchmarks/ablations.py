@@ -15,6 +15,7 @@ Writes <out>.json (per variant: gain_mean, gains per seed, gain vs default per s
 kl_mean, eos_rate_after, mean_len_after, distinct2_ratio, iterations) and <out>.md.
 """
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_seeds import ROOT, Context, common_args, parameters, run_metadata, run_seeds, summarize, write_report  # noqa: E402
+from ppo_seeds import ROOT, Context, common_args, notebook_config, overrides_of, run_metadata, run_seeds, summarize, write_report  # noqa: E402
 
 # name -> (what it tests, parameter overrides of the default | "sft"). Overrides that equal the default are
 # flipped at run time (see `variant_overrides`), so the table always compares against the plain/seed choice.
@@ -42,7 +43,7 @@ VARIANTS = {
 
 def variant_overrides(P: dict, spec) -> dict:
     """For each (value, alternative) pair: the value, unless the default already has it, then the alternative."""
-    return {name: (a if P[name] != a else b) for name, (a, b) in spec.items()}
+    return {name: (a if getattr(P, name) != a else b) for name, (a, b) in spec.items()}
 
 
 def variant_summary(ctx: Context, runs: list[dict], default_runs: list[dict] | None) -> dict:
@@ -81,7 +82,7 @@ def main():
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "ablations"), help="output path without suffix")
     args = ap.parse_args()
-    P = parameters(args.params, args.set) | {"TRAIN_BUDGET_S": args.budget}
+    P = notebook_config(**overrides_of(args.params, args.set) | {"TRAIN_BUDGET_S": args.budget})
     t0 = time.time()
     ctx = Context(P, Path(args.cache), args.threads)
     results = {}
@@ -91,7 +92,7 @@ def main():
             results[name] = (what, {}, run_seeds(ctx, P, args.seeds, "ablation", method="sft"))
         else:
             overrides = variant_overrides(P, spec)
-            results[name] = (what, overrides, run_seeds(ctx, P | overrides, args.seeds, "ablation"))
+            results[name] = (what, overrides, run_seeds(ctx, dataclasses.replace(P, **overrides), args.seeds, "ablation"))
     default_runs = results.get("default", (None, None, None))[2]
     r = run_metadata(ctx, args, t0) | {
         "variants": {name: {"what": what, "overrides": ov} | variant_summary(ctx, runs, default_runs)

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from nbimport import load_notebook, notebook_parameters  # noqa: E402
+from nbimport import load_notebook, notebook_config  # noqa: E402
 from ppo_seeds import cpu_name, write_report  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -77,13 +77,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_start = list(os.getloadavg())
     nb = load_notebook(ROOT / "rlft.ipynb")
-    p = {**notebook_parameters(ROOT / "rlft.ipynb"), **(json.loads(Path(args.params).read_text()) if args.params else {})}
+    p = notebook_config(**(json.loads(Path(args.params).read_text()) if args.params else {}))
     models = {}
     for name, (dtype, _) in ARMS.items():
         if dtype not in models:
-            base, _ = nb.load_base(p["MODEL"], os.path.expanduser(p["CACHE_DIR"]), CPU, dtype, seed=0)
+            base, _ = nb.load_base(p.MODEL, os.path.expanduser(p.CACHE_DIR), CPU, dtype, seed=0)
             torch.manual_seed(0)
-            models[dtype] = nb.add_lora(base, p["LORA_R"], p["LORA_ALPHA"], p["LORA_DROPOUT"], p["LORA_TARGETS"])
+            models[dtype] = nb.add_lora(base, p.LORA_R, p.LORA_ALPHA, p.LORA_DROPOUT, p.LORA_TARGETS)
     vocab = models[torch.float32].config.vocab_size
     torch.manual_seed(1)
     seq = torch.randint(0, vocab, (args.batch, args.prompt_len + args.response_len))
@@ -98,7 +98,7 @@ def main() -> None:
             print(r, arm, {k: f"{f:.2f}/{b:.2f}" for k, (f, b) in rec.items()}, flush=True)
             if r:
                 runs[arm].append(rec)
-    result = {"model": p["MODEL"], "cpu": cpu_name(), "cpu_bf16": nb.cpu_has_bf16(), "threads": args.threads,
+    result = {"model": p.MODEL, "cpu": cpu_name(), "cpu_bf16": nb.cpu_has_bf16(), "threads": args.threads,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "runs": args.runs,
               "batch": args.batch, "tokens": args.prompt_len + args.response_len, "response_len": args.response_len,
               "loadavg": {"start": load_start, "end": list(os.getloadavg())}, "arms": {}}

@@ -19,6 +19,7 @@ seconds, the CPU, loadavg before/after) and <out>.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import json
 import os
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from nbimport import load_notebook  # noqa: E402
 from rlft_support import parallel  # noqa: E402
-from ppo_seeds import cpu_name, parameters, write_report  # noqa: E402
+from ppo_seeds import cpu_name, notebook_config, overrides_of, write_report  # noqa: E402
 
 SETTINGS = {"1p2t": (1, 2), "1p1t": (1, 1), "2p1t": (2, 1)}  # name: (processes, threads per process)
 
@@ -63,21 +64,21 @@ def rank_run(P: dict, iters: int, sft_steps: int, seed: int, out: str) -> None:
         accelerator = Accelerator(cpu=True)
     device = torch.device("cpu")
     nb.seed_everything(seed)
-    base, tok = nb.load_base(P["MODEL"], P["CACHE_DIR"], device, torch.float32, seed=seed)
-    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
-    state = nb.make_ppo_state(model, tok, nb.ppo_config(P))
+    base, tok = nb.load_base(P.MODEL, P.CACHE_DIR, device, torch.float32, seed=seed)
+    model = nb.add_lora(base, P.LORA_R, P.LORA_ALPHA, P.LORA_DROPOUT, P.LORA_TARGETS)
+    state = nb.make_ppo_state(model, tok, P)
     if accelerator is not None:
         parallel.enable_data_parallel(state, accelerator, seed)
-    pairs = nb.split_pairs(nb.load_pairs(str(ROOT / P["DATA_PATH"])), "train")
+    pairs = nb.split_pairs(nb.load_pairs(str(ROOT / P.DATA_PATH)), "train")
     sampler = nb.PromptSampler(pairs, seed)
-    reward_fn = nb.make_reward_fn("similarity", nb.Embedder(P["EMBEDDER"], device=device), None, device=device)
+    reward_fn = nb.make_reward_fn("similarity", nb.Embedder(P.EMBEDDER, device=device), None, device=device)
     barrier = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)
     seconds = timed(lambda: nb.run_iteration(state, sampler, reward_fn, None), iters, barrier)
     rl_bytes = state.comm.reduced_bytes
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, counters = torch.optim.AdamW(params, lr=P["SFT_LR"]), {}
-    sft_seconds = timed(lambda: nb.sft_step(model, tok, sampler.next_batch(P["SFT_BATCH_SIZE"]), optimizer, params,
-                                            P["MAX_GRAD_NORM"], counters, state.comm), sft_steps, barrier)
+    optimizer, counters = torch.optim.AdamW(params, lr=P.SFT_LR), {}
+    sft_seconds = timed(lambda: nb.sft_step(model, tok, sampler.next_batch(P.SFT_BATCH_SIZE), optimizer, params,
+                                            P.MAX_GRAD_NORM, counters, state.comm), sft_steps, barrier)
     if accelerator is None or accelerator.is_main_process:
         Path(out).write_text(json.dumps({
             "seconds": seconds, "sft_seconds": sft_seconds, "bytes_per_step": parallel.allreduce_bytes_per_step(state),
@@ -99,18 +100,18 @@ def measure(P: dict, name: str, iters: int, sft_steps: int, seed: int, work: Pat
 
 def summarize(P: dict, records: dict[str, list[dict]], load_before, load_after, rounds: int, iters: int) -> dict:
     """The issue's fields from every setting's records (RL iterations, and the same with sft_ for SFT steps)."""
-    batch = P["PPO_BATCH_SIZE"]
+    batch = P.PPO_BATCH_SIZE
     seconds = {name: [s for r in recs for s in r["seconds"]] for name, recs in records.items()}
     sft_seconds = {name: [s for r in recs for s in r["sft_seconds"]] for name, recs in records.items()}
     rate = {name: batch / statistics.median(s) for name, s in seconds.items()}
-    sft_rate = {name: P["SFT_BATCH_SIZE"] / statistics.median(s) for name, s in sft_seconds.items()}
+    sft_rate = {name: P.SFT_BATCH_SIZE / statistics.median(s) for name, s in sft_seconds.items()}
     dp = records["2p1t"][0]
     steps = dp["reduced_bytes"] // dp["bytes_per_step"] // dp["iterations"] if dp["bytes_per_step"] else 0
-    return {"model": P["MODEL"], "batch_size": batch, "samples_per_prompt": P["PPO_SAMPLES_PER_PROMPT"],
+    return {"model": P.MODEL, "batch_size": batch, "samples_per_prompt": P.PPO_SAMPLES_PER_PROMPT,
             "rounds": rounds, "iterations_measured_per_launch": iters,
             **{f"samples_per_s_{name}": rate[name] for name in SETTINGS},
             "speedup_2p_vs_1p1t": rate["2p1t"] / rate["1p1t"], "speedup_2p_vs_1p2t": rate["2p1t"] / rate["1p2t"],
-            "sft_batch_size": P["SFT_BATCH_SIZE"], **{f"sft_samples_per_s_{name}": sft_rate[name] for name in SETTINGS},
+            "sft_batch_size": P.SFT_BATCH_SIZE, **{f"sft_samples_per_s_{name}": sft_rate[name] for name in SETTINGS},
             "sft_speedup_2p_vs_1p1t": sft_rate["2p1t"] / sft_rate["1p1t"],
             "sft_speedup_2p_vs_1p2t": sft_rate["2p1t"] / sft_rate["1p2t"], "sft_seconds": sft_seconds,
             "cpu": cpu_name(),
@@ -151,8 +152,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "data_parallel"), help="output path without suffix")
     args = ap.parse_args()
-    P = parameters(args.params, args.set)
-    P["CACHE_DIR"] = os.path.expanduser(P["CACHE_DIR"])
+    P = notebook_config(**overrides_of(args.params, args.set))
+    P = dataclasses.replace(P, CACHE_DIR=os.path.expanduser(P.CACHE_DIR))
     load_before, records = os.getloadavg(), {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory() as work:
         for i in range(args.rounds):

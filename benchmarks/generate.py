@@ -36,7 +36,7 @@ from transformers import DynamicCache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # nbimport.py
-from nbimport import load_notebook, notebook_parameters  # noqa: E402
+from nbimport import load_notebook, notebook_config  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from ppo_seeds import cpu_name  # noqa: E402
 
@@ -151,13 +151,13 @@ def perturb_lora_b(model, std: float = 0.05, seed: int = 0):
 def build_policies(nb, p: dict, paths=PATHS) -> dict:
     """{path: (PEFT policy, tokenizer, dtype name, merged, compiled)}; the same seeded adapter on each; "compiled"
     shares "new"'s model."""
-    cache = os.environ.get("RLFT_CACHE", p.get("CACHE_DIR", "~/.cache/rlft"))
-    dtypes = {"today": torch.float32, "new": nb.resolve_dtype(p["DTYPE"], CPU)}  # DTYPE: "auto" or e.g. "bfloat16"
+    cache = os.environ.get("RLFT_CACHE", p.CACHE_DIR)
+    dtypes = {"today": torch.float32, "new": nb.resolve_dtype(p.DTYPE, CPU)}  # DTYPE: "auto" or e.g. "bfloat16"
     out = {}
     for path, dtype in dtypes.items():
-        base, tok = nb.load_base(p["MODEL"], cache, CPU, dtype, seed=0)
+        base, tok = nb.load_base(p.MODEL, cache, CPU, dtype, seed=0)
         torch.manual_seed(0)  # lora_A is initialised from the global RNG: the same adapter on both paths
-        lora = nb.add_lora(base, p["LORA_R"], p["LORA_ALPHA"], p["LORA_DROPOUT"], p["LORA_TARGETS"])
+        lora = nb.add_lora(base, p.LORA_R, p.LORA_ALPHA, p.LORA_DROPOUT, p.LORA_TARGETS)
         out[path] = (perturb_lora_b(lora, std=0.02), tok, str(dtype).replace("torch.", ""), path == "new", False)
     if "compiled" in paths:
         out["compiled"] = (*out["new"][:4], True)
@@ -282,13 +282,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_start = [round(x, 1) for x in os.getloadavg()]
     nb = load_notebook(ROOT / "rlft.ipynb")
-    p = {**notebook_parameters(ROOT / "rlft.ipynb"), **(json.loads(Path(args.params).read_text()) if args.params else {})}
+    p = notebook_config(**(json.loads(Path(args.params).read_text()) if args.params else {}))
     policies = build_policies(nb, p, [x for x in PATHS if x in args.paths.split(",")])
     paths = list(policies)
     batches = [int(b) for b in args.batches.split(",")]
     prompts, data_name = eval_prompts(nb, policies["today"][1], max(batches + [8]))
     compile_s = warm_up(nb, policies, prompts)
-    bandwidth = memory_bandwidth_gbs(64 if p["MODEL"] == "tiny" else 512)
+    bandwidth = memory_bandwidth_gbs(64 if p.MODEL == "tiny" else 512)
     results = {str(b): time_batch(args, nb, policies, prompts, b) for b in batches}
     med = lambda b, path: results[str(b)][path]["ours"]["median_tokens_per_s"] if str(b) in results else None  # noqa: E731
     ratio = lambda b, path="new": med(b, path) / med(b, "today") if str(b) in results and path in paths else None  # noqa: E731
@@ -302,7 +302,7 @@ def main() -> None:
         memory[path] = peak_rss_mb(lambda: nb.generate(model, tok, prompts[:8], max_new_tokens=args.new_tokens,
                                                        temperature=0, merged=merged, compiled=compiled))
     report = {
-        "model": f"MODEL={p['MODEL']!r}", "device": "cpu", "cpu": cpu_name(), "cpu_bf16": nb.cpu_has_bf16(),
+        "model": f"MODEL={p.MODEL!r}", "device": "cpu", "cpu": cpu_name(), "cpu_bf16": nb.cpu_has_bf16(),
         "torch_threads": args.threads,
         "omp_wait_policy": OMP_WAIT_POLICY, "max_new_tokens": args.new_tokens,
         "runs": args.runs, "data": data_name,

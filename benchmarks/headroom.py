@@ -25,6 +25,7 @@ sample_length, sample_eos_frac, best_of: {K: value}}}}; every prompt's scores un
 (best-of-K curves with the greedy lines). Intermediate results (greedy answers, the SFT adapter, the samples after
 every generate() call) are cached under --cache (runs/bench/headroom/), so a killed run resumes where it stopped.
 """
+import dataclasses
 import argparse
 import json
 import math
@@ -43,7 +44,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from base_eval import evaluate_split, load_notebook  # noqa: E402
-from ppo_seeds import cached_json, fresh_model, key_of, parameters, train_sft  # noqa: E402
+from ppo_seeds import cached_json, fresh_model, key_of, notebook_config, overrides_of, train_sft  # noqa: E402
 
 # Parameters that change the base model's answers (the cache key of its results); the SFT model adds SFT_KEYS.
 ANSWER_KEYS = ("MODEL", "DEVICE", "DTYPE", "DATA_PATH", "EMBEDDER", "EVAL_MAX_NEW_TOKENS", "TOP_K", "TOP_P",
@@ -91,8 +92,8 @@ def sample_chunk(nb, P: dict, model, tok, embedder, pairs: list[dict], k: int, t
     together), scored against its reference. Returns per pair {scores: [k], length: mean tokens, eos: share}."""
     prompts = [nb.chat_prompt(tok, p["prompt"]) for p in pairs for _ in range(k)]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    gen = nb.generate(model, tok, prompts, max_new_tokens=P["EVAL_MAX_NEW_TOKENS"], temperature=temperature,
-                      top_k=P["TOP_K"], top_p=P["TOP_P"], logits_mode=P["LOGITS_MODE"], pca_k=P["PCA_K"],
+    gen = nb.generate(model, tok, prompts, max_new_tokens=P.EVAL_MAX_NEW_TOKENS, temperature=temperature,
+                      top_k=P.TOP_K, top_p=P.TOP_P, logits_mode=P.LOGITS_MODE, pca_k=P.PCA_K,
                       pca_seed=seed, generator=generator)
     scores = nb.similarity(gen.texts, [p["reference"] for p in pairs for _ in range(k)], embedder).tolist()
     lengths, eos = gen.response_mask.sum(-1).tolist(), [s == "eos" for s in gen.stop_reason]
@@ -106,15 +107,15 @@ class Stack:
     def __init__(self, args):
         torch.set_num_threads(args.threads)
         self.args, self.nb = args, load_notebook()
-        self.P = parameters(args.params, args.set)
-        self.device = self.nb.resolve_device(self.P["DEVICE"])
-        pairs = self.nb.load_pairs(str(ROOT / self.P["DATA_PATH"]))
+        self.P = notebook_config(**overrides_of(args.params, args.set))
+        self.device = self.nb.resolve_device(self.P.DEVICE)
+        pairs = self.nb.load_pairs(str(ROOT / self.P.DATA_PATH))
         self.train_pairs = self.nb.split_pairs(pairs, "train")
         self.pairs = balanced_prompts(self.nb.split_pairs(pairs, "eval"), args.n_prompts)
         self.ks, self.temperatures = k_values(args.k_max), [float(t) for t in args.temperatures]
-        settings = {k: self.P[k] for k in ANSWER_KEYS} | {"n_prompts": args.n_prompts, "k_max": args.k_max,
+        settings = {k: getattr(self.P, k) for k in ANSWER_KEYS} | {"n_prompts": args.n_prompts, "k_max": args.k_max,
                                                           "batch_rows": args.batch_rows, "seed": args.seed}
-        self.sft_parameters = {k: self.P[k] for k in SFT_KEYS if k in self.P}
+        self.sft_parameters = {k: getattr(self.P, k) for k in SFT_KEYS if hasattr(self.P, k)}
         sft = settings | self.sft_parameters | {"sft_budget_s": args.sft_budget}
         self.folders = {"base": Path(args.cache) / f"base-{key_of(settings)}",
                         "sft": Path(args.cache) / f"sft-{key_of(sft)}"}
@@ -123,7 +124,7 @@ class Stack:
     @property
     def embedder(self):
         if self._embedder is None:
-            self._embedder = self.nb.Embedder(self.P["EMBEDDER"], device=self.device)
+            self._embedder = self.nb.Embedder(self.P.EMBEDDER, device=self.device)
         return self._embedder
 
 
@@ -158,7 +159,7 @@ def load_or_train_sft(stack: Stack, model, tok) -> dict:
         set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
         model.eval()
         return json.loads(figures.read_text())
-    P = stack.P | {"TRAIN_BUDGET_S": stack.args.sft_budget}
+    P = dataclasses.replace(stack.P, TRAIN_BUDGET_S=stack.args.sft_budget)
     t0 = time.time()
     lean = argparse.Namespace(nb=nb, train_pairs=stack.train_pairs)  # all that train_sft reads of its context
     train = train_sft(lean, P, model, tok, stack.args.seed, folder) | {"seconds": time.time() - t0}
@@ -184,7 +185,7 @@ def measure_model(stack: Stack, name: str) -> dict:
             loaded.extend([model, tok])
         return loaded
 
-    greedy_P = P | {"EVAL_TEMPERATURE": 0.0}
+    greedy_P = dataclasses.replace(P, EVAL_TEMPERATURE=0.0)
 
     def greedy_answers():
         model, tok = model_tok()
@@ -300,12 +301,12 @@ def settings_of(stack: Stack) -> dict:
     """What the JSON says it measured."""
     P, a = stack.P, stack.args
     fams = sorted({p["family"] for p in stack.pairs})
-    return {"model": P["MODEL"], "data": P["DATA_PATH"], "n_prompts": a.n_prompts, "n_prompts_used": len(stack.pairs),
+    return {"model": P.MODEL, "data": P.DATA_PATH, "n_prompts": a.n_prompts, "n_prompts_used": len(stack.pairs),
             "per_family_n": ", ".join(f"{f} {sum(p['family'] == f for p in stack.pairs)}" for f in fams),
             "k_max": a.k_max, "ks": stack.ks, "temperatures": stack.temperatures, "sft_budget_s": a.sft_budget,
-            "seed": a.seed, "batch_rows": a.batch_rows, "max_new_tokens": P["EVAL_MAX_NEW_TOKENS"],
-            "top_k": P["TOP_K"], "top_p": P["TOP_P"], "logits_mode": P["LOGITS_MODE"],
-            "lora": {k: P[k] for k in ("LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS")},
+            "seed": a.seed, "batch_rows": a.batch_rows, "max_new_tokens": P.EVAL_MAX_NEW_TOKENS,
+            "top_k": P.TOP_K, "top_p": P.TOP_P, "logits_mode": P.LOGITS_MODE,
+            "lora": {k: getattr(P, k) for k in ("LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS")},
             "sft_parameters": stack.sft_parameters, "overrides": a.set, "params_file": a.params}
 
 

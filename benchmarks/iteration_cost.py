@@ -22,6 +22,7 @@ is measured: the gains are added to the existing <out>.json and the table rewrit
 Writes <out>.json (s_per_iter_before, s_per_iter_after, speedup, phases_before, phases_after, threads, loadavg,
 ...), <out>.md and <out>.png (the median phases of each arm, stacked).
 """
+import dataclasses
 import argparse
 import json
 import os
@@ -34,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ppo_seeds import Context, cpu_name, fresh_model, parameters, write_report  # noqa: E402
+from ppo_seeds import Context, cpu_name, fresh_model, notebook_config, overrides_of, write_report  # noqa: E402
 
 BEFORE = {"DTYPE": "float32", "OLD_LOGPROBS": "recompute", "KL_MONITOR_EVERY": 1, "CKPT_EVERY": 1, "CKPT_EVERY_S": 0,
           "ROLLOUT_MERGED": False}
@@ -49,7 +50,7 @@ class Arm:
         self.nb, self.P, self.name, self.reward_fn = nb, P, name, reward_fn
         model, tok = fresh_model(nb, P, seed, ctx.device)
         nb.seed_everything(seed)
-        self.state = nb.make_ppo_state(model, tok, nb.ppo_config(P))
+        self.state = nb.make_ppo_state(model, tok, P)
         self.sampler = nb.PromptSampler(ctx.train_pairs, seed)
         shutil.rmtree(run_path, ignore_errors=True)
         self.run_path = run_path
@@ -63,8 +64,8 @@ class Arm:
         nb, P, t1 = self.nb, self.P, time.time()
         nb.train_iteration(self.run_path, self.state, self.sampler, self.reward_fn, None, None, 0, self.logs, self.t0)
         t_ckpt, t2 = 0.0, time.time()
-        if nb.checkpoint_due(self.state.iteration, P["CKPT_EVERY"], P["CKPT_EVERY_S"], t2 - self.last_ckpt):
-            nb.save_checkpoint(self.run_path, self.state, self.sampler, self.logs, P["CKPT_KEEP"])
+        if nb.checkpoint_due(self.state.iteration, P.CKPT_EVERY, P.CKPT_EVERY_S, t2 - self.last_ckpt):
+            nb.save_checkpoint(self.run_path, self.state, self.sampler, self.logs, P.CKPT_KEEP)
             self.last_ckpt = time.time()
             t_ckpt = self.last_ckpt - t2
         return {**self.logs[-1], "t_checkpoint": t_ckpt, "iteration_s": time.time() - t1}
@@ -83,7 +84,7 @@ def phase_summary(nb, records: list[dict]) -> dict:
 def measure(ctx: Context, configs: dict, iters: int, seed: int, work: Path) -> dict:
     """Warm-up + `iters` alternated iterations of each arm -> {arm: [records of the measured iterations]}."""
     P0, model, tok = configs["after"], None, None
-    if P0["REWARD_FN"] == "mlp":  # the reward model's data is sampled from the (fp32) base model
+    if P0.REWARD_FN == "mlp":  # the reward model's data is sampled from the (fp32) base model
         model, tok = fresh_model(ctx.nb, configs["before"], seed, ctx.device)
     reward_fn = ctx.reward_fn(P0, model, tok, seed)  # the same reward for both arms
     del model
@@ -171,8 +172,8 @@ def main():
         r = json.loads(out.with_suffix(".json").read_text()) | gains(*args.gains)
         write_report(str(out), r, markdown_report(r))
         return
-    P = parameters(args.params, args.set)
-    configs = {"before": P | BEFORE, "after": P}
+    P = notebook_config(**overrides_of(args.params, args.set))
+    configs = {"before": dataclasses.replace(P, **BEFORE), "after": P}
     t0, load_before = time.time(), os.getloadavg()
     ctx = Context(P, Path(args.cache), args.threads)
     m = measure(ctx, configs, args.iters, args.seed, Path(args.cache) / "iteration_cost")
@@ -183,9 +184,9 @@ def main():
          "s_per_iter_mean_after": phases["after"]["iteration"]["mean"],
          "phases_before": phases["before"], "phases_after": phases["after"], "phases": list(ctx.nb.PHASES),
          "threads": args.threads, "cpu": cpu_name(), "cpu_bf16": ctx.nb.cpu_has_bf16(), "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
-         "model": P["MODEL"], "dtype_before": m["dtypes"]["before"], "dtype_after": m["dtypes"]["after"],
+         "model": P.MODEL, "dtype_before": m["dtypes"]["before"], "dtype_after": m["dtypes"]["after"],
          "iterations_measured": args.iters, "seed": args.seed, "config_before": BEFORE,
-         "config_after": {k: P[k] for k in BEFORE}, "overrides": args.set, "wall_s": time.time() - t0,
+         "config_after": {k: getattr(P, k) for k in BEFORE}, "overrides": args.set, "wall_s": time.time() - t0,
          "records": {arm: [{k: v for k, v in rec.items() if k.startswith("t_") or k in ("iteration", "iteration_s")}
                            for rec in m["records"][arm]] for arm in ARMS}}
     if args.gains:

@@ -20,6 +20,7 @@ averaged over seeds, bootstrap over prompts); under `arms`, per arm, the same pl
 eos_rate_after, mean_len_after, samples_seen, iterations, loadavg (and every run); budget_s, seeds, threads,
 machine. And <out>.md, a table of the arms.
 """
+import dataclasses
 import argparse
 import json
 import os
@@ -34,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from ppo_seeds import (Context, cached_json, common_args, cpu_name, evaluate_after, fresh_model,  # noqa: E402
-                       key_of, parameters, run_metadata, summarize, write_report)
+                       key_of, notebook_config, overrides_of, run_metadata, summarize, write_report)
 
 ARMS = ("sft", "rl", "sft+rl")  # the default arm is the notebook's PIPELINE (--set PIPELINE=... to change it)
 
@@ -43,7 +44,7 @@ def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
     """One run: fresh model, run_pipeline(PIPELINE=arm, SEED=seed) in run_path, then the eval split and the
     paired comparison with the base (ppo_seeds.evaluate_after). Load averages before and after."""
     nb, load_before = ctx.nb, os.getloadavg()
-    Q = P | {"PIPELINE": arm, "SEED": seed, "RESUME": False, "CKPT_EVERY": 0}
+    Q = dataclasses.replace(P, PIPELINE=arm, SEED=seed, RESUME=False, CKPT_EVERY=0)
     model, tok = fresh_model(nb, Q, seed, ctx.device)
     reward_fn = ctx.reward_fn(Q, model, tok, seed)
     t0 = time.time()  # the base model is loaded and the reward fitted outside the budget, as in ppo_seeds
@@ -56,8 +57,8 @@ def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
                            for r in result.sft_logs],
              "curve": [{k: r.get(k) for k in ("iteration", "score", "kl_ref", "response_len", "eos_rate")}
                        for r in result.rl_logs]}
-    out = evaluate_after(ctx, Q, model, tok, seed, t0, {"arm": arm, "train": train, "train_dtype": Q["DTYPE"],
-                                                        "eval_dtype": ctx.eval_dtype or Q["DTYPE"]})
+    out = evaluate_after(ctx, Q, model, tok, seed, t0, {"arm": arm, "train": train, "train_dtype": Q.DTYPE,
+                                                        "eval_dtype": ctx.eval_dtype or Q.DTYPE})
     return out | {"loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
 
 
@@ -65,7 +66,7 @@ def config_key(ctx: Context, P: dict, arm: str) -> str:
     """What makes two runs of one arm and seed the same run: every parameter but the arm and the demo/FFT/run-folder
     ones (the budget included; for `rl`, which runs no SFT, the SFT ones too), and the eval dtype."""
     skip = ("DEMO", "FFT", "RUN_DIR", "RESUME", "PIPELINE") + (("SFT_", "KL_ANCHOR") if arm == "rl" else ())
-    return key_of({k: v for k, v in P.items() if not k.startswith(skip)}
+    return key_of({k: v for k, v in dataclasses.asdict(P).items() if not k.startswith(skip)}
                   | ({"eval_dtype": ctx.eval_dtype} if ctx.eval_dtype else {}))
 
 
@@ -138,7 +139,7 @@ def over_sft(ctx: Context, runs: list[dict], sft_runs: list[dict] | None) -> dic
         return {"rl_over_sft_mean": None, "rl_over_sft_ci_low": None, "rl_over_sft_ci_high": None}
     arm, sft = per_prompt_similarity(runs), per_prompt_similarity(sft_runs)
     diff = [arm[p] - sft[p] for p in arm]
-    lo, hi = ctx.nb.bootstrap_ci(diff, ctx.P["BOOTSTRAP"], seed=0)
+    lo, hi = ctx.nb.bootstrap_ci(diff, ctx.P.BOOTSTRAP, seed=0)
     return {"rl_over_sft_mean": float(np.mean(diff)), "rl_over_sft_ci_low": lo, "rl_over_sft_ci_high": hi}
 
 
@@ -217,7 +218,7 @@ def main():
     ap.add_argument("--cached-only", action="store_true", help="train nothing: summarise the runs cached so far")
     ap.add_argument("--stamp-commit", default="", help="commit recorded on runs without one (default: HEAD)")
     args = ap.parse_args()
-    P = parameters(args.params, args.set) | {"TRAIN_BUDGET_S": args.budget}
+    P = notebook_config(**overrides_of(args.params, args.set) | {"TRAIN_BUDGET_S": args.budget})
     t0 = time.time()
     ctx = Context(P, Path(args.cache), args.threads)
     ctx.eval_dtype = args.eval_dtype
@@ -227,11 +228,11 @@ def main():
     stamp = {"cpu": cpu_name(), "commit": args.stamp_commit or git_head()}
     runs = run_arms(ctx, P, args.arms, args.seeds, stamp, args.cached_only)
     arms = {arm: summarize_arm(ctx, runs[arm], runs.get("sft")) for arm in runs}
-    default = P["PIPELINE"] if P["PIPELINE"] in arms else next(iter(arms))
+    default = P.PIPELINE if P.PIPELINE in arms else next(iter(arms))
     r = {k: arms[default][k] for k in HEADLINE_FIELDS} | run_metadata(ctx, args, t0) | {
         "config_keys": keys, "commit": stamp["commit"],
         "cpus_of_runs": sorted({run["measured_on"]["cpu"] for rs in runs.values() for run in rs}),
-        "eval_dtype": args.eval_dtype or P["DTYPE"], "default_arm": default, "acceptance": acceptance(arms[default]),
+        "eval_dtype": args.eval_dtype or P.DTYPE, "default_arm": default, "acceptance": acceptance(arms[default]),
         "wall_s": float(sum(a["wall_s"] for a in arms.values())), "arms": arms}
     write_report(args.out, r, markdown_report(r))
 

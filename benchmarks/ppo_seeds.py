@@ -14,6 +14,7 @@ Writes <out>.json (gain_mean, gain_min, gain_ci_low, gain_ci_high, per-family ga
 eos_rate_before/after, mean_len_before/after, wall_s, peak_rss_mb; each seed's figures) and <out>.md.
 `ablations.py` runs variants of the configuration through the same functions.
 """
+import dataclasses
 import argparse
 import hashlib
 import json
@@ -28,7 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from base_eval import evaluate_split, load_default_model, load_notebook, notebook_parameters  # noqa: E402
+from base_eval import evaluate_split, load_default_model, load_notebook  # noqa: E402
+from nbimport import notebook_config  # noqa: E402,F401  (ppo_seeds.notebook_config: the other scripts)
 from reward_model import fit_split, reward_data  # noqa: E402
 
 
@@ -40,17 +42,15 @@ def parse_value(text: str):
         return text
 
 
-def parameters(params_file: str | None, sets: list[str]) -> dict:
-    """The notebook's parameters, then a JSON file of overrides, then NAME=VALUE overrides."""
-    P = notebook_parameters()
-    if params_file:
-        P.update(json.loads(Path(params_file).read_text()))
+def overrides_of(params_file: str | None, sets: list[str]) -> dict:
+    """A JSON file of overrides, then NAME=VALUE overrides (an unknown name stops the script)."""
+    overrides = json.loads(Path(params_file).read_text()) if params_file else {}
     for item in sets:
         name, _, value = item.partition("=")
-        if name not in P:
-            raise SystemExit(f"--set {name}: no such parameter in the notebook's parameters cell")
-        P[name] = parse_value(value)
-    return P
+        if name not in {f.name for f in dataclasses.fields(notebook_config())}:
+            raise SystemExit(f"--set {name}: no such knob in the notebook's Config")
+        overrides[name] = parse_value(value)
+    return overrides
 
 
 def fresh_model(nb, P: dict, seed: int, device):
@@ -80,14 +80,14 @@ class Context:
     def __init__(self, P: dict, cache: Path, threads: int):
         torch.set_num_threads(threads)
         self.nb, self.P, self.cache = load_notebook(), P, cache
-        self.device = self.nb.resolve_device(P["DEVICE"])
-        pairs = self.nb.load_pairs(str(ROOT / P["DATA_PATH"]))
+        self.device = self.nb.resolve_device(P.DEVICE)
+        pairs = self.nb.load_pairs(str(ROOT / P.DATA_PATH))
         self.train_pairs, eval_pairs = self.nb.split_pairs(pairs, "train"), self.nb.split_pairs(pairs, "eval")
-        self.eval_pairs = eval_pairs[:P["EVAL_N"]] if P["EVAL_N"] else eval_pairs
-        self.embedder = self.nb.Embedder(P["EMBEDDER"], device=self.device)
+        self.eval_pairs = eval_pairs[:P.EVAL_N] if P.EVAL_N else eval_pairs
+        self.embedder = self.nb.Embedder(P.EMBEDDER, device=self.device)
         eval_keys = ("MODEL", "DATA_PATH", "EVAL_N", "EVAL_MAX_NEW_TOKENS", "EVAL_TEMPERATURE", "LOGITS_MODE")
-        self.base_eval = cached_json(self.nb, cache / f"base_eval-{key_of({k: P[k] for k in eval_keys})}.json",
-                                     lambda: evaluate_split(self.nb, P, *fresh_model(self.nb, P, P["SEED"], self.device),
+        self.base_eval = cached_json(self.nb, cache / f"base_eval-{key_of({k: getattr(P, k) for k in eval_keys})}.json",
+                                     lambda: evaluate_split(self.nb, P, *fresh_model(self.nb, P, P.SEED, self.device),
                                                             self.eval_pairs, self.embedder, with_kl=False,
                                                             progress=False))
         self._rm_data = None
@@ -96,15 +96,15 @@ class Context:
         """The notebook's reward-model data (sampled from the base model; cached on disk by the notebook)."""
         if self._rm_data is None:
             P = self.P
-            rm_pairs = self.train_pairs[:P["RM_PROMPTS"]] if P["RM_PROMPTS"] else self.train_pairs
+            rm_pairs = self.train_pairs[:P.RM_PROMPTS] if P.RM_PROMPTS else self.train_pairs
             self._rm_data = reward_data(self.nb, P, model, tok, rm_pairs, self.embedder, self.cache / "reward_data.safetensors")
         return self._rm_data
 
     def reward_fn(self, P: dict, model, tok, seed: int):
         """REWARD_FN as the notebook builds it; the MLP is fitted with `seed` (split and initialisation)."""
         nb = self.nb
-        if P["REWARD_FN"] != "mlp":
-            return nb.make_reward_fn(P["REWARD_FN"], self.embedder, None, device=self.device)
+        if P.REWARD_FN != "mlp":
+            return nb.make_reward_fn(P.REWARD_FN, self.embedder, None, device=self.device)
         rm, _, _ = fit_split(nb, P, self.reward_data(model, tok), seed)
         return nb.make_reward_fn("mlp", self.embedder, rm.to(self.device), device=self.device)
 
@@ -114,12 +114,12 @@ def train_ppo(ctx: Context, P: dict, model, tok, seed: int, run_path: Path) -> d
     nb = ctx.nb
     reward_fn = ctx.reward_fn(P, model, tok, seed)
     nb.seed_everything(seed)
-    state = nb.make_ppo_state(model, tok, nb.ppo_config(P))
+    state = nb.make_ppo_state(model, tok, P)
     sampler = nb.PromptSampler(ctx.train_pairs, seed)
-    logs = nb.train_loop(state, sampler, reward_fn, run_path, budget_s=P["TRAIN_BUDGET_S"],
-                         max_iterations=P["TRAIN_MAX_ITERS"], ckpt_every=0, progress=sys.stderr.isatty())
+    logs = nb.train_loop(state, sampler, reward_fn, run_path, budget_s=P.TRAIN_BUDGET_S,
+                         max_iterations=P.TRAIN_MAX_ITERS, ckpt_every=0, progress=sys.stderr.isatty())
     last = logs[-5:]
-    return {"iterations": len(logs), "responses": len(logs) * P["PPO_BATCH_SIZE"],
+    return {"iterations": len(logs), "responses": len(logs) * P.PPO_BATCH_SIZE,
             "final_score": float(np.mean([r["score"] for r in last])) if last else float("nan"),
             "final_kl_ref": float(np.mean([r["kl_ref"] for r in last])) if last else float("nan"),
             "curve": [{k: r.get(k) for k in ("iteration", "score", "kl_ref", "response_len", "eos_rate")} for r in logs]}
@@ -130,9 +130,9 @@ def train_sft(ctx: Context, P: dict, model, tok, seed: int, run_path: Path) -> d
     nb = ctx.nb
     nb.seed_everything(seed)
     sampler = nb.PromptSampler(ctx.train_pairs, seed)
-    logs = nb.sft_train(model, tok, sampler, budget_s=P["TRAIN_BUDGET_S"], max_steps=P["TRAIN_MAX_ITERS"],
-                        batch_size=P["PPO_MINIBATCH_SIZE"], lr=P["PPO_LR"],
-                        max_grad_norm=P["MAX_GRAD_NORM"], progress=sys.stderr.isatty())
+    logs = nb.sft_train(model, tok, sampler, budget_s=P.TRAIN_BUDGET_S, max_steps=P.TRAIN_MAX_ITERS,
+                        batch_size=P.PPO_MINIBATCH_SIZE, lr=P.PPO_LR,
+                        max_grad_norm=P.MAX_GRAD_NORM, progress=sys.stderr.isatty())
     return {"iterations": len(logs), "final_loss": float(np.mean([r["loss"] for r in logs[-5:]])) if logs else float("nan")}
 
 
@@ -148,8 +148,8 @@ def evaluate_after(ctx: Context, P: dict, model, tok, seed: int, t0: float, fiel
     """The trained model on the whole eval split (greedy) and its paired comparison with the base; `fields`
     (what was trained, its figures) lead the record. t0: when the run started (for train_seconds / wall_s)."""
     t_train = time.time() - t0
-    after = evaluate_split(ctx.nb, P, model, tok, ctx.eval_pairs, ctx.embedder, with_kl=P["EVAL_KL"], progress=False)
-    comparison = ctx.nb.paired_comparison(ctx.base_eval, after, n_boot=P["BOOTSTRAP"], seed=seed)
+    after = evaluate_split(ctx.nb, P, model, tok, ctx.eval_pairs, ctx.embedder, with_kl=P.EVAL_KL, progress=False)
+    comparison = ctx.nb.paired_comparison(ctx.base_eval, after, n_boot=P.BOOTSTRAP, seed=seed)
     rows = after["rows"]
     return {"seed": seed, **fields, "train_seconds": t_train, "wall_s": time.time() - t0,
             "gain": comparison["overall"]["diff"], "comparison": comparison, "table": after["table"],
@@ -161,7 +161,7 @@ def evaluate_after(ctx: Context, P: dict, model, tok, seed: int, t0: float, fiel
 
 def run_seeds(ctx: Context, P: dict, seeds: list[int], name: str, method: str = "ppo") -> list[dict]:
     """run_one per seed, each cached as <cache>/<name>-<config key>-s<seed>.json."""
-    key = key_of({k: v for k, v in P.items() if not k.startswith(("DEMO", "FFT", "RUN_DIR", "RESUME"))} | {"m": method})
+    key = key_of({k: v for k, v in dataclasses.asdict(P).items() if not k.startswith(("DEMO", "FFT", "RUN_DIR", "RESUME"))} | {"m": method})
     out = []
     for seed in seeds:
         path = ctx.cache / f"{name}-{key}-s{seed}.json"
@@ -181,7 +181,7 @@ def paired_gain_ci(ctx: Context, runs: list[dict], n_boot: int, seed: int = 0) -
 def gain_at_equal_length(ctx: Context, runs: list[dict]) -> tuple[float, float]:
     """Mean gain over the prompts whose answer hit the length cap both before and after (so the length did not
     change), and that share of all (prompt, seed) pairs: how much of the gain is not a change of length."""
-    cap, base = ctx.P["EVAL_MAX_NEW_TOKENS"], {r["prompt"]: r for r in ctx.base_eval["rows"]}
+    cap, base = ctx.P.EVAL_MAX_NEW_TOKENS, {r["prompt"]: r for r in ctx.base_eval["rows"]}
     diffs = [r["similarity"] - base[r["prompt"]]["similarity"] for run in runs for r in run["rows"]
              if r["length"] >= cap and base[r["prompt"]]["length"] >= cap]
     total = sum(len(run["rows"]) for run in runs)
@@ -192,7 +192,7 @@ def summarize(ctx: Context, runs: list[dict]) -> dict:
     """The issue's named fields over seeds."""
     base_t = ctx.base_eval["table"]["overall"]
     gains = [r["gain"] for r in runs]
-    lo, hi = paired_gain_ci(ctx, runs, ctx.P["BOOTSTRAP"])
+    lo, hi = paired_gain_ci(ctx, runs, ctx.P.BOOTSTRAP)
     families = sorted(k for k in runs[0]["comparison"] if k != "overall")
     capped_gain, capped_share = gain_at_equal_length(ctx, runs)
     return {"gain_mean": float(np.mean(gains)), "gain_min": float(min(gains)), "gain_std": float(np.std(gains)),
@@ -253,7 +253,7 @@ def main():
     ap.add_argument("--budget", type=float, default=1200, help="TRAIN_BUDGET_S per seed")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "ppo_seeds"), help="output path without suffix")
     args = ap.parse_args()
-    P = parameters(args.params, args.set) | {"TRAIN_BUDGET_S": args.budget}
+    P = notebook_config(**overrides_of(args.params, args.set) | {"TRAIN_BUDGET_S": args.budget})
     t0 = time.time()
     ctx = Context(P, Path(args.cache), args.threads)
     runs = run_seeds(ctx, P, args.seeds, "ppo_seeds")
@@ -269,8 +269,8 @@ def main():
 def run_metadata(ctx: Context, args, t0: float) -> dict:
     """What a result was measured on (both scripts' JSON start with it)."""
     P = ctx.P
-    return {"model": P["MODEL"], "data": P["DATA_PATH"], "eval_prompts": len(ctx.eval_pairs), "budget_s": args.budget,
-            "seeds": args.seeds, "eval_max_new_tokens": P["EVAL_MAX_NEW_TOKENS"], "threads": args.threads,
+    return {"model": P.MODEL, "data": P.DATA_PATH, "eval_prompts": len(ctx.eval_pairs), "budget_s": args.budget,
+            "seeds": args.seeds, "eval_max_new_tokens": P.EVAL_MAX_NEW_TOKENS, "threads": args.threads,
             "machine": platform.machine(), "cpu": cpu_name(), "cpu_bf16": ctx.nb.cpu_has_bf16(), "overrides": args.set, "note": args.note, "this_call_s": time.time() - t0}
 
 

@@ -11,6 +11,7 @@ seeds. Figures are on the held-out test prompts' generated responses only (ancho
 Writes benchmarks/reward_model.json — spearman_global, spearman_within_prompt, pearson, mse, mse_constant
 (medians over seeds; `seeds` holds each seed's figures, `seed0` the notebook's) — and benchmarks/reward_model.md.
 """
+import dataclasses
 import argparse
 import json
 import platform
@@ -24,25 +25,25 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from base_eval import load_default_stack, load_notebook, notebook_parameters  # noqa: E402
+from base_eval import load_default_stack, load_notebook, notebook_config  # noqa: E402
 
 FIELDS = ("spearman_global", "spearman_within_prompt", "pearson", "mse", "mse_constant")
 
 
 def reward_data(nb, P: dict, model, tok, pairs: list[dict], embedder, cache_path) -> dict:
     """The notebook's reward-model data for `pairs` with its RM_* settings (section 6), cached at cache_path."""
-    return nb.build_reward_data(model, tok, pairs, embedder, temperatures=P["RM_TEMPERATURES"],
-                                n_mismatched=P["RM_MISMATCHED"], max_new_tokens=P["MAX_NEW_TOKENS"],
-                                batch_size=P["RM_BATCH_SIZE"], seed=P["SEED"], cache_path=cache_path,
-                                model_name=P["MODEL"])
+    return nb.build_reward_data(model, tok, pairs, embedder, temperatures=P.RM_TEMPERATURES,
+                                n_mismatched=P.RM_MISMATCHED, max_new_tokens=P.MAX_NEW_TOKENS,
+                                batch_size=P.RM_BATCH_SIZE, seed=P.SEED, cache_path=cache_path,
+                                model_name=P.MODEL)
 
 
 def fit_split(nb, P: dict, data: dict, seed: int):
     """Split by prompt and fit the reward MLP with `seed`, as the notebook does: (model, split, history)."""
-    split = nb.split_by_prompt(data["prompt_id"], P["RM_VAL_FRAC"], P["RM_TEST_FRAC"], seed=seed)
+    split = nb.split_by_prompt(data["prompt_id"], P.RM_VAL_FRAC, P.RM_TEST_FRAC, seed=seed)
     rm, hist = nb.fit_reward_mlp(data["prompt_emb"], data["response_emb"], data["label"], split["train"],
-                                 split["val"], hidden=P["RM_HIDDEN"], lr=P["RM_LR"], max_epochs=P["RM_MAX_EPOCHS"],
-                                 patience=P["RM_PATIENCE"], seed=seed)
+                                 split["val"], hidden=P.RM_HIDDEN, lr=P.RM_LR, max_epochs=P.RM_MAX_EPOCHS,
+                                 patience=P.RM_PATIENCE, seed=seed)
     return rm, split, hist
 
 
@@ -88,26 +89,26 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "reward_model"), help="output path without suffix")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    P = notebook_parameters()
+    P = notebook_config()
     nb = load_notebook()
-    data_path = args.data or ("data/pairs.jsonl" if (ROOT / "data" / "pairs.jsonl").exists() else P["DATA_PATH"])
-    nb.seed_everything(P["SEED"])
-    device = nb.resolve_device(P["DEVICE"])
+    data_path = args.data or ("data/pairs.jsonl" if (ROOT / "data" / "pairs.jsonl").exists() else P.DATA_PATH)
+    nb.seed_everything(P.SEED)
+    device = nb.resolve_device(P.DEVICE)
     model, tok, embedder = load_default_stack(nb, P, device)
     train = nb.split_pairs(nb.load_pairs(str(ROOT / data_path)), "train")
     if args.prompts is not None:
-        P["RM_PROMPTS"] = args.prompts
-    train = train[:P["RM_PROMPTS"]] if P["RM_PROMPTS"] else train
+        P = dataclasses.replace(P, RM_PROMPTS=args.prompts)
+    train = train[:P.RM_PROMPTS] if P.RM_PROMPTS else train
     t0 = time.time()
     data = reward_data(nb, P, model, tok, train, embedder, args.cache)
     t_data = time.time() - t0
-    seeds = [fit_once(nb, P, data, P["SEED"] + k) for k in range(args.seeds)]
+    seeds = [fit_once(nb, P, data, P.SEED + k) for k in range(args.seeds)]
     result = {name: statistics.median(s[name] for s in seeds) for name in FIELDS}
-    result |= {"seed0": seeds[0], "seeds": seeds, "model": P["MODEL"], "data": data_path, "train_prompts": len(train),
+    result |= {"seed0": seeds[0], "seeds": seeds, "model": P.MODEL, "data": data_path, "train_prompts": len(train),
                "rows": dict(Counter(data["kind"])), "data_cached": data["cached"],
-               "settings": {"temperatures": P["RM_TEMPERATURES"], "n_mismatched": P["RM_MISMATCHED"],
-                            "max_new_tokens": P["MAX_NEW_TOKENS"], "val_frac": P["RM_VAL_FRAC"],
-                            "test_frac": P["RM_TEST_FRAC"], "hidden": P["RM_HIDDEN"], "lr": P["RM_LR"]},
+               "settings": {"temperatures": P.RM_TEMPERATURES, "n_mismatched": P.RM_MISMATCHED,
+                            "max_new_tokens": P.MAX_NEW_TOKENS, "val_frac": P.RM_VAL_FRAC,
+                            "test_frac": P.RM_TEST_FRAC, "hidden": P.RM_HIDDEN, "lr": P.RM_LR},
                "seconds": {"data": t_data}, "machine": f"{platform.machine()} {device.type}",
                "threads": torch.get_num_threads()}
     out = Path(args.out)

@@ -32,12 +32,10 @@ def worker(args) -> None:
     """Child: tokens/s of greedy generate() at batch 1 and 8 -> one JSON line on stdout."""
     import torch
     sys.path.insert(0, str(ROOT))  # nbimport.py
-    from nbimport import load_notebook, notebook_parameters
-    nb, P = load_notebook(), notebook_parameters()
-    if args.params:
-        P.update(json.loads(Path(args.params).read_text()))
+    from nbimport import load_notebook, notebook_config
+    nb, P = load_notebook(), notebook_config(**(json.loads(Path(args.params).read_text()) if args.params else {}))
     torch.set_num_threads(args.threads)
-    model, tok = nb.load_base(P["MODEL"], os.path.expanduser(P["CACHE_DIR"]), torch.device("cpu"), torch.float32)
+    model, tok = nb.load_base(P.MODEL, os.path.expanduser(P.CACHE_DIR), torch.device("cpu"), torch.float32)
     prompts, out = [nb.chat_prompt(tok, p) for p in PROMPTS], {}
     for b in (1, 8):
         nb.generate(model, tok, prompts[:b], max_new_tokens=4, temperature=0)

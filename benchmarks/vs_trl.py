@@ -38,6 +38,7 @@ Writes <out>.json and <out>.md; the fields of a mode that was not run are null (
 mode are kept when <out>.json exists).
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -52,7 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from ppo_seeds import (Context, evaluate_after, fresh_model, key_of, paired_gain_ci,  # noqa: E402
-                       parameters)
+                       notebook_config, overrides_of)
 
 SYSTEMS = ("ours", "grpo", "rloo")
 COST_FIELDS = [f"{k}_{s}" for k in ("s_per_sample", "samples_per_s", "peak_rss_mb") for s in SYSTEMS] + \
@@ -69,9 +70,9 @@ class LiteContext:
         torch.set_num_threads(threads)
         from nbimport import load_notebook
         self.nb, self.P = load_notebook(), P
-        self.device = self.nb.resolve_device(P["DEVICE"])
-        self.train_pairs = self.nb.split_pairs(self.nb.load_pairs(str(ROOT / P["DATA_PATH"])), "train")
-        self.embedder = self.nb.Embedder(P["EMBEDDER"], device=self.device)
+        self.device = self.nb.resolve_device(P.DEVICE)
+        self.train_pairs = self.nb.split_pairs(self.nb.load_pairs(str(ROOT / P.DATA_PATH)), "train")
+        self.embedder = self.nb.Embedder(P.EMBEDDER, device=self.device)
 
 
 # --- TRL -------------------------------------------------------------------------------------------------------
@@ -94,13 +95,13 @@ def trl_dataset(ctx, tok):
 def trl_config(system: str, P: dict, seed: int, max_steps: int, out_dir: str, grad_ckpt: bool):
     """GRPOConfig / RLOOConfig matching our configuration (see the module docstring)."""
     from trl import GRPOConfig, RLOOConfig
-    common = dict(output_dir=out_dir, seed=seed, max_steps=max_steps, learning_rate=P["PPO_LR"],
-                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=P["PPO_WEIGHT_DECAY"],
-                  max_grad_norm=P["MAX_GRAD_NORM"], per_device_train_batch_size=P["PPO_MINIBATCH_SIZE"],
-                  gradient_accumulation_steps=1, steps_per_generation=P["PPO_BATCH_SIZE"] // P["PPO_MINIBATCH_SIZE"],
-                  num_generations=P["PPO_SAMPLES_PER_PROMPT"], num_iterations=P["PPO_EPOCHS"],
-                  max_completion_length=P["MAX_NEW_TOKENS"], temperature=P["TEMPERATURE"], top_k=0, top_p=1.0,
-                  beta=P["KL_COEF"], epsilon=P["PPO_CLIP"], bf16=False, fp16=False, use_cpu=True,
+    common = dict(output_dir=out_dir, seed=seed, max_steps=max_steps, learning_rate=P.PPO_LR,
+                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=P.PPO_WEIGHT_DECAY,
+                  max_grad_norm=P.MAX_GRAD_NORM, per_device_train_batch_size=P.PPO_MINIBATCH_SIZE,
+                  gradient_accumulation_steps=1, steps_per_generation=P.PPO_BATCH_SIZE // P.PPO_MINIBATCH_SIZE,
+                  num_generations=P.PPO_SAMPLES_PER_PROMPT, num_iterations=P.PPO_EPOCHS,
+                  max_completion_length=P.MAX_NEW_TOKENS, temperature=P.TEMPERATURE, top_k=0, top_p=1.0,
+                  beta=P.KL_COEF, epsilon=P.PPO_CLIP, bf16=False, fp16=False, use_cpu=True,
                   activation_checkpointing=grad_ckpt, save_strategy="no", report_to="none", logging_steps=10 ** 9,
                   disable_tqdm=True, dataloader_num_workers=0)
     if system == "grpo":
@@ -139,9 +140,9 @@ def trl_trainer(ctx, system: str, seed: int, max_steps: int, clock, out_dir: str
     from trl import GRPOTrainer, RLOOTrainer
     nb, P = ctx.nb, ctx.P
     nb.seed_everything(seed)
-    base, tok = nb.load_base(P["MODEL"], P["CACHE_DIR"], ctx.device, nb.resolve_dtype(P["DTYPE"], ctx.device), seed=P["SEED"])
-    lora = LoraConfig(task_type="CAUSAL_LM", r=P["LORA_R"], lora_alpha=P["LORA_ALPHA"], lora_dropout=P["LORA_DROPOUT"],
-                      target_modules=P["LORA_TARGETS"])
+    base, tok = nb.load_base(P.MODEL, P.CACHE_DIR, ctx.device, nb.resolve_dtype(P.DTYPE, ctx.device), seed=P.SEED)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=P.LORA_R, lora_alpha=P.LORA_ALPHA, lora_dropout=P.LORA_DROPOUT,
+                      target_modules=P.LORA_TARGETS)
     cls = GRPOTrainer if system == "grpo" else RLOOTrainer
     return cls(model=base, reward_funcs=trl_reward(ctx), args=trl_config(system, P, seed, max_steps, out_dir, grad_ckpt),
                train_dataset=trl_dataset(ctx, tok), processing_class=tok, callbacks=[clock], peft_config=lora), tok
@@ -153,14 +154,14 @@ def cost_ours(ctx, steps: int, seed: int) -> list[float]:
     nb = ctx.nb
     model, tok = fresh_model(nb, ctx.P, seed, ctx.device)
     reward_fn = nb.make_reward_fn("similarity", ctx.embedder, None, device=ctx.device)
-    state = nb.make_ppo_state(model, tok, nb.ppo_config(ctx.P))
+    state = nb.make_ppo_state(model, tok, ctx.P)
     sampler = nb.PromptSampler(ctx.train_pairs, seed)
     return [nb.run_iteration(state, sampler, reward_fn, None)[0]["seconds"] for _ in range(1 + steps)]
 
 
 def cost_trl(ctx, system: str, steps: int, seed: int, out_dir: str, grad_ckpt: bool) -> list[float]:
     """1 + steps TRL rollouts (each generation + its optimizer steps) -> seconds each."""
-    spr = ctx.P["PPO_BATCH_SIZE"] // ctx.P["PPO_MINIBATCH_SIZE"]
+    spr = ctx.P.PPO_BATCH_SIZE // ctx.P.PPO_MINIBATCH_SIZE
     clock = rollout_clock(spr)
     trainer, _ = trl_trainer(ctx, system, seed, (1 + steps) * spr, clock, out_dir, grad_ckpt)
     trainer.train()
@@ -173,15 +174,15 @@ def learn_ours(ctx, seed: int, budget: float, run_path: Path) -> dict:
     model, tok = fresh_model(nb, P, seed, ctx.device)
     reward_fn = nb.make_reward_fn("similarity", ctx.embedder, None, device=ctx.device)
     nb.seed_everything(seed)
-    state = nb.make_ppo_state(model, tok, nb.ppo_config(P))
+    state = nb.make_ppo_state(model, tok, P)
     logs = nb.train_loop(state, nb.PromptSampler(ctx.train_pairs, seed), reward_fn, run_path, budget_s=budget,
-                         max_iterations=P["TRAIN_MAX_ITERS"], ckpt_every=0, progress=False)
+                         max_iterations=P.TRAIN_MAX_ITERS, ckpt_every=0, progress=False)
     return evaluate_after(ctx, P, model, tok, seed, t0, {"method": "ours", "train": {"iterations": len(logs)}})
 
 
 def learn_trl(ctx, system: str, seed: int, budget: float, run_path: Path, grad_ckpt: bool) -> dict:
     """TRL for `budget` wall seconds (the clock callback stops it), then the same evaluation as ours."""
-    t0, spr = time.time(), ctx.P["PPO_BATCH_SIZE"] // ctx.P["PPO_MINIBATCH_SIZE"]
+    t0, spr = time.time(), ctx.P.PPO_BATCH_SIZE // ctx.P.PPO_MINIBATCH_SIZE
     clock = rollout_clock(spr, budget_s=budget)
     trainer, tok = trl_trainer(ctx, system, seed, 10 ** 7, clock, str(run_path), grad_ckpt)
     trainer.train()
@@ -191,7 +192,7 @@ def learn_trl(ctx, system: str, seed: int, budget: float, run_path: Path, grad_c
 
 def worker(args) -> None:
     """--worker cost|learn: one system in this process; the result as JSON in --result."""
-    P = parameters(args.params, args.set)
+    P = notebook_config(**overrides_of(args.params, args.set))
     out_dir = str(Path(args.cache) / "trl_out" / f"{args.system}-{os.getpid()}")
     if args.worker == "cost":
         ctx = LiteContext(P, args.threads)
@@ -232,7 +233,7 @@ def run_cost(args, P: dict) -> dict:
             secs[system] += res["seconds"][1:]
             rss[system].append(mb)
             print(f"cost round {r} {system}: {np.median(res['seconds'][1:]):.2f} s/rollout, {mb:.0f} MB", flush=True)
-    batch = P["PPO_BATCH_SIZE"]
+    batch = P.PPO_BATCH_SIZE
     out = {"cost_seconds_per_rollout": secs, "cost_peak_rss_mb_per_round": rss, "cost_rollouts": args.steps * args.rounds,
            "cost_threads": args.threads}
     for s in SYSTEMS:
@@ -248,7 +249,7 @@ def run_cost(args, P: dict) -> dict:
 def run_learn(args, P: dict) -> dict:
     """Every (system, seed) for --budget s in its own process, cached; gains and paired-bootstrap intervals."""
     ctx = Context(P, Path(args.cache), args.threads)  # computes (or reads) the base eval once, before the runs
-    key = key_of({k: v for k, v in P.items() if not k.startswith(("DEMO", "FFT", "RUN_DIR", "RESUME"))}
+    key = key_of({k: v for k, v in dataclasses.asdict(P).items() if not k.startswith(("DEMO", "FFT", "RUN_DIR", "RESUME"))}
                  | {"budget": args.budget, "grad_ckpt": args.trl_grad_ckpt})
     out, runs = {"budget_s": args.budget, "seeds": args.seeds, "learn_threads": args.threads}, {}
     for system in SYSTEMS:
@@ -260,7 +261,7 @@ def run_learn(args, P: dict) -> dict:
             runs[system].append(json.loads(path.read_text()))
             print(f"learn {system} seed {seed}: gain {runs[system][-1]['gain']:+.3f} "
                   f"({runs[system][-1]['train']['iterations']} rollouts)", flush=True)
-        lo, hi = paired_gain_ci(ctx, runs[system], P["BOOTSTRAP"])
+        lo, hi = paired_gain_ci(ctx, runs[system], P.BOOTSTRAP)
         out |= {f"gain_{system}": float(np.mean([r["gain"] for r in runs[system]])), f"gain_ci_low_{system}": lo,
                 f"gain_ci_high_{system}": hi, f"gains_{system}": [r["gain"] for r in runs[system]],
                 f"rollouts_{system}": [r["train"]["iterations"] for r in runs[system]]}
@@ -314,14 +315,14 @@ def main():
     if args.worker:
         return worker(args)
     import trl
-    P, t0, out = parameters(args.params, args.set), time.time(), Path(args.out)
+    P, t0, out = notebook_config(**overrides_of(args.params, args.set)), time.time(), Path(args.out)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
-    old = old if old.get("model") == P["MODEL"] else {}  # the other mode's figures, only from the same model
+    old = old if old.get("model") == P.MODEL else {}  # the other mode's figures, only from the same model
     r = {k: old.get(k) for k in COST_FIELDS + LEARN_FIELDS}
     r.update(run_cost(args, P) if args.mode == "cost" else run_learn(args, P))
-    r = {"model": P["MODEL"], "machine": platform.machine(), "trl_version": trl.__version__,
-         "samples_per_step": P["PPO_BATCH_SIZE"], "samples_per_prompt": P["PPO_SAMPLES_PER_PROMPT"],
-         "max_new_tokens": P["MAX_NEW_TOKENS"], "trl_gradient_checkpointing": args.trl_grad_ckpt, "note": args.note,
+    r = {"model": P.MODEL, "machine": platform.machine(), "trl_version": trl.__version__,
+         "samples_per_step": P.PPO_BATCH_SIZE, "samples_per_prompt": P.PPO_SAMPLES_PER_PROMPT,
+         "max_new_tokens": P.MAX_NEW_TOKENS, "trl_gradient_checkpointing": args.trl_grad_ckpt, "note": args.note,
          "overrides": args.set, "this_call_s": time.time() - t0, **r}
     out.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown_report(r))

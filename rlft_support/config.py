@@ -1,6 +1,6 @@
-"""The one `Config` of rlft.ipynb: every knob, one name each, validated once where it is built; and the set-up
-helpers of the notebook's common cell (OMP_WAIT_POLICY, seed_everything, resolve_device, cpu_has_bf16,
-resolve_dtype). The method knobs have no default here (the notebook's parameters cell holds it); the support
+"""The one `Config` of rlft.ipynb: every knob, one name each, validated once where it is built; `check_sampling`
+(generate()'s check of the values it is called with); and the set-up helpers of the notebook's common cell
+(OMP_WAIT_POLICY, seed_everything, resolve_device, cpu_has_bf16, resolve_dtype). The method knobs have no default here (the notebook's parameters cell holds it); the support
 knobs have their only default here. Import this module before torch is first imported (see OMP_WAIT_POLICY)."""
 from __future__ import annotations
 
@@ -22,6 +22,19 @@ REWARD_NORMS, KL_ESTIMATORS = ("running", "batch", "group", "none"), ("k1", "k3"
 SURROGATE_TARGETS = ("adv", "adv_plus_delta")
 ADVANTAGES, OLD_LOGPROBS_SOURCES = ("gae", "group"), ("generate", "recompute")
 PIPELINES, KL_ANCHORS = ("sft+rl", "sft", "rl"), ("sft", "base")
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Raise a clear ValueError for settings that would crash (or silently misbehave) deep inside sampling:
+    temperature must be a finite number >= 0 (0 = greedy), top_k an integer >= 0, top_p a number in (0, 1].
+    (generate() calls it on every call: the demo passes the user's values, not the Config's.)"""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:  # NaN fails too
+        raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
 
 
 def seed_everything(seed: int) -> None:

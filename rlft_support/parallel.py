@@ -183,10 +183,10 @@ def writes_files(state) -> bool:
 DP_RESULT = "pipeline_result.json"  # rank 0's summary of a launched run (PipelineResult's figures), in RUN_DIR
 
 
-def train_rank(run_fn, model, tokenizer, train_pairs, reward_fn, run_path, params: dict, embedder=None) -> None:
+def train_rank(run_fn, model, tokenizer, train_pairs, reward_fn, run_path, cfg, embedder=None) -> None:
     """One rank of a data-parallel training run, as notebook_launcher or `accelerate launch` starts it: an
     Accelerator (gloo between CPU processes, one torch thread each on CPUs: forked OpenMP pools are unsafe),
-    run_fn (the notebook's run_pipeline) with it, then on rank 0 the final adapter (run_path/adapter) and the
+    run_fn (the notebook's run_pipeline) with it and `cfg` (the Config), then on rank 0 the final adapter (run_path/adapter) and the
     run's figures (DP_RESULT), which `launched_pipeline` reads back. Ctrl-C is deferred (deferred_interrupts):
     in the RL stage every rank stops at the same point and rank 0 saves, then the rank ends as normally."""
     from rlft_support.runs import save_atomically, write_json_atomic
@@ -195,7 +195,7 @@ def train_rank(run_fn, model, tokenizer, train_pairs, reward_fn, run_path, param
         torch.set_num_threads(1)
     accelerator = Accelerator(cpu=cpu)
     with deferred_interrupts():
-        result = run_fn(model, tokenizer, train_pairs, reward_fn, run_path, params, embedder=embedder,
+        result = run_fn(model, tokenizer, train_pairs, reward_fn, run_path, cfg, embedder=embedder,
                         accelerator=accelerator)
     if accelerator.is_main_process:
         save_atomically(Path(run_path) / "adapter", model.save_pretrained)
@@ -205,18 +205,18 @@ def train_rank(run_fn, model, tokenizer, train_pairs, reward_fn, run_path, param
     accelerator.wait_for_everyone()
 
 
-def launched_pipeline(model, run_path, params: dict):
+def launched_pipeline(model, run_path, cfg):
     """After a launched run: rank 0's final adapter loaded into this process's `model`, and the run's
     PipelineResult (the RL log read from run_path; state None and sft_logs [] stay in the ranks)."""
     from rlft_support.runs import PipelineResult, read_log
     run_path = Path(run_path)
     set_peft_model_state_dict(model, load_file(run_path / "adapter" / "adapter_model.safetensors"))
     r = json.loads((run_path / DP_RESULT).read_text())
-    return PipelineResult(params["PIPELINE"], None, [], read_log(run_path), r["seconds"], r["sft_steps"],
+    return PipelineResult(cfg.PIPELINE, None, [], read_log(run_path), r["seconds"], r["sft_steps"],
                           r["iterations"], r["samples_seen"], r["resumed"])
 
 
-def run_pipeline_parallel(num_processes: int, model, tokenizer, train_pairs, reward_fn, run_path, params: dict, *,
+def run_pipeline_parallel(num_processes: int, model, tokenizer, train_pairs, reward_fn, run_path, cfg, *,
                           run_fn, embedder=None, port: int = 0):
     """run_fn (the notebook's run_pipeline) on `num_processes` ranks of this machine, started by accelerate's
     notebook_launcher (forked from this kernel, so the model in memory is each rank's copy; on CPUs only: CUDA
@@ -225,9 +225,9 @@ def run_pipeline_parallel(num_processes: int, model, tokenizer, train_pairs, rew
     returns launched_pipeline, as the one-process run returns after Ctrl-C; in the SFT stage KeyboardInterrupt."""
     from accelerate import notebook_launcher
     wait_through_interrupts(notebook_launcher, train_rank,
-                            (run_fn, model, tokenizer, train_pairs, reward_fn, run_path, params, embedder),
+                            (run_fn, model, tokenizer, train_pairs, reward_fn, run_path, cfg, embedder),
                             num_processes=num_processes, use_port=str(port or free_port()), master_addr="127.0.0.1")
-    return launched_pipeline(model, run_path, params)
+    return launched_pipeline(model, run_path, cfg)
 
 
 def wait_through_interrupts(fn, *args, **kwargs) -> None:

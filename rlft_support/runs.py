@@ -5,7 +5,6 @@ cfg, anchor, dp) and `sampler` its PromptSampler (seed, state_dict, load_state_d
 from __future__ import annotations
 
 import contextlib, copy, dataclasses, errno, json, math, os, random, re, shutil, signal, threading, time, warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -334,11 +333,6 @@ def run_lock(run_path: Path, writer: bool = True):
         f.close()  # releases the lock
 
 
-def knob(cfg, name: str):
-    """The value of knob `name` in `cfg`: a mapping (the parameters cell's globals(), a dict) or a Config."""
-    return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
-
-
 class Checkpointing:
     """What the training loop does around each iteration, as a context manager:
 
@@ -351,13 +345,13 @@ class Checkpointing:
     Ctrl-C or any exception inside the block: `save_on_interrupt` rolls a half-done iteration back to the copy and
     saves a checkpoint; the exception is re-raised, except a KeyboardInterrupt whose checkpoint was saved, which
     ends the block quietly. SIGTERM and SIGHUP are turned into `Terminated` inside the block (main thread only):
-    saved like Ctrl-C, then SystemExit(128 + signal). `cfg`: the parameters (dict) or a Config, read for
+    saved like Ctrl-C, then SystemExit(128 + signal). `cfg`: the Config, read for
     CKPT_EVERY, CKPT_EVERY_S (0: off) and CKPT_KEEP. `writer`: this process writes files (False: a data-parallel
     rank > 0, which only rolls back)."""
 
     def __init__(self, run_path, state, sampler, logs: list[dict], cfg, writer: bool = True):
         self.run_path, self.state, self.sampler, self.logs, self.writer = Path(run_path), state, sampler, logs, writer
-        self.every, self.every_s, self.keep = knob(cfg, "CKPT_EVERY"), knob(cfg, "CKPT_EVERY_S"), knob(cfg, "CKPT_KEEP")
+        self.every, self.every_s, self.keep = cfg.CKPT_EVERY, cfg.CKPT_EVERY_S, cfg.CKPT_KEEP
         self.snapshot, self.seconds, self.last = None, 0.0, time.time()
 
     def __enter__(self) -> Checkpointing:
@@ -639,16 +633,16 @@ def load_sft_anchor(model, run_path: Path) -> None:
     set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
 
 
-def write_pipeline_meta(run_path: Path, params, sft_seconds: float, sft_logs: list[dict]) -> None:
+def write_pipeline_meta(run_path: Path, cfg, sft_seconds: float, sft_logs: list[dict]) -> None:
     """run_path/pipeline.json: what the SFT stage did (PIPELINE, its seconds and steps, the step whose adapter was
-    kept, KL_ANCHOR), which `resume_plan` reads back. `params`: the parameters (dict) or a Config."""
+    kept, KL_ANCHOR), which `resume_plan` reads back. `cfg`: the Config."""
     write_json_atomic(Path(run_path) / PIPELINE_META, {
-        "pipeline": knob(params, "PIPELINE"), "sft_seconds": sft_seconds, "budget_s": knob(params, "TRAIN_BUDGET_S"),
+        "pipeline": cfg.PIPELINE, "sft_seconds": sft_seconds, "budget_s": cfg.TRAIN_BUDGET_S,
         "sft_steps": len(sft_logs), "sft_restored_step": sft_logs[-1].get("restored_step") if sft_logs else None,
-        "kl_anchor": knob(params, "KL_ANCHOR")})
+        "kl_anchor": cfg.KL_ANCHOR})
 
 
-def resume_plan(run_path: Path, params, t0: float | None = None) -> tuple[float, bool, int]:
+def resume_plan(run_path: Path, cfg, t0: float | None = None) -> tuple[float, bool, int]:
     """RESUME of a pipeline with an RL checkpoint: SFT is skipped (pipeline.json says what it did) and RL goes on
     for what is left of TRAIN_BUDGET_S: the budget − the SFT seconds − the seconds of the RL iterations already
     run (the run's log: time spent, even on iterations after the checkpoint, which RL repeats). -> (deadline:
@@ -656,10 +650,10 @@ def resume_plan(run_path: Path, params, t0: float | None = None) -> tuple[float,
     which `load_sft_anchor` then puts back; sft_steps: the run's SFT steps)."""
     run_path, t0 = Path(run_path), time.time() if t0 is None else t0
     meta = json.loads((run_path / PIPELINE_META).read_text()) if (run_path / PIPELINE_META).exists() else {}
-    anchor = (meta.get("pipeline", knob(params, "PIPELINE")) == "sft+rl"
-              and meta.get("kl_anchor", knob(params, "KL_ANCHOR")) == "sft")
+    anchor = (meta.get("pipeline", cfg.PIPELINE) == "sft+rl"
+              and meta.get("kl_anchor", cfg.KL_ANCHOR) == "sft")
     spent = meta.get("sft_seconds", 0.0) + sum(r.get("seconds", 0.0) for r in read_log(run_path))
-    return t0 + knob(params, "TRAIN_BUDGET_S") - spent, anchor, meta.get("sft_steps", 0)
+    return t0 + cfg.TRAIN_BUDGET_S - spent, anchor, meta.get("sft_steps", 0)
 
 
 @dataclasses.dataclass
@@ -676,13 +670,13 @@ class PipelineResult:
     resumed: bool
 
 
-def pipeline_result(p: dict, state, sft_logs, rl_logs, sft_steps: int, t_sft: float, t0: float,
+def pipeline_result(cfg, state, sft_logs, rl_logs, sft_steps: int, t_sft: float, t0: float,
                     resumed: bool) -> PipelineResult:
     """Assemble the PipelineResult (samples_seen = SFT steps × SFT_BATCH_SIZE + RL iterations × PPO_BATCH_SIZE)."""
     iterations = state.iteration if state is not None else 0
     total = time.time() - t0
-    return PipelineResult(p["PIPELINE"], state, sft_logs, rl_logs, {"sft": t_sft, "rl": total - t_sft, "total": total},
-                          sft_steps, iterations, sft_steps * p["SFT_BATCH_SIZE"] + iterations * p["PPO_BATCH_SIZE"],
+    return PipelineResult(cfg.PIPELINE, state, sft_logs, rl_logs, {"sft": t_sft, "rl": total - t_sft, "total": total},
+                          sft_steps, iterations, sft_steps * cfg.SFT_BATCH_SIZE + iterations * cfg.PPO_BATCH_SIZE,
                           resumed)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # nbimport.py, at the repository root
-from nbimport import ROOT, load_notebook, notebook_parameters  # noqa: E402
+from nbimport import ROOT, load_notebook, notebook_config  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from generate import perturb_lora_b  # noqa: E402,F401  (one definition, shared with benchmarks/generate.py)
@@ -23,9 +23,20 @@ def nb():
 
 
 @pytest.fixture(scope="session")
-def params():
-    """The notebook's default parameters, read from its `parameters` cell (so tests follow the defaults)."""
-    return notebook_parameters(ROOT / "rlft.ipynb")
+def cfg():
+    """The notebook's Config: its `parameters` cell and Config's defaults (so tests follow the defaults)."""
+    return notebook_config(ROOT / "rlft.ipynb")
+
+
+# The PPO unit tests were written for these settings (the old PPOConfig's defaults, which differed from the
+# notebook's in these 9 knobs): one sample per prompt, a critic with GAE, no PPO-ptx term.
+UNIT_PPO = dict(PPO_BATCH_SIZE=8, PPO_SAMPLES_PER_PROMPT=1, PPO_MINIBATCH_SIZE=4, PPO_EPOCHS=2, PPO_LR=1e-4,
+                KL_COEF=0.05, REWARD_NORM="running", ADVANTAGE="gae", PTX_COEF=0.0)
+
+
+def unit_cfg(**knobs):
+    """The notebook's Config with UNIT_PPO, then `knobs` (by knob name) on top."""
+    return notebook_config(ROOT / "rlft.ipynb", **{**UNIT_PPO, **knobs})
 
 
 @pytest.fixture
@@ -44,8 +55,8 @@ def tiny(nb):
 
 
 @pytest.fixture
-def tiny_lora(nb, tiny, params):
+def tiny_lora(nb, tiny, cfg):
     """The tiny model wrapped in a LoRA adapter with the default LoRA parameters."""
     model, tokenizer = tiny
-    lora = nb.add_lora(model, params["LORA_R"], params["LORA_ALPHA"], params["LORA_DROPOUT"], params["LORA_TARGETS"])
+    lora = nb.add_lora(model, cfg.LORA_R, cfg.LORA_ALPHA, cfg.LORA_DROPOUT, cfg.LORA_TARGETS)
     return lora, tokenizer

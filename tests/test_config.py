@@ -41,9 +41,10 @@ def test_the_fields_without_a_default_are_the_parameters_cell_method_knobs():
     assert len(dataclasses.fields(Config)) == 51 + 40
 
 
-def test_every_parameter_is_a_config_field_or_moves_elsewhere(params):
+def test_the_parameters_cell_holds_exactly_the_method_knobs(params):
+    """LAYOUT section 6: the parameters cell's names are exactly Config's fields without a default (one default)."""
+    assert set(params) == METHOD_KNOBS
     fields = {f.name for f in dataclasses.fields(Config)}
-    assert {n for n in params if n not in fields} == {n for n in params if n.startswith(MOVING_ELSEWHERE)}
     assert not {n for n in fields if n.startswith(MOVING_ELSEWHERE)}
 
 
@@ -124,8 +125,9 @@ def test_values_in_range_pass(overrides):
     notebook_config(**overrides)
 
 
-def test_the_notebooks_allowed_values_agree_with_configs(nb):
-    """Until the notebook imports them from rlft_support.config (the wiring step), its copies must not drift."""
+def test_the_notebooks_allowed_values_are_configs(nb):
+    """The notebook imports the allowed-value lists and check_sampling from rlft_support.config: one copy each."""
     for name in ("LOGITS_MODES", "REWARD_NORMS", "KL_ESTIMATORS", "SURROGATE_TARGETS", "ADVANTAGES",
-                 "OLD_LOGPROBS_SOURCES", "PIPELINES", "KL_ANCHORS"):
-        assert set(getattr(nb, name)) == set(getattr(config, name)), name
+                 "OLD_LOGPROBS_SOURCES", "PIPELINES", "KL_ANCHORS", "check_sampling", "Config"):
+        assert getattr(nb, name) is getattr(config, name), name
+    assert not hasattr(nb, "PPOConfig") and not hasattr(nb, "ppo_config") and not hasattr(nb, "PPO_PARAMETERS")

@@ -7,8 +7,8 @@ from nbimport import ROOT
 from rlft_support import assets
 
 
-def test_shipped_data_validates(params):
-    pairs = assets.load_pairs(ROOT / params["DATA_PATH"])
+def test_shipped_data_validates(cfg):
+    pairs = assets.load_pairs(ROOT / cfg.DATA_PATH)
     assert len(assets.split_pairs(pairs, "train")) > 0 and len(assets.split_pairs(pairs, "eval")) > 0
     assert len({p["family"] for p in pairs}) >= 3
     assert all(p["prompt"] and p["reference"] for p in pairs)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import unit_cfg
 from nbimport import ROOT, load_notebook
 from rlft_support import parallel
 
@@ -27,9 +28,9 @@ def fixed_batch_state(nb, advantage: str, ptx_coef: float):
     nb.seed_everything(0)
     model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
     lora = nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
-    cfg = nb.PPOConfig(batch_size=len(PROMPTS) * K, samples_per_prompt=K, minibatch_size=3, epochs=2,
-                       max_new_tokens=6, temperature=1.0, advantage=advantage, ptx_coef=ptx_coef,
-                       reward_norm="group" if advantage == "group" else "running", kl_coef=0.05)
+    cfg = unit_cfg(PPO_BATCH_SIZE=len(PROMPTS) * K, PPO_SAMPLES_PER_PROMPT=K, PPO_MINIBATCH_SIZE=3, PPO_EPOCHS=2,
+                   MAX_NEW_TOKENS=6, TEMPERATURE=1.0, ADVANTAGE=advantage, PTX_COEF=ptx_coef,
+                   REWARD_NORM="group" if advantage == "group" else "running", KL_COEF=0.05)
     state = nb.make_ppo_state(lora, tok, cfg)
     prompts, references = nb.repeat_each(PROMPTS, K), nb.repeat_each(REFERENCES, K)
     nb.seed_everything(1)
@@ -170,9 +171,10 @@ def fake_ranks(rank: int, world: int) -> parallel.DataParallel:
                                                        is_main_process=rank == 0))
 
 
-def test_sft_stage_refuses_a_batch_that_does_not_split_over_the_ranks(nb, params, tmp_path):
+def test_sft_stage_refuses_a_batch_that_does_not_split_over_the_ranks(nb, cfg, tmp_path):
     with pytest.raises(ValueError, match="SFT_BATCH_SIZE=8 does not split evenly over 3 processes"):
-        nb.sft_stage(None, None, [], tmp_path, {**params, "SFT_BATCH_SIZE": 8}, 1.0, False, comm=fake_ranks(0, 3))
+        nb.sft_stage(None, None, [], tmp_path, dataclasses.replace(cfg, SFT_BATCH_SIZE=8), 1.0, False,
+                     comm=fake_ranks(0, 3))
 
 
 def test_own_rows_splits_whole_prompts_and_refuses_an_uneven_split():
@@ -197,10 +199,10 @@ def test_benchmark_smoke_two_ranks_and_the_report(tmp_path, one_thread):
     each rank), then the report from it (the lead runs the real, alternated benchmark alone)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import data_parallel as bench
-    P = bench.parameters(str(ROOT / "tests" / "tiny_params.json"),
-                         ["PPO_BATCH_SIZE=4", "PPO_SAMPLES_PER_PROMPT=2", "PPO_MINIBATCH_SIZE=2", "PPO_EPOCHS=1",
-                          "MAX_NEW_TOKENS=3", "SFT_BATCH_SIZE=4"])
-    P["CACHE_DIR"] = str(Path(P["CACHE_DIR"]).expanduser())
+    P = bench.notebook_config(**bench.overrides_of(str(ROOT / "tests" / "tiny_params.json"), [
+        "PPO_BATCH_SIZE=4", "PPO_SAMPLES_PER_PROMPT=2", "PPO_MINIBATCH_SIZE=2", "PPO_EPOCHS=1", "MAX_NEW_TOKENS=3",
+        "SFT_BATCH_SIZE=4"]))
+    P = dataclasses.replace(P, CACHE_DIR=str(Path(P.CACHE_DIR).expanduser()))
     record = bench.measure(P, "2p1t", 1, 2, 0, tmp_path)
     assert record["world"] == 2 and len(record["seconds"]) == 1 and record["seconds"][0] > 0
     assert len(record["sft_seconds"]) == 2 and min(record["sft_seconds"]) > 0
@@ -252,8 +254,8 @@ def rank_train(run_dir: str, out_dir: str, iters: int) -> None:
     nb.seed_everything(0)
     model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
     lora = nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
-    cfg = nb.PPOConfig(batch_size=8, samples_per_prompt=2, minibatch_size=4, epochs=1, max_new_tokens=5,
-                       temperature=1.0, advantage="group", reward_norm="group")
+    cfg = unit_cfg(PPO_BATCH_SIZE=8, PPO_SAMPLES_PER_PROMPT=2, PPO_MINIBATCH_SIZE=4, PPO_EPOCHS=1, MAX_NEW_TOKENS=5,
+                   TEMPERATURE=1.0, ADVANTAGE="group", REWARD_NORM="group")
     state = nb.make_ppo_state(lora, tok, cfg)
     parallel.enable_data_parallel(state, accelerator, seed=0)
     logs = nb.train_loop(state, nb.PromptSampler(PAIRS, 0), text_reward, run_dir, budget_s=1e9, max_iterations=iters,
@@ -280,9 +282,9 @@ def test_only_rank_0_writes_files_and_the_ranks_stay_equal(tmp_path, one_thread)
     nb = load_notebook()
     nb.seed_everything(0)
     model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
-    state = nb.make_ppo_state(nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"]), tok, nb.PPOConfig(
-        batch_size=8, samples_per_prompt=2, minibatch_size=4, epochs=1, max_new_tokens=5, temperature=1.0,
-        advantage="group", reward_norm="group"))
+    state = nb.make_ppo_state(nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"]), tok, unit_cfg(
+        PPO_BATCH_SIZE=8, PPO_SAMPLES_PER_PROMPT=2, PPO_MINIBATCH_SIZE=4, PPO_EPOCHS=1, MAX_NEW_TOKENS=5,
+        TEMPERATURE=1.0, ADVANTAGE="group", REWARD_NORM="group"))
     with pytest.warns(UserWarning, match="written by a run of 2 data-parallel processes and this run has 1"), \
             pytest.raises(nb.CheckpointError, match="no usable checkpoint"):
         nb.train_loop(state, nb.PromptSampler(PAIRS, 0), text_reward, run_dir, budget_s=1e9, max_iterations=3,
@@ -298,8 +300,8 @@ def rank_resumable(run_dir: str, out_dir: str, iters: int, resume: bool, stall_a
     accelerator = Accelerator(cpu=True)
     nb.seed_everything(0)
     model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
-    cfg = nb.PPOConfig(batch_size=8, samples_per_prompt=2, minibatch_size=3, epochs=2, max_new_tokens=5,
-                       temperature=1.0, advantage="group", reward_norm="group", ptx_coef=0.5)
+    cfg = unit_cfg(PPO_BATCH_SIZE=8, PPO_SAMPLES_PER_PROMPT=2, PPO_MINIBATCH_SIZE=3, PPO_EPOCHS=2, MAX_NEW_TOKENS=5,
+                   TEMPERATURE=1.0, ADVANTAGE="group", REWARD_NORM="group", PTX_COEF=0.5)
     state = nb.make_ppo_state(nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"]), tok, cfg)
     parallel.enable_data_parallel(state, accelerator, seed=0)
 
@@ -353,16 +355,17 @@ def test_two_process_run_killed_and_resumed_ends_where_an_uninterrupted_one_ends
     assert len(log_a) == 5 and log_a == log_b
 
 
-def test_num_processes_runs_the_pipeline_on_two_forked_ranks_and_the_kernel_gets_the_adapter(nb, params, tmp_path,
+def test_num_processes_runs_the_pipeline_on_two_forked_ranks_and_the_kernel_gets_the_adapter(nb, cfg, tmp_path,
                                                                                               one_thread):
     """NUM_PROCESSES > 1: the training cell's run_pipeline_parallel (accelerate's notebook_launcher, forked from
     this process as from a kernel); the model here then holds rank 0's final adapter."""
-    P = {**params, **json.loads((ROOT / "tests" / "tiny_params.json").read_text()), "TRAIN_BUDGET_S": 8,
-         "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4, "EVAL_MONITOR_N": 2, "RUN_DIR": str(tmp_path / "run"),
-         "PIPELINE": "sft+rl", "SFT_FRACTION": 0.3, "SFT_BATCH_SIZE": 4}  # both stages through the ranks
+    P = dataclasses.replace(cfg, **{**json.loads((ROOT / "tests" / "tiny_params.json").read_text()), "TRAIN_BUDGET_S": 8,
+                            "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4, "EVAL_MONITOR_N": 2,
+                            "RUN_DIR": str(tmp_path / "run"), "PIPELINE": "sft+rl", "SFT_FRACTION": 0.3,
+                            "SFT_BATCH_SIZE": 4})  # both stages through the ranks
     nb.seed_everything(0)
     base, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
-    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
+    model = nb.add_lora(base, P.LORA_R, P.LORA_ALPHA, P.LORA_DROPOUT, P.LORA_TARGETS)
     pairs = [dict(p, split="train") for p in PAIRS]
     result = parallel.run_pipeline_parallel(2, model, tok, pairs, text_reward, tmp_path / "run", P,
                                             run_fn=nb.run_pipeline)
@@ -381,15 +384,15 @@ def interrupted_kernel(run_dir: str, marker: str) -> None:
     and dawdles there, so that the test's interrupt lands mid-iteration. Prints the returned result (JSON)."""
     import os
     import time
-    from nbimport import notebook_parameters
+    from nbimport import notebook_config
     nb = load_notebook()
     torch.set_num_threads(1)
-    P = {**notebook_parameters(), **json.loads((ROOT / "tests" / "tiny_params.json").read_text()),
-         "TRAIN_BUDGET_S": 600, "TRAIN_MAX_ITERS": 50, "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4,
-         "PIPELINE": "rl", "CKPT_EVERY": 0, "CKPT_EVERY_S": 0, "RUN_DIR": run_dir, "RESUME": False}
+    P = notebook_config(**{**json.loads((ROOT / "tests" / "tiny_params.json").read_text()),
+                           "TRAIN_BUDGET_S": 600, "TRAIN_MAX_ITERS": 50, "PPO_BATCH_SIZE": 8, "PPO_MINIBATCH_SIZE": 4,
+                           "PIPELINE": "rl", "CKPT_EVERY": 0, "CKPT_EVERY_S": 0, "RUN_DIR": run_dir, "RESUME": False})
     nb.seed_everything(0)
     base, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
-    model = nb.add_lora(base, P["LORA_R"], P["LORA_ALPHA"], P["LORA_DROPOUT"], P["LORA_TARGETS"])
+    model = nb.add_lora(base, P.LORA_R, P.LORA_ALPHA, P.LORA_DROPOUT, P.LORA_TARGETS)
     calls = []
 
     def reward(prompts, responses, references):

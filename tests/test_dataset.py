@@ -44,8 +44,8 @@ def pairs():
     return assets.load_pairs(DATA)
 
 
-def test_default_data_path_is_the_dataset(params):
-    assert params["DATA_PATH"] == "data/pairs.jsonl"
+def test_default_data_path_is_the_dataset(cfg):
+    assert cfg.DATA_PATH == "data/pairs.jsonl"
 
 
 def test_size_and_families(pairs):

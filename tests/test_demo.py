@@ -1,5 +1,6 @@
 """The chat demo (section `demo`): base vs tuned from one PEFT model, served by gradio, checked through
 gradio_client and in a real headless chromium."""
+import dataclasses
 import os
 import re
 import shutil
@@ -570,12 +571,12 @@ def test_fuzzed_messages_through_the_answer_path(nb, method, tuned):
 DEMO_SIDES_ORDER = ("base", "tuned")
 
 
-def test_demo_limits_are_the_only_home_of_the_demo_caps(params):
+def test_demo_limits_are_the_only_home_of_the_demo_caps(cfg):
     """The 7 caps live in DemoLimits alone (no DEMO_MAX_*/DEMO_PCA_*/DEMO_QUEUE_SIZE parameter), with the values
     the parameters cell had."""
     limits = demo.DemoLimits()
-    assert not [name for name in params if name.startswith(("DEMO_MAX_", "DEMO_PCA_", "DEMO_QUEUE"))]
+    assert not [name for name in dataclasses.asdict(cfg) if name.startswith(("DEMO_MAX_", "DEMO_PCA_", "DEMO_QUEUE"))]
     assert (limits.max_chars, limits.max_turns, limits.max_prompt_tokens, limits.max_reference_chars,
             limits.queue_size) == (2000, 4, 1024, 2000, 16)
     assert (limits.pca_max_prompt_tokens, limits.pca_max_new_tokens) == (128, 32)
-    assert limits.pca_max_prompt_tokens < limits.max_prompt_tokens and limits.max_new_tokens >= params["MAX_NEW_TOKENS"]
+    assert limits.pca_max_prompt_tokens < limits.max_prompt_tokens and limits.max_new_tokens >= cfg.MAX_NEW_TOKENS

@@ -404,10 +404,10 @@ def assert_restored(model, saved):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merged_sampling_restores_the_weights_bitwise(nb, params, one_thread, dtype):
+def test_merged_sampling_restores_the_weights_bitwise(nb, cfg, one_thread, dtype):
     base, tokenizer = nb.load_base("tiny", CACHE_DIR, CPU, dtype, seed=0)
-    model = perturb_lora_b(nb.add_lora(base, params["LORA_R"], params["LORA_ALPHA"], params["LORA_DROPOUT"],
-                                       params["LORA_TARGETS"]), std=0.5)
+    model = perturb_lora_b(nb.add_lora(base, cfg.LORA_R, cfg.LORA_ALPHA, cfg.LORA_DROPOUT,
+                                       cfg.LORA_TARGETS), std=0.5)
     saved, prompts = lora_state(model), rendered(nb, tokenizer)
     attached = nb.generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0)
     with fast.merged_adapter(model):

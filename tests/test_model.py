@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import CACHE_DIR, CPU, perturb_lora_b
+from conftest import CACHE_DIR, CPU, perturb_lora_b, unit_cfg
 from rlft_support import config
 from rlft_support import assets
 
@@ -66,13 +66,13 @@ def test_cpu_has_bf16_never_crashes_without_flags(tmp_path):
     assert config.cpu_has_bf16(tmp_path) is False  # a folder, not a file
 
 
-def test_lora_wraps_the_intended_modules(tiny_lora, params):
+def test_lora_wraps_the_intended_modules(tiny_lora, cfg):
     model, _ = tiny_lora
     wrapped = {re.sub(r".*\.", "", n.rsplit(".lora_A", 1)[0]) for n, _ in model.named_modules() if n.endswith("lora_A")}
-    assert wrapped == set(params["LORA_TARGETS"])
+    assert wrapped == set(cfg.LORA_TARGETS)
     layers = model.base_model.model.config.num_hidden_layers
     count = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
-    assert count == layers * len(params["LORA_TARGETS"])
+    assert count == layers * len(cfg.LORA_TARGETS)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
@@ -200,19 +200,19 @@ def test_a_local_folder_needs_no_hub(nb, no_hub, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- the bf16 base (DTYPE="bfloat16", issue 18)
-def bf16_policy(nb, params):
+def bf16_policy(nb, cfg):
     model, tokenizer = nb.load_base("tiny", CACHE_DIR, CPU, nb.resolve_dtype("bfloat16", CPU), seed=0)
-    lora = nb.add_lora(model, params["LORA_R"], params["LORA_ALPHA"], params["LORA_DROPOUT"], params["LORA_TARGETS"])
+    lora = nb.add_lora(model, cfg.LORA_R, cfg.LORA_ALPHA, cfg.LORA_DROPOUT, cfg.LORA_TARGETS)
     return perturb_lora_b(lora), tokenizer
 
 
-def test_bf16_base_keeps_lora_and_value_head_fp32(nb, params, one_thread):
-    lora, tokenizer = bf16_policy(nb, params)
+def test_bf16_base_keeps_lora_and_value_head_fp32(nb, cfg, one_thread):
+    lora, tokenizer = bf16_policy(nb, cfg)
     trainable = {n: p for n, p in lora.named_parameters() if p.requires_grad}
     frozen = [p for p in lora.parameters() if not p.requires_grad]
     assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)  # the base really is stored in bf16
-    state = nb.make_ppo_state(lora, tokenizer, nb.PPOConfig(batch_size=4, minibatch_size=2, max_new_tokens=4))
+    state = nb.make_ppo_state(lora, tokenizer, unit_cfg(PPO_BATCH_SIZE=4, PPO_MINIBATCH_SIZE=2, MAX_NEW_TOKENS=4))
     assert all(p.dtype == torch.float32 for p in state.value_head.parameters())
     gen = nb.generate(lora, tokenizer, [nb.chat_prompt(tokenizer, "Hi"), nb.chat_prompt(tokenizer, "Name a fruit.")],
                       max_new_tokens=5, temperature=1.0, generator=torch.Generator().manual_seed(0))
@@ -224,9 +224,10 @@ def test_bf16_base_keeps_lora_and_value_head_fp32(nb, params, one_thread):
     assert torch.isfinite(out.logprobs[mask]).all() and (out.logprobs[mask] <= 0).all()
 
 
-def test_bf16_sft_step_and_ppo_iteration_are_finite_with_fp32_grads(nb, params, one_thread):
-    lora, tokenizer = bf16_policy(nb, params)
-    state = nb.make_ppo_state(lora, tokenizer, nb.PPOConfig(batch_size=4, minibatch_size=2, epochs=1, max_new_tokens=4))
+def test_bf16_sft_step_and_ppo_iteration_are_finite_with_fp32_grads(nb, cfg, one_thread):
+    lora, tokenizer = bf16_policy(nb, cfg)
+    state = nb.make_ppo_state(lora, tokenizer, unit_cfg(PPO_BATCH_SIZE=4, PPO_MINIBATCH_SIZE=2, PPO_EPOCHS=1,
+                                                                     MAX_NEW_TOKENS=4))
     ids, mask, labels = nb.sft_batch(tokenizer, [{"prompt": "Hi", "reference": "Hello there."},
                                                  {"prompt": "Name a fruit.", "reference": "An apple."}], CPU)
     with nb.autocast_for(state):

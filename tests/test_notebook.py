@@ -43,9 +43,12 @@ def test_imports_quickly_and_loads_no_model():
 
 
 def parameter_names() -> set[str]:
+    """Every knob: the parameters cell's names and Config's fields (the support knobs live in Config only)."""
+    import dataclasses
+    from rlft_support.config import Config
     cell = next(c for c in read_nb().cells if "parameters" in c.metadata.get("tags", []))
     return {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
-            for t in node.targets if isinstance(t, ast.Name)}
+            for t in node.targets if isinstance(t, ast.Name)} | {f.name for f in dataclasses.fields(Config)}
 
 
 ALLOWED = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)

@@ -1,5 +1,6 @@
 """Section 8.1, the training pipeline: SFT -> RL in one budget (run_pipeline), reset_lora, the guarded sft_train,
 resume, and benchmarks/pipeline_seeds.py end to end on the tiny model."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,9 +22,9 @@ FAST = {"PPO_BATCH_SIZE": 4, "PPO_SAMPLES_PER_PROMPT": 2, "PPO_MINIBATCH_SIZE": 
 
 
 @pytest.fixture
-def P(params):
-    """The notebook's defaults with the tiny overrides and a small PPO batch."""
-    return params | TINY | FAST
+def P(cfg):
+    """The notebook's Config with the tiny overrides and a small PPO batch."""
+    return dataclasses.replace(cfg, **TINY, **FAST)
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def same_tensors(a: dict, b: dict) -> bool:
 
 
 def run(nb, model, tok, pairs, run_path, P, **overrides):
-    return nb.run_pipeline(model, tok, pairs, length_reward, run_path, P | overrides, progress=False)
+    return nb.run_pipeline(model, tok, pairs, length_reward, run_path, dataclasses.replace(P, **overrides), progress=False)
 
 
 # --- reset_lora -----------------------------------------------------------------------------------------------
@@ -168,12 +169,13 @@ def test_sft_stage_trains_on_the_train_pairs_less_the_held_out_ones(nb, tiny_lor
     model, tok = tiny_lora
     sampled, real_sampler = [], nb.PromptSampler
     monkeypatch.setattr(nb, "PromptSampler", lambda pairs, seed: (sampled.append(pairs), real_sampler(pairs, seed))[1])
-    logs = nb.sft_stage(model, tok, train_pairs, tmp_path, P | {"SFT_VAL_FRAC": 0.25, "SFT_MAX_STEPS": 3}, 60, False)
+    logs = nb.sft_stage(model, tok, train_pairs, tmp_path, dataclasses.replace(P, SFT_VAL_FRAC=0.25, SFT_MAX_STEPS=3), 60,
+                        False)
     fit, held = nb.held_out_split(train_pairs, 0.25)
     assert sampled == [fit] and held and not any(x in fit for x in held)
     assert "restored_step" in logs[-1] and (tmp_path / nb.SFT_ADAPTER / "adapter_model.safetensors").exists()
     with pytest.raises(ValueError, match="SFT_VAL_FRAC"):
-        nb.check_pipeline_params(P | {"SFT_VAL_FRAC": 1.0})
+        dataclasses.replace(P, SFT_VAL_FRAC=1.0)  # Config refuses it where it is built
 
 
 # --- run_pipeline: the arms, the budget, re-runs, resume ----------------------------------------------------------
@@ -191,7 +193,7 @@ def test_each_arm_runs_end_to_end(nb, tiny_lora, train_pairs, P, tmp_path, monke
     sft_steps, iters = (0 if arm == "rl" else 3), (0 if arm == "sft" else 2)
     assert (r.pipeline, r.sft_steps, len(r.sft_logs)) == (arm, sft_steps, sft_steps)
     assert r.iterations == len(r.rl_logs) == iters
-    assert r.samples_seen == sft_steps * P["SFT_BATCH_SIZE"] + iters * P["PPO_BATCH_SIZE"]
+    assert r.samples_seen == sft_steps * P.SFT_BATCH_SIZE + iters * P.PPO_BATCH_SIZE
     assert (r.state is None) == (arm == "sft") and not r.resumed
     assert set(r.seconds) == {"sft", "rl", "total"} and r.seconds["total"] >= r.seconds["sft"] >= 0
     assert (tmp_path / "run" / "sft_adapter" / "adapter_model.safetensors").exists() == (arm != "rl")
@@ -225,7 +227,7 @@ def test_kl_anchor_base_leaves_the_reference_at_the_base(nb, tiny_lora, train_pa
 @pytest.mark.parametrize("bad", [{"PIPELINE": "ppo"}, {"KL_ANCHOR": "ref"}, {"SFT_FRACTION": 1.5}])
 def test_bad_pipeline_parameters_are_named(nb, P, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        nb.run_pipeline(None, None, [], length_reward, "unused", P | bad)
+        nb.run_pipeline(None, None, [], length_reward, "unused", dataclasses.replace(P, **bad))
 
 
 @pytest.mark.parametrize("arm", ["sft+rl", "sft"])
@@ -279,7 +281,7 @@ def test_a_fresh_run_archives_the_previous_run_first(nb, tiny_lora, train_pairs,
     assert not same_tensors(load_file(tmp_path / "run" / "sft_adapter" / "adapter_model.safetensors"), first)
 
 
-def test_resume_continues_rl_with_the_sft_anchor_reloaded(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch, params):
+def test_resume_continues_rl_with_the_sft_anchor_reloaded(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch, cfg):
     model, tok = tiny_lora
     anchors = []
     real_anchor = nb.set_kl_anchor
@@ -289,11 +291,11 @@ def test_resume_continues_rl_with_the_sft_anchor_reloaded(nb, tiny_lora, train_p
     first = run(nb, model, tok, train_pairs, tmp_path / "run", P, TRAIN_MAX_ITERS=2, **kw)
     first_anchor = nb.anchor_state_dict(first.state)
     base, tok2 = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)  # "a new kernel"
-    fresh = nb.add_lora(base, params["LORA_R"], params["LORA_ALPHA"], params["LORA_DROPOUT"], params["LORA_TARGETS"])
+    fresh = nb.add_lora(base, cfg.LORA_R, cfg.LORA_ALPHA, cfg.LORA_DROPOUT, cfg.LORA_TARGETS)
     second = run(nb, fresh, tok2, train_pairs, tmp_path / "run", P, TRAIN_MAX_ITERS=4, RESUME=True, **kw)
     assert second.resumed and second.sft_logs == [] and second.sft_steps == 2
     assert second.iterations == 4 and [r["iteration"] for r in second.rl_logs] == [0, 1, 2, 3]
-    assert second.samples_seen == 2 * P["SFT_BATCH_SIZE"] + 4 * P["PPO_BATCH_SIZE"]
+    assert second.samples_seen == 2 * P.SFT_BATCH_SIZE + 4 * P.PPO_BATCH_SIZE
     assert len(anchors) == 2 and same_tensors(anchors[0], anchors[1])  # the anchor is the SFT policy again
     again = nb.anchor_state_dict(second.state)
     assert again.keys() == first_anchor.keys() and all(torch.equal(again[k].cpu(), first_anchor[k].cpu())
@@ -319,11 +321,11 @@ def test_monitor_scores_a_fixed_subset_of_train_prompts(nb, tiny_lora, train_pai
     assert len(nb.monitor_subset(train_pairs, 10**6)) == len(train_pairs)
     seen = []
     monkeypatch.setattr(nb, "make_monitors", lambda tok, pairs, emb, **k: (seen.append(pairs), (None, None))[1])
-    run(nb, model, tok, train_pairs, tmp_path / "run", P | {"EVAL_MONITOR_N": 4}, PIPELINE="rl", TRAIN_BUDGET_S=300,
+    run(nb, model, tok, train_pairs, tmp_path / "run", dataclasses.replace(P, EVAL_MONITOR_N=4), PIPELINE="rl", TRAIN_BUDGET_S=300,
         TRAIN_MAX_ITERS=1)
     assert seen == []  # no embedder: no monitor
-    nb.run_pipeline(model, tok, train_pairs, length_reward, tmp_path / "run", P | {
-        "EVAL_MONITOR_N": 4, "PIPELINE": "rl", "TRAIN_BUDGET_S": 300, "TRAIN_MAX_ITERS": 1}, embedder=object(),
+    nb.run_pipeline(model, tok, train_pairs, length_reward, tmp_path / "run", dataclasses.replace(
+        P, EVAL_MONITOR_N=4, PIPELINE="rl", TRAIN_BUDGET_S=300, TRAIN_MAX_ITERS=1), embedder=object(),
         progress=False)
     assert seen == [nb.monitor_subset(train_pairs, 4)] and all(p["split"] == "train" for p in seen[0])
 

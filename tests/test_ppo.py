@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import perturb_lora_b
+from conftest import perturb_lora_b, unit_cfg
 from rlft_support import fast
 
 PROMPTS = ["Define 'harbour' in one sentence.", "Why is the sky blue?", "Name a fruit.", "Say hello.",
@@ -22,8 +22,8 @@ def trainable_snapshot(state):
 
 
 def small_cfg(nb, **kw):
-    base = dict(batch_size=8, minibatch_size=4, epochs=2, max_new_tokens=6, temperature=1.0)
-    return nb.PPOConfig(**{**base, **kw})
+    base = dict(PPO_BATCH_SIZE=8, PPO_MINIBATCH_SIZE=4, PPO_EPOCHS=2, MAX_NEW_TOKENS=6, TEMPERATURE=1.0)
+    return unit_cfg(**{**base, **kw})
 
 
 def random_reward(prompts, responses, references):
@@ -156,7 +156,7 @@ def test_kl_estimators_and_token_rewards(nb):
     assert (k3 >= 0).all() and k3[0, 2] == 0
     mask = torch.tensor([[1, 1, 0.0], [1, 1, 1.0]])
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.1, 0.1, 0.1]])
-    rewards = nb.token_rewards(torch.tensor([5.0, -1.0]), kl, mask, beta=0.5)
+    rewards = nb.token_rewards(torch.tensor([5.0, -1.0]), kl, mask, kl_coef=0.5)
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, -0.1 + 5.0, 0.0], [-0.05, -0.05, -0.05 - 1.0]]))
 
 
@@ -193,25 +193,15 @@ def test_group_normalisation_compares_siblings(nb):
     assert nb.repeat_each(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
     with pytest.raises(ValueError, match="not groups of 2"):
         nb.normalise_scores(torch.tensor([1.0, 2.0, 3.0]), "group", stats, group_size=2)
-    with pytest.raises(ValueError, match="samples_per_prompt"):
-        nb.PPOConfig(batch_size=8, samples_per_prompt=3)
-
-
-def test_ppo_config_reads_every_field_from_the_parameters_cell(nb, params):
-    """ppo_config(parameters) fills every PPOConfig field from a parameters-cell name (none forgotten)."""
-    import dataclasses
-    cfg = nb.ppo_config(params)
-    mapped = set(nb.PPO_PARAMETERS)
-    assert mapped == {f.name for f in dataclasses.fields(nb.PPOConfig)} - {"value_init_std"}
-    for field, name in nb.PPO_PARAMETERS.items():
-        assert getattr(cfg, field) == params[name], field
+    with pytest.raises(ValueError, match="PPO_SAMPLES_PER_PROMPT"):
+        unit_cfg(PPO_BATCH_SIZE=8, PPO_SAMPLES_PER_PROMPT=3)
 
 
 def test_config_rejects_bad_values(nb):
-    for bad in (dict(reward_norm="whiten"), dict(kl_estimator="k2"), dict(surrogate_target="delta"),
-                dict(temperature=0.0), dict(minibatch_size=16), dict(epochs=0)):
+    for bad in (dict(REWARD_NORM="whiten"), dict(KL_ESTIMATOR="k2"), dict(SURROGATE_TARGET="delta"),
+                dict(TEMPERATURE=0.0), dict(PPO_MINIBATCH_SIZE=16), dict(PPO_EPOCHS=0)):
         with pytest.raises(ValueError):
-            nb.PPOConfig(**bad)
+            unit_cfg(**bad)
 
 
 # ----------------------------------------------------------------------------------------------- log-probs
@@ -238,7 +228,7 @@ def test_policy_logprobs_shift_padding_temperature(nb, tiny_lora):
 
 
 # ----------------------------------------------------------------------------------------------- rollout/update
-def test_reference_is_base_model_and_differs_once_lora_moves(nb, tiny_lora, params):
+def test_reference_is_base_model_and_differs_once_lora_moves(nb, tiny_lora, cfg):
     model, tok = tiny_lora
     base, _ = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)  # same weights
     state = nb.make_ppo_state(model, tok, small_cfg(nb))
@@ -257,12 +247,12 @@ def test_reference_is_base_model_and_differs_once_lora_moves(nb, tiny_lora, para
     assert (ro2.kl_exact > 0).all()
 
 
-def test_first_minibatch_ratio_is_one_with_shuffled_minibatches(nb, tiny, params, monkeypatch):
+def test_first_minibatch_ratio_is_one_with_shuffled_minibatches(nb, tiny, cfg, monkeypatch):
     model, tok = tiny
-    lora = nb.add_lora(model, params["LORA_R"], params["LORA_ALPHA"], 0.1, params["LORA_TARGETS"])  # dropout 0.1
+    lora = nb.add_lora(model, cfg.LORA_R, cfg.LORA_ALPHA, 0.1, cfg.LORA_TARGETS)  # dropout 0.1
     perturb_lora_b(lora)
     torch.manual_seed(0)
-    state = nb.make_ppo_state(lora, tok, small_cfg(nb, minibatch_size=3))
+    state = nb.make_ppo_state(lora, tok, small_cfg(nb, PPO_MINIBATCH_SIZE=3))
     seen, real = [], nb.minibatch_loss
     monkeypatch.setattr(nb, "minibatch_loss", lambda s, ro, idx: (seen.append(idx.tolist()), real(s, ro, idx))[1])
     stats = nb.ppo_iteration(state, PROMPTS, [""] * 8, random_reward)
@@ -302,22 +292,23 @@ def toy_reward_setup(nb, monkeypatch):
     return model, tok, good, reward
 
 
-def run_toy(nb, model, tok, reward, iterations, params):
+def run_toy(nb, model, tok, reward, iterations, cfg):
     torch.manual_seed(0)
-    lora = nb.add_lora(copy.deepcopy(model), params["LORA_R"], params["LORA_ALPHA"], 0.0, params["LORA_TARGETS"])
-    cfg = nb.PPOConfig(batch_size=16, minibatch_size=8, epochs=2, lr=2e-3, max_new_tokens=8, temperature=1.0)
-    state = nb.make_ppo_state(lora, tok, cfg)
+    lora = nb.add_lora(copy.deepcopy(model), cfg.LORA_R, cfg.LORA_ALPHA, 0.0, cfg.LORA_TARGETS)
+    toy_cfg = unit_cfg(PPO_BATCH_SIZE=16, PPO_MINIBATCH_SIZE=8, PPO_EPOCHS=2, PPO_LR=2e-3, MAX_NEW_TOKENS=8,
+                       TEMPERATURE=1.0)
+    state = nb.make_ppo_state(lora, tok, toy_cfg)
     prompts = [f"Say something, number {i}." for i in range(16)]
     return [nb.ppo_iteration(state, prompts, [""] * 16, reward)["score"] for _ in range(iterations)]
 
 
-def test_toy_learning_half_vocabulary(nb, monkeypatch, params):
+def test_toy_learning_half_vocabulary(nb, monkeypatch, cfg):
     model, tok, good, reward = toy_reward_setup(nb, monkeypatch)
     assert 0.45 < good.float().mean() < 0.55
-    scores = run_toy(nb, model, tok, reward, 20, params)
+    scores = run_toy(nb, model, tok, reward, 20, cfg)
     assert 0.35 < scores[0] < 0.65, scores  # starts near chance
     assert sum(scores[-3:]) / 3 >= 0.7, scores  # and learns
-    assert run_toy(nb, model, tok, reward, 3, params) == scores[:3]  # deterministic under the seed
+    assert run_toy(nb, model, tok, reward, 3, cfg) == scores[:3]  # deterministic under the seed
 
 
 def test_nan_reward_is_skipped_and_weights_unchanged(nb, tiny_lora):
@@ -356,9 +347,9 @@ def test_nonfinite_loss_and_gradient_skip_the_step(nb, tiny_lora):
     assert nb.optimizer_step(state, sum((p ** 2).sum() for p in params_)) is True
 
 
-@pytest.mark.parametrize("options", [dict(surrogate_target="adv_plus_delta", kl_prev_coef=0.5),
-                                     dict(kl_estimator="k3", reward_norm="batch", no_eos_penalty=1.0,
-                                          kl_target=1.0, kl_horizon=100, target_kl=1e-6)])
+@pytest.mark.parametrize("options", [dict(SURROGATE_TARGET="adv_plus_delta", KL_PREV_COEF=0.5),
+                                     dict(KL_ESTIMATOR="k3", REWARD_NORM="batch", NO_EOS_PENALTY=1.0,
+                                          KL_TARGET=1.0, KL_HORIZON=100, TARGET_KL=1e-6)])
 def test_options_run_and_report(nb, tiny_lora, options):
     model, tok = tiny_lora
     state = nb.make_ppo_state(model, tok, small_cfg(nb, **options))
@@ -366,9 +357,9 @@ def test_options_run_and_report(nb, tiny_lora, options):
     for key in ("score", "kl_ref", "entropy", "clip_frac", "approx_kl", "value_loss", "policy_loss",
                 "explained_variance", "response_len", "eos_rate", "tokens_per_s", "seconds", "skipped"):
         assert key in stats and isinstance(stats[key], float), key
-    if options.get("target_kl"):
+    if options.get("TARGET_KL"):
         assert stats["early_stop"] and stats["epochs_done"] == 1  # stopped after the first minibatch's KL
-        assert state.kl_ctl.beta != options.get("kl_coef", 0.05)  # the adaptive controller moved β
+        assert state.kl_ctl.beta != options.get("KL_COEF", 0.05)  # the adaptive controller moved β
 
 
 # ----------------------------------------------------------------------------------------------- issue 20: group advantage
@@ -407,15 +398,15 @@ def fake_rollout(nb, scores, mask, k_logprobs=None):
 def fake_state(nb, cfg):
     import types
     return types.SimpleNamespace(cfg=cfg, reward_stats=nb.RunningMoments(), kl_ctl=nb.AdaptiveKLController(
-        cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), counters={"skipped_reward": 0, "skipped_loss": 0,
+        cfg.KL_COEF, cfg.KL_TARGET, cfg.KL_HORIZON), counters={"skipped_reward": 0, "skipped_loss": 0,
                                                                "skipped_grad": 0, "clipped_reward": 0},
         comm=nb.SingleProcess())
 
 
 def test_compute_advantages_group_mode(nb):
     """advantage='group': R_i = normalised score − β·Σ kl, leave-one-out, scaled by the std of the per-response values."""
-    cfg = nb.PPOConfig(batch_size=8, samples_per_prompt=4, minibatch_size=4, advantage="group", reward_norm="running",
-                       kl_coef=0.5)
+    cfg = unit_cfg(PPO_BATCH_SIZE=8, PPO_SAMPLES_PER_PROMPT=4, PPO_MINIBATCH_SIZE=4, ADVANTAGE="group",
+                   REWARD_NORM="running", KL_COEF=0.5)
     mask = torch.ones(8, 4)
     mask[2, 2:] = 0
     scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
@@ -434,15 +425,15 @@ def test_compute_advantages_group_mode(nb):
         assert (ro.advantages[i][~valid] == 0).all()
     assert ro.advantages[4:].abs().max() < 1e-5  # the all-equal prompt: zero advantage
     assert ro.returns is None and (ro.deltas == 0).all()  # no critic, no TD residuals
-    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
-        nb.PPOConfig(batch_size=8, samples_per_prompt=1, advantage="group")
+    with pytest.raises(ValueError, match="PPO_SAMPLES_PER_PROMPT >= 2"):
+        unit_cfg(PPO_BATCH_SIZE=8, PPO_SAMPLES_PER_PROMPT=1, ADVANTAGE="group")
     with pytest.raises(ValueError):
-        nb.PPOConfig(advantage="critic")
+        unit_cfg(ADVANTAGE="critic")
 
 
 def test_group_iteration_runs_no_value_head(nb, tiny_lora, monkeypatch):
     model, tok = tiny_lora
-    state = nb.make_ppo_state(model, tok, small_cfg(nb, samples_per_prompt=4, advantage="group"))
+    state = nb.make_ppo_state(model, tok, small_cfg(nb, PPO_SAMPLES_PER_PROMPT=4, ADVANTAGE="group"))
     torch.manual_seed(0)
     calls = []
     monkeypatch.setattr(nb.ValueHead, "forward", lambda self, h: calls.append(1) or torch.zeros(h.shape[:2]))
@@ -463,7 +454,7 @@ def ptx_setup(nb, tiny_lora, **kw):
     model, tok = tiny_lora
     torch.manual_seed(0)  # the minibatch shuffle decides which prompts share a ptx batch
     perturb_lora_b(model)
-    cfg = small_cfg(nb, samples_per_prompt=4, advantage="group", **kw)
+    cfg = small_cfg(nb, PPO_SAMPLES_PER_PROMPT=4, ADVANTAGE="group", **kw)
     state = nb.make_ppo_state(model, tok, cfg)
     prompts, refs = nb.repeat_each(PROMPTS[:2], 4), nb.repeat_each(["A harbour is a sheltered port.", "Rayleigh scattering."], 4)
     return state, prompts, refs
@@ -477,9 +468,9 @@ def test_ptx_adds_the_reference_nll_and_zero_keeps_the_loss(nb, tiny_lora):
     idx = torch.tensor([0, 1, 4, 5])  # two rows of each prompt: two distinct reference answers
     loss0, stats0 = nb.minibatch_loss(state, ro, idx)
     cfg = state.cfg
-    today = stats0["policy_loss"] + cfg.vf_coef * stats0["value_loss"] - cfg.ent_coef * stats0["entropy"]
+    today = stats0["policy_loss"] + cfg.PPO_VF_COEF * stats0["value_loss"] - cfg.PPO_ENT_COEF * stats0["entropy"]
     assert loss0.item() == pytest.approx(today, abs=1e-6) and "ptx_loss" not in stats0  # ptx_coef = 0: unchanged
-    state.cfg = dataclasses.replace(cfg, ptx_coef=0.5)
+    state.cfg = dataclasses.replace(cfg, PTX_COEF=0.5)
     loss1, stats1 = nb.minibatch_loss(state, ro, idx)
     nll = nb.reference_nll(state, ro, idx)
     assert stats1["ptx_loss"] == pytest.approx(nll.item(), rel=1e-6) and nll.item() > 1.0
@@ -505,7 +496,7 @@ def constant_reward(prompts, responses, references):
 @pytest.mark.parametrize("ptx_coef", [0.0, 1.0])
 def test_ptx_lowers_the_reference_nll(nb, tiny_lora, ptx_coef):
     """With a constant score and β = 0 the surrogate has no signal: only the ptx term can move the adapter."""
-    state, prompts, refs = ptx_setup(nb, tiny_lora, ptx_coef=ptx_coef, lr=5e-3, ent_coef=0.0, kl_coef=0.0)
+    state, prompts, refs = ptx_setup(nb, tiny_lora, PTX_COEF=ptx_coef, PPO_LR=5e-3, PPO_ENT_COEF=0.0, KL_COEF=0.0)
     ro = nb.rollout(state, prompts, refs, constant_reward)
     rows = torch.arange(8)
     with torch.no_grad():
@@ -579,13 +570,14 @@ def test_zero_beta_skips_the_reference_pass(nb, tiny_lora, monkeypatch):
     model, tok = tiny_lora
     calls, real = [], nb.policy_logprobs
     monkeypatch.setattr(nb, "policy_logprobs", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    state = nb.make_ppo_state(model, tok, small_cfg(nb, kl_coef=0.0, minibatch_size=8, epochs=1))
+    state = nb.make_ppo_state(model, tok, small_cfg(nb, KL_COEF=0.0, PPO_MINIBATCH_SIZE=8, PPO_EPOCHS=1))
     stats = nb.ppo_iteration(state, PROMPTS, [""] * 8, random_reward)
     assert len(calls) == 2  # π_old in the rollout, one minibatch forward; no reference pass
     assert not any(kw.get("keep_dist") or kw.get("kl_from") is not None for kw in calls)  # no [B, T, V] kept
     assert stats["t_ref"] == 0.0 and math.isnan(stats["kl_ref"]) and stats["skipped"] == 0.0
     calls.clear()
-    adaptive = nb.make_ppo_state(model, tok, small_cfg(nb, kl_coef=0.0, kl_target=1.0, minibatch_size=8, epochs=1))
+    adaptive = nb.make_ppo_state(model, tok, small_cfg(nb, KL_COEF=0.0, KL_TARGET=1.0, PPO_MINIBATCH_SIZE=8,
+                                                        PPO_EPOCHS=1))
     stats = nb.ppo_iteration(adaptive, PROMPTS, [""] * 8, random_reward)
     assert len(calls) == 3 and stats["t_ref"] > 0 and math.isfinite(stats["kl_ref"])  # β may grow: measured
 
@@ -747,7 +739,7 @@ def count_forwards(nb, monkeypatch):
 
 def test_old_logprobs_from_generate_skip_the_forward_between_monitors(nb, tiny_lora, monkeypatch):
     model, tok = tiny_lora
-    state = nb.make_ppo_state(model, tok, small_cfg(nb, kl_monitor_every=2, advantage="group", samples_per_prompt=4))
+    state = nb.make_ppo_state(model, tok, small_cfg(nb, KL_MONITOR_EVERY=2, ADVANTAGE="group", PPO_SAMPLES_PER_PROMPT=4))
     calls, seen = count_forwards(nb, monkeypatch), {}
     real_generate = nb.generate
     monkeypatch.setattr(nb, "generate", lambda *a, **kw: seen.setdefault("g", real_generate(*a, **kw)))
@@ -768,7 +760,7 @@ def test_old_logprobs_from_generate_skip_the_forward_between_monitors(nb, tiny_l
 def test_iteration_stats_keep_every_key_nan_where_not_measured(nb, tiny_lora, monkeypatch):
     model, tok = tiny_lora
     prompts = nb.repeat_each(PROMPTS[:2], 4)
-    state = nb.make_ppo_state(model, tok, small_cfg(nb, samples_per_prompt=4, advantage="group", kl_monitor_every=2))
+    state = nb.make_ppo_state(model, tok, small_cfg(nb, PPO_SAMPLES_PER_PROMPT=4, ADVANTAGE="group", KL_MONITOR_EVERY=2))
     torch.manual_seed(0)
     first = nb.ppo_iteration(state, prompts, [""] * 8, random_reward)
     second = nb.ppo_iteration(state, prompts, [""] * 8, random_reward)
@@ -782,12 +774,12 @@ def test_iteration_stats_keep_every_key_nan_where_not_measured(nb, tiny_lora, mo
 def test_recompute_and_gae_run_the_old_policy_forward(nb, tiny_lora, monkeypatch):
     model, tok = tiny_lora
     calls = count_forwards(nb, monkeypatch)
-    for kw in (dict(old_logprobs="recompute", advantage="group", samples_per_prompt=4), dict(advantage="gae")):
-        state = nb.make_ppo_state(model, tok, small_cfg(nb, kl_monitor_every=0, **kw))
+    for kw in (dict(OLD_LOGPROBS="recompute", ADVANTAGE="group", PPO_SAMPLES_PER_PROMPT=4), dict(ADVANTAGE="gae")):
+        state = nb.make_ppo_state(model, tok, small_cfg(nb, KL_MONITOR_EVERY=0, **kw))
         calls[:] = []
         ro = nb.rollout(state, PROMPTS, [""] * 8, random_reward)
         assert len(calls) == 2 and ro.kl_exact is None and ro.gen_logprob_err < 1e-4, kw  # π_old + reference
-        assert ro.timings["t_old_logprobs"] > 0 and (ro.values is not None) == (kw.get("advantage") == "gae")
+        assert ro.timings["t_old_logprobs"] > 0 and (ro.values is not None) == (kw.get("ADVANTAGE") == "gae")
 
 
 def test_rollout_merged_is_passed_to_generate_only_when_set(nb, tiny_lora, monkeypatch):
@@ -795,12 +787,12 @@ def test_rollout_merged_is_passed_to_generate_only_when_set(nb, tiny_lora, monke
     seen, real = [], nb.generate
     monkeypatch.setattr(nb, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     for merged in (False, True):
-        state = nb.make_ppo_state(model, tok, small_cfg(nb, rollout_merged=merged))
+        state = nb.make_ppo_state(model, tok, small_cfg(nb, ROLLOUT_MERGED=merged))
         nb.rollout(state, PROMPTS[:2], [""] * 2, random_reward)
     assert "merged" not in seen[0] and seen[1]["merged"] is True
 
 
-def test_rollout_compiled_is_passed_to_generate_only_when_set(nb, tiny_lora, params, monkeypatch):
+def test_rollout_compiled_is_passed_to_generate_only_when_set(nb, tiny_lora, cfg, monkeypatch):
     """COMPILE_DECODE reaches generate(compiled=True); the step runs uncompiled here (the static-cache path, no
     compile time; the compiled step itself is tested in test_generate.py)."""
     model, tok = tiny_lora
@@ -808,25 +800,24 @@ def test_rollout_compiled_is_passed_to_generate_only_when_set(nb, tiny_lora, par
     monkeypatch.setattr(nb, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     monkeypatch.setattr(fast, "compiled_decode_forward", lambda: fast.decode_forward)  # make_cache calls it
     for compiled in (False, True):
-        state = nb.make_ppo_state(model, tok, small_cfg(nb, rollout_compiled=compiled))
+        state = nb.make_ppo_state(model, tok, small_cfg(nb, COMPILE_DECODE=compiled))
         nb.rollout(state, PROMPTS[:2], [""] * 2, random_reward)
     assert "compiled" not in seen[0] and seen[1]["compiled"] is True
-    assert params["COMPILE_DECODE"] is False  # opt-in
-    assert nb.ppo_config({**params, "COMPILE_DECODE": True}).rollout_compiled is True
+    assert cfg.COMPILE_DECODE is False  # opt-in
 
 
 def test_config_rejects_bad_iteration_cost_knobs(nb):
-    for bad in (dict(old_logprobs="cached"), dict(kl_monitor_every=-1)):
+    for bad in (dict(OLD_LOGPROBS="cached"), dict(KL_MONITOR_EVERY=-1)):
         with pytest.raises(ValueError):
-            nb.PPOConfig(**bad)
+            unit_cfg(**bad)
 
 
 @pytest.mark.slow
-def test_generate_logprobs_equal_a_recomputation_on_the_packaged_model(nb, params):
+def test_generate_logprobs_equal_a_recomputation_on_the_packaged_model(nb, cfg):
     """OLD_LOGPROBS = "generate" rests on this: generate()'s log-probs (KV cache, one position at a time) equal a
     full recomputation within 1e-4, on the real model in fp32 with a trained-looking adapter."""
     model, tok = nb.load_base("packaged", "~/.cache/rlft", torch.device("cpu"), torch.float32)
-    lora = nb.add_lora(model, params["LORA_R"], params["LORA_ALPHA"], 0.0, params["LORA_TARGETS"])
+    lora = nb.add_lora(model, cfg.LORA_R, cfg.LORA_ALPHA, 0.0, cfg.LORA_TARGETS)
     perturb_lora_b(lora, std=0.01)
     torch.manual_seed(0)
     gen = nb.generate(lora, tok, [nb.chat_prompt(tok, p) for p in PROMPTS], max_new_tokens=24, temperature=0.7)

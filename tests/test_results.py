@@ -109,7 +109,7 @@ def test_ppo_seeds_script_end_to_end(nb, tmp_path):
     assert again["gains"] == r["gains"]
 
 
-def test_ablations_script_end_to_end(nb, tmp_path, params):
+def test_ablations_script_end_to_end(nb, tmp_path, cfg):
     r, md = run_script(tmp_path, "ablations", "--budget", "1", "--seeds", "0")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from ablations import VARIANTS
@@ -120,7 +120,7 @@ def test_ablations_script_end_to_end(nb, tmp_path, params):
             assert len(v["vs_default"]) == 1
     assert r["variants"]["sft"]["overrides"] == {}
     assert r["variants"]["default"]["overrides"] == {}
-    assert r["variants"]["entropy"]["overrides"]["PPO_ENT_COEF"] != params["PPO_ENT_COEF"]  # flipped, never a no-op
+    assert r["variants"]["entropy"]["overrides"]["PPO_ENT_COEF"] != cfg.PPO_ENT_COEF  # flipped, never a no-op
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots()
     report.plot_gains(ax, r["variants"], "ablations")  # the variants are plot_gains' input

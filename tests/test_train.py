@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import unit_cfg
 from nbimport import ROOT
 from rlft_support import report
 from rlft_support import runs
@@ -35,7 +36,7 @@ def make_state(nb, seed=0):
     nb.seed_everything(seed)
     model, tok = nb.load_base("tiny", "~/.cache/rlft", torch.device("cpu"), torch.float32, seed=0)
     lora = nb.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
-    cfg = nb.PPOConfig(batch_size=4, minibatch_size=2, epochs=2, max_new_tokens=5, temperature=1.0)
+    cfg = unit_cfg(PPO_BATCH_SIZE=4, PPO_MINIBATCH_SIZE=2, PPO_EPOCHS=2, MAX_NEW_TOKENS=5, TEMPERATURE=1.0)
     return nb.make_ppo_state(lora, tok, cfg), nb.PromptSampler(PAIRS, seed)
 
 
@@ -159,7 +160,7 @@ def test_iteration_samples_k_responses_per_prompt(nb):
     """samples_per_prompt = K: batch_size / K prompts from the sampler, each in K consecutive rows."""
     import dataclasses
     state, sampler = make_state(nb)
-    state.cfg = dataclasses.replace(state.cfg, samples_per_prompt=2, reward_norm="group")
+    state.cfg = dataclasses.replace(state.cfg, PPO_SAMPLES_PER_PROMPT=2, REWARD_NORM="group")
     seen = []
     stats, _ = nb.run_iteration(state, sampler, text_reward, lambda ro, prompts, refs: seen.append(prompts) or {})
     prompts = seen[0]
@@ -551,8 +552,8 @@ def test_a_torn_last_log_line_is_reported_and_does_not_block_resume(nb, tmp_path
     with pytest.warns(UserWarning, match=r"train_log.jsonl:3: torn last line"):
         assert len(runs.read_log(tmp_path)) == 2
     with pytest.warns(UserWarning, match=r"train_log.jsonl:3"):  # the pipeline's RESUME reads the log first
-        deadline, anchor, sft_steps = runs.resume_plan(tmp_path, {"PIPELINE": "rl", "KL_ANCHOR": "sft",
-                                                                  "TRAIN_BUDGET_S": 1e6})
+        deadline, anchor, sft_steps = runs.resume_plan(tmp_path, unit_cfg(PIPELINE="rl", KL_ANCHOR="sft",
+                                                                       TRAIN_BUDGET_S=1e6))
     assert deadline > time.time() and not anchor and sft_steps == 0
     state, sampler = make_state(nb)
     logs = nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=3, resume=True,
