@@ -349,8 +349,11 @@ def test_nonfinite_loss_and_gradient_skip_the_step(nb, tiny_lora):
 
 @pytest.mark.parametrize("options", [dict(SURROGATE_TARGET="adv_plus_delta", KL_PREV_COEF=0.5),
                                      dict(KL_ESTIMATOR="k3", REWARD_NORM="batch", NO_EOS_PENALTY=1.0,
-                                          KL_TARGET=1.0, KL_HORIZON=100, TARGET_KL=1e-6)])
+                                          KL_TARGET=1.0, KL_HORIZON=100, TARGET_KL=1e-12)])
 def test_options_run_and_report(nb, tiny_lora, options):
+    """TARGET_KL 1e-12: below any first minibatch's approx-KL (~1e-6 on the tiny model), so the stop is certain;
+    at 1e-6 it came after the second minibatch for 4 of 12 seeds (a flaky test)."""
+    torch.manual_seed(0)
     model, tok = tiny_lora
     state = nb.make_ppo_state(model, tok, small_cfg(nb, **options))
     stats = nb.ppo_iteration(state, PROMPTS, [""] * 8, random_reward)
