@@ -330,110 +330,9 @@ print(chat_prompt(tokenizer, train_pairs[0]["prompt"]) + train_pairs[0]["referen
 # One hand-written, batched, token-by-token `generate()` is the only generation path of the notebook: rollouts,
 # evaluation and the chat demo all call it (the demo through `generate_stream`). It returns a `Generation`
 # (sequences, attention mask, prompt length, response mask, log-probs, stop reasons, texts; see CONTRIBUTING.md).
-#
-# **Decoding with a KV cache.** The B prompts are left-padded to a common length $P$, with mask $m \in \{0,1\}^{B\times P}$.
-# One prefill pass over the prompts fills the key/value cache (a `DynamicCache`, passed as `cache=`); each later
-# step feeds one new token per row and appends a 1 to the mask. Positions come from the mask,
-#
-# $$ \text{pos}_{b,t} = \Big(\textstyle\sum_{s \le t} m_{b,s}\Big) - 1, $$
-#
-# so a padded row sees exactly the positions it would see alone and padding is masked out of attention: padding
-# never changes a row's logits (tested to 1e-4). Only the last position goes through the output layer
-# (`logits_to_keep=1`).
-#
-# **Sampling.** From the step's logits $z \in \mathbb{R}^V$ (fp32), temperature $\tau$, top-$k$ and nucleus top-$p$:
-#
-# $$ \pi(x) \;\propto\; \exp(z_x/\tau)\;\cdot\;[x \in \text{top-}k(z)]\;\cdot\;[x \in N_p], \qquad
-# N_p = \text{the smallest set of most likely tokens whose probability reaches } p . $$
-#
-# $\tau = 0$ is greedy (argmax). Settings are checked up front: $\tau$ must be finite and $\ge 0$, top-$k \ge 0$,
-# $0 < p \le 1$ — anything else is a clear `ValueError`, not a crash inside sampling. The returned `logprobs` are $\log \pi(x_t)$ of each sampled token (for greedy, under
-# the plain softmax) — a diagnostic; PPO recomputes its own.
-#
-# **Stopping.** A row stops at its first EOS: the EOS is kept (mask 1), everything after it is masked (0) and
-# `stop_reason` says `"eos"`; rows that hit `max_new_tokens` say `"length"`. A stopped row also *leaves the batch*
-# (its rows of the KV cache are dropped), so the rows still talking run at a smaller batch and nobody computes
-# tokens that will be thrown away. A prompt longer than the context window minus `max_new_tokens` loses its
-# beginning, with a warning; an empty prompt becomes a single BOS token.
-#
-# **Speed** (`benchmarks/generate.md`: packaged SmolLM2, an Intel Xeon with 2 cores, 2 torch threads, 32 greedy
-# tokens, medians of 3 alternated runs, alone on the machine; the adapter attached, as in a rollout). Greedy tokens
-# are identical to Hugging Face's `model.generate()`; ours ran 8.5 / 47.1 / 75.8 tok/s at batch 1 / 8 / 16 against
-# HF's 9.1 / 46.3 / 76.8 and a bare forward-plus-argmax loop's 9.0 / 46.0 / 81.0. On a CPU nearly all of a step is
-# the forward pass itself (HF is as fast as a bare loop), so the gains left are less model work per token
-# (finished rows leave the batch; the adapter merged, below) and less overhead around it (compiled, below).
-# Batch-1 decoding of today's path runs at 19% of this machine's memory-bandwidth bound (24.4 GB/s measured in
-# the same run, 532 MB of weights read per token).
-#
-# **The adapter merged for sampling** (`generate(..., merged=True)`, issue 18). With LoRA attached every adapted
-# layer runs two extra small matmuls per token. `merged_adapter` folds the update into a copy of each weight,
-# $W' = W + \tfrac{\alpha}{r} BA$ (fp32, stored in $W$'s dtype), switches the LoRA branch off, and afterwards puts
-# the original tensors back (bitwise: the same storage, never $W' - \Delta$). In the same run merged sampling ran
-# 12.0 / 56.6 / 92.3 tok/s at batch 1 / 8 / 16 (`speedup_b1` 1.41, `speedup_b8` 1.20, `speedup_b16` 1.22; 27% of
-# the bound at batch 1), with the same greedy tokens as fp32 HF, for a merged copy of the adapted weights (peak
-# RSS of a batch-8 run +491 MB vs +92 MB). It is opt-in (`ROLLOUT_MERGED`) because no training run has been
-# measured with it yet. The merged sampler's log-probs match the attached policy's within 1e-4 in fp32
-# (`test_generate.py`), so PPO can take π_old from either.
-#
-# **A compiled decode step** (`generate(..., compiled=True)`, parameter `COMPILE_DECODE`, issue 18; opt-in). The
-# prefill stays eager; every later step is one call of `decode_forward` under `torch.compile` (inductor: C++ kernels
-# built with the system's gcc) on a transformers `StaticCache` of $P$ + `max_new_tokens` slots written in place. It
-# is given the real mask so far, $[B, S]$; the model pads it with zeros to the cache's width and its causal mask
-# hides the slots not yet written, so left padding and positions work as in the eager loop, and finished rows still
-# leave the batch (`select_cache_rows`). With `dynamic=True` the batch size, mask width and cache length are
-# symbolic: one graph serves every prompt length and batch size $\ge 2$; batch 1 gets a second one, and each of
-# merged / attached adapter, dtype and grad mode one more (all compiled once per process). Sampling stays eager and
-# in fp32 on the compiled step's logits, so the returned log-probs are the policy's log-softmax as before. Greedy
-# tokens equal the eager loop's on the tiny model (`test_generate.py`, with a row leaving the batch and new shapes
-# that do not recompile) and, in `generate.md`, on the packaged model in fp32 at batch 1, 8 and 16. Measured there
-# (merged too): 13.2 / 55.4 / 88.3 tok/s at batch 1 / 8 / 16 (`speedup_b1_compiled` 1.55, `speedup_b8_compiled`
-# 1.18 over today's path), after a one-time compile of 28 s (batch 1) and 48 s (batch 2 and up) per process: a
-# little faster than merged alone at batch 1 (13.2 vs 12.0), no faster at 8 and 16. Nearly all of a CPU step is
-# the matrix products themselves, which compiling leaves to the same library kernels; it only removes the Python
-# and the small ops around them. Weight freezing (`torch._inductor.config.freezing`) is not used: it bakes the
-# weights into the graph, which is wrong as soon as PPO updates them or the adapter is merged. What transformers
-# offers itself (`cache_implementation="static"` with a `compile_config`) lives inside `model.generate()` (its own
-# sampling, no rows leaving the batch, none of our log-probs or logits modes) and compiles automatically only on
-# CUDA-class devices (on a CPU only through the private `CompileConfig._compile_all_devices`), so our loop reuses
-# its pieces (the `StaticCache`, prefill eager and decode compiled) instead.
-#
-# **A bf16 base** (`DTYPE = "bfloat16"`; this Xeon has avx512_bf16 and AMX; `benchmarks/generate_bf16.md`, a
-# second run of the same script with the "new" and compiled paths on a bf16 base): merged bf16 sampling ran 11.0 / 63.1 / 108.3 tok/s
-# against fp32 attached 9.6 / 49.9 / 88.3 (`speedup_b1` 1.15, `speedup_b8` 1.26, `speedup_b16` 1.23), reading
-# 275 MB of weights per token instead of 532, but its greedy tokens agree with fp32's only 87% / 83% / 72% at
-# batch 1 / 8 / 16 (rounding flips near-ties, and a row diverges from there). With the adapter attached, HF's
-# generate on the bf16 base was slower than in fp32 (7.9 vs 9.6 tok/s at batch 1): the fp32 adapter casts every
-# activation twice per adapted layer.
-#
-# **The seed's PCA step** (`logits_mode="pca_seed"`). At every step the seed stacked the logits of all positions
-# so far into $Z \in \mathbb{R}^{n \times V}$ ($n$ positions, $V = 49{,}152$ tokens), called `torch.pca_lowrank(Z)` —
-# randomised, centred over positions, $q = \min(6, n, V)$ components — and sampled from the **first principal
-# direction**:
-#
-# $$ Z - \mathbf{1}\mu^\top \approx U S W^\top, \qquad \tilde z = W_{:,1}, \qquad \pi = \operatorname{softmax}(\tilde z). $$
-#
-# We reproduce it faithfully (per row over its own non-pad positions; seeded, so runs repeat; the arbitrary sign
-# kept). In plain words: $W_{:,1}$ is not the current step's logits but the *direction in vocabulary space along
-# which the logits varied most across the positions so far*, a unit vector. All its entries are tiny
-# (about $\pm 1/\sqrt{V} \approx 0.0045$; for "Define 'harbour' in one sentence." the largest is 0.0065), so its softmax is
-# uniform over the 49,152 tokens to within half a percent, and its sign is a coin toss: the model's prediction is
-# essentially thrown away and the text becomes random tokens. Nor does it save
-# anything: it needs the logits of *every* position (the full output layer over the prompt, then an $n \times V$
-# matrix kept for the whole response), adds a randomised SVD per row and step, and the softmax over $V$ is still
-# computed. Measured (`benchmarks/logits_modes.md`, table below; 683 response positions of 16 eval prompts,
-# teacher-forced): KL(full ‖ pca_seed) = 9.1 nats, top-1 agreement with the model 0.1%, entropy 10.80 nats =
-# $\log V$, i.e. uniform; sampled text is a string of unrelated tokens; and generation at batch 8 runs about 6×
-# slower (3.6 vs 21.2 tokens/s) with about 5× the peak memory (217 vs 42 MB). **The seed's PCA step turns the language
-# model into a uniform random token generator, and costs more than it was meant to save.**
-#
-# **A principled variant** (`logits_mode="pca_rank_k"`, rank `PCA_K`): keep the current logits but project them
-# onto the top-$k$ principal directions of the same matrix (exact SVD, fp32),
-# $\hat z = \mu + W_{:k} W_{:k}^\top (z - \mu)$. It tends to `full` as $k \to n-1$ (exactly equal there): measured
-# KL 5.2 / 3.6 / 1.3 / 0.01 nats and top-1 agreement 4% / 12% / 44% / 97% for $k$ = 1 / 4 / 16 / 64. It is a
-# fidelity knob, not a speed-up (4.6–5.2 tokens/s, like `pca_seed`): any trick on the logits can save at most
-# the output layer, about 28M of SmolLM2's ~134M per-token weights (~21%), and an SVD per step costs more than that.
-# The optional SVD-factorised output layer (preview logits in rank k, exact logits for the top candidates) is not
-# built.
+# Greedy tokens are identical to Hugging Face's `model.generate()`; ours ran 8.5 / 47.1 / 75.8 tok/s at batch 1 / 8 / 16
+# against HF's 9.1 / 46.3 / 76.8 (`benchmarks/generate.md`; what each speed option measured is in
+# [benchmarks/README.md](benchmarks/README.md)).
 
 # %% rlft={"section": "generate"}
 #| export
@@ -478,6 +377,12 @@ def eos_ids_of(model, tokenizer) -> list[int]:
     ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
     return sorted(i for i in ids if i is not None)
 
+
+# %% [markdown] rlft={"section": "generate"}
+# **Prompts in.** The B prompts are left-padded to a common length $P$, with mask $m \in \{0,1\}^{B\times P}$
+# (`encode_prompts`). A prompt longer than the context window minus `max_new_tokens` loses its beginning, with a
+# warning; an empty prompt becomes a single BOS token. `filter_logits` applies the temperature, top-$k$ and top-$p$
+# of the next cell.
 
 # %% rlft={"section": "generate"}
 #| export
@@ -525,6 +430,19 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
+
+# %% [markdown] rlft={"section": "generate"}
+# ### Sampling
+#
+# $\tau = 0$ is greedy (argmax). Settings are checked up front: $\tau$ must be finite and $\ge 0$, top-$k \ge 0$,
+# $0 < p \le 1$ — anything else is a clear `ValueError`, not a crash inside sampling. The returned `logprobs` are
+# $\log \pi(x_t)$ of each sampled token (for greedy, under the plain softmax) — a diagnostic; PPO recomputes its own.
+# From the step's logits $z \in \mathbb{R}^V$ (fp32), temperature $\tau$, top-$k$ and nucleus top-$p$, `sample_tokens` draws from
+#
+# $$ \pi(x) \;\propto\; \exp(z_x/\tau)\;\cdot\;[x \in \text{top-}k(z)]\;\cdot\;[x \in N_p], \qquad
+# N_p = \text{the smallest set of most likely tokens whose probability reaches } p . $$
+#
+# (`sample_tokens`; the same cell holds the seed's PCA logits modes, `step_logits`, taken up at the end of this section.)
 
 # %% rlft={"section": "generate"}
 #| export
@@ -626,6 +544,23 @@ def forward_step(net, inputs: torch.Tensor, positions: torch.Tensor, mask: torch
                use_cache=True, logits_to_keep=0 if keep_all_logits else 1).logits
 
 
+# %% [markdown] rlft={"section": "generate"}
+# ### Decoding with a KV cache
+#
+# **Stopping.** A row stops at its first EOS: the EOS is kept (mask 1), everything after it is masked (0) and
+# `stop_reason` says `"eos"`; rows that hit `max_new_tokens` say `"length"`. A stopped row also *leaves the batch*
+# (its rows of the KV cache are dropped), so the rows still talking run at a smaller batch and nobody computes
+# tokens that will be thrown away.
+#
+# One prefill pass over the prompts fills the key/value cache (a `DynamicCache`, passed as `cache=`); each later
+# step feeds one new token per row (`forward_step`) and appends a 1 to the mask. Only the last position goes through
+# the output layer (`logits_to_keep=1`). Positions come from the mask,
+#
+# $$ \text{pos}_{b,t} = \Big(\textstyle\sum_{s \le t} m_{b,s}\Big) - 1, $$
+#
+# so a padded row sees exactly the positions it would see alone and padding is masked out of attention: padding
+# never changes a row's logits (tested to 1e-4). `decode_steps` is that loop.
+
 # %% rlft={"section": "generate"}
 #| export
 @torch.no_grad()
@@ -675,6 +610,16 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
         inputs, positions = tokens[:, None], mask.sum(-1, keepdim=True) - 1
 
 
+# %% [markdown] rlft={"section": "generate"}
+# **`generate()`** checks the settings, encodes the prompts leaving room for `max_new_tokens`, runs `decode_steps`
+# and returns the `Generation`. Two opt-in speed paths keep that contract. `merged=True` (`ROLLOUT_MERGED`, issue 18):
+# `merged_adapter` folds the LoRA update into a copy of each weight, $W' = W + \tfrac{\alpha}{r} BA$, and afterwards
+# puts the original tensors back (bitwise); merged sampling ran 12.0 / 56.6 / 92.3 tok/s at batch 1 / 8 / 16, and its
+# log-probs match the attached policy's within 1e-4 in fp32 (`test_generate.py`), so PPO can take π_old from either.
+# `compiled=True` (`COMPILE_DECODE`): the prefill stays eager, every later step runs `decode_forward` under
+# `torch.compile` on a `StaticCache`; sampling stays eager and in fp32. Both stay opt-in until a training run is
+# measured with them.
+
 # %% rlft={"section": "generate"}
 #| export
 def prepare_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -713,6 +658,10 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
                       stop_reason=["eos" if e else "length" for e in ended.tolist()], texts=texts)
 
 
+# %% [markdown] rlft={"section": "generate"}
+# **Streamed, for the chat.** `generate_stream` runs the same loop for one prompt and yields the text as its tokens
+# arrive (holding back half a multi-byte character).
+
 # %% rlft={"section": "generate"}
 #| export
 def generate_stream(model, tokenizer, prompt: str, *, max_new_tokens: int, **sampling) -> Iterator[str]:
@@ -749,6 +698,19 @@ print(f"{len(demo_prompts)} prompts, {gen.response_mask.sum().item()} tokens in 
 for p, text in zip(train_pairs, gen.texts):
     print(f"- {p['prompt']!r} -> {text!r}")
 
+# %% [markdown] rlft={"section": "generate"}
+# ### The seed's PCA step
+#
+# At every step (`logits_mode="pca_seed"`) the seed stacked the logits of all positions so far into
+# $Z \in \mathbb{R}^{n \times V}$ ($n$ positions, $V = 49{,}152$ tokens), called `torch.pca_lowrank(Z)` —
+# randomised, centred over positions, $q = \min(6, n, V)$ components — and sampled from the **first principal
+# direction**:
+#
+# $$ Z - \mathbf{1}\mu^\top \approx U S W^\top, \qquad \tilde z = W_{:,1}, \qquad \pi = \operatorname{softmax}(\tilde z). $$
+#
+# We reproduce it faithfully in `pca_seed_logits` (the sampling cell above; per row over its own non-pad positions;
+# seeded, so runs repeat; the arbitrary sign kept). The next cell runs it on one real context.
+
 # %% rlft={"section": "generate"}
 # The seed's PCA step on one real context, live (one forward pass, well under a second): what does it sample from?
 ids, _ = prepare_prompts(model, tokenizer, demo_prompts[:1], cfg.MAX_NEW_TOKENS)
@@ -766,6 +728,29 @@ for name, z in candidates.items():
 # The measured tables (committed; rerun with `python benchmarks/generate.py` / `python benchmarks/logits_modes.py`).
 show_committed(("generate", "logits_modes"))
 
+# %% [markdown] rlft={"section": "generate"}
+# **What it does.** In plain words: $W_{:,1}$ is not the current step's logits but the *direction in vocabulary space
+# along which the logits varied most across the positions so far*, a unit vector. All its entries are tiny
+# (about $\pm 1/\sqrt{V} \approx 0.0045$; for "Define 'harbour' in one sentence." the largest is 0.0065), so its softmax is
+# uniform over the 49,152 tokens to within half a percent, and its sign is a coin toss: the model's prediction is
+# essentially thrown away and the text becomes random tokens. Nor does it save
+# anything: it needs the logits of *every* position (the full output layer over the prompt, then an $n \times V$
+# matrix kept for the whole response), adds a randomised SVD per row and step, and the softmax over $V$ is still
+# computed. Measured (`benchmarks/logits_modes.md`, table above; 683 response positions of 16 eval prompts,
+# teacher-forced): KL(full ‖ pca_seed) = 9.1 nats, top-1 agreement with the model 0.1%, entropy 10.80 nats =
+# $\log V$, i.e. uniform; sampled text is a string of unrelated tokens; and generation at batch 8 runs about 6×
+# slower (3.6 vs 21.2 tokens/s) with about 5× the peak memory (217 vs 42 MB). **The seed's PCA step turns the language
+# model into a uniform random token generator, and costs more than it was meant to save.**
+#
+# **A principled variant** (`logits_mode="pca_rank_k"`, rank `PCA_K`): keep the current logits but project them
+# onto the top-$k$ principal directions of the same matrix (exact SVD, fp32),
+# $\hat z = \mu + W_{:k} W_{:k}^\top (z - \mu)$. It tends to `full` as $k \to n-1$ (exactly equal there): measured
+# KL 5.2 / 3.6 / 1.3 / 0.01 nats and top-1 agreement 4% / 12% / 44% / 97% for $k$ = 1 / 4 / 16 / 64. It is a
+# fidelity knob, not a speed-up (4.6–5.2 tokens/s, like `pca_seed`): any trick on the logits can save at most
+# the output layer, about 28M of SmolLM2's ~134M per-token weights (~21%), and an SVD per step costs more than that.
+# The optional SVD-factorised output layer (preview logits in rank k, exact logits for the top candidates) is not
+# built.
+
 # %% [markdown] rlft={"section": "evaluate"}
 # ## 4. Evaluation
 #
@@ -777,32 +762,7 @@ show_committed(("generate", "logits_modes"))
 #
 # $$ s(y, y^\star) = 10 \cdot \cos\big(e(y),\, e(y^\star)\big) \in [-10, 10], \qquad s(\text{empty or whitespace}, \cdot) = 0 . $$
 #
-# Texts are embedded in batches; reference (and prompt) embeddings are cached, since they recur every step.
-#
-# **Figures**, per family and overall, from greedy responses (`temperature=0`, 48 new tokens by default — both
-# are parameters):
-# * mean similarity with a **bootstrap 95% interval** (resample the prompts with replacement, take the 2.5% and
-#   97.5% quantiles of the resampled means);
-# * mean response length in tokens (EOS included) and the fraction of responses that **stop at EOS** rather
-#   than at the length cap;
-# * **distinct-2**: unique word bigrams / all word bigrams of a response, averaged over the group's responses
-#   (1 = no phrase repeated within a response; the seed's failure mode was repetitive text);
-# * optionally the **exact KL** to the reference policy, summed over the response tokens, over the full
-#   vocabulary (no sampling estimate):
-#
-# $$ \mathrm{KL}(\pi \,\|\, \pi_\text{ref}) = \sum_{t \in \text{response}} \sum_{v \in V} \pi(v \mid x, y_{<t}) \,\big[\log \pi(v \mid x, y_{<t}) - \log \pi_\text{ref}(v \mid x, y_{<t})\big], $$
-#
-# where $\pi_\text{ref}$ is the same PEFT model with its adapter disabled (no second copy of the weights), and
-# both distributions are the models' own (temperature 1), evaluated along the generated response.
-#
-# **Comparing two models** on the same prompts: the mean of the per-prompt differences $s_B - s_A$ with a
-# *paired* bootstrap interval (resample prompts, keep each prompt's pair together) — much tighter than comparing
-# two independent intervals.
-#
-# *Measured* (`benchmarks/base_eval.md`, packaged SmolLM2-135M-Instruct, 133 eval prompts): overall similarity
-# 6.43 [6.15, 6.75] — define 7.72, fact 7.22, explain 5.96, howto 4.83 — and only 19% of the greedy answers end
-# within 48 tokens (none of the how-tos). The next cell takes ~2.5 min on one thread of a 2-core CPU (5 min when
-# that machine was heavily shared).
+# `similarity` embeds texts in batches; reference (and prompt) embeddings are cached, since they recur every step.
 
 # %% rlft={"section": "evaluate"}
 #| export
@@ -847,6 +807,23 @@ def exact_kl(model, gen) -> torch.Tensor:
     return (per_token * gen.response_mask.float()).sum(-1)
 
 
+# %% [markdown] rlft={"section": "evaluate"}
+# **Figures**, per family and overall, from greedy responses (`temperature=0`, 48 new tokens by default — both
+# are parameters), all computed by `evaluate`:
+# * mean similarity with a **bootstrap 95% interval** (resample the prompts with replacement, take the 2.5% and
+#   97.5% quantiles of the resampled means);
+# * mean response length in tokens (EOS included) and the fraction of responses that **stop at EOS** rather
+#   than at the length cap;
+# * **distinct-2**: unique word bigrams / all word bigrams of a response, averaged over the group's responses
+#   (1 = no phrase repeated within a response; the seed's failure mode was repetitive text);
+# * optionally the **exact KL** to the reference policy (`exact_kl`, the cell above), summed over the response
+#   tokens, over the full vocabulary (no sampling estimate):
+#
+# $$ \mathrm{KL}(\pi \,\|\, \pi_\text{ref}) = \sum_{t \in \text{response}} \sum_{v \in V} \pi(v \mid x, y_{<t}) \,\big[\log \pi(v \mid x, y_{<t}) - \log \pi_\text{ref}(v \mid x, y_{<t})\big], $$
+#
+# where $\pi_\text{ref}$ is the same PEFT model with its adapter disabled (no second copy of the weights), and
+# both distributions are the models' own (temperature 1), evaluated along the generated response (`evaluate`'s `with_kl`).
+
 # %% rlft={"section": "evaluate"}
 #| export
 def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, *, max_new_tokens: int = 48,
@@ -886,6 +863,16 @@ def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, *, max_new
                 "logits_mode": logits_mode, "pca_k": pca_k}
     return {"rows": rows, "table": summarize_by_family(rows, n_boot, seed), "settings": settings}
 
+
+# %% [markdown] rlft={"section": "evaluate"}
+# **Comparing two models** on the same prompts: the mean of the per-prompt differences $s_B - s_A$ with a
+# *paired* bootstrap interval (resample prompts, keep each prompt's pair together) — much tighter than comparing
+# two independent intervals.
+#
+# *Measured* (`benchmarks/base_eval.md`, packaged SmolLM2-135M-Instruct, 133 eval prompts): overall similarity
+# 6.43 [6.15, 6.75] — define 7.72, fact 7.22, explain 5.96, howto 4.83 — and only 19% of the greedy answers end
+# within 48 tokens (none of the how-tos). The next cell takes ~2.5 min on one thread of a 2-core CPU (5 min when
+# that machine was heavily shared).
 
 # %% rlft={"section": "evaluate"}
 t0 = time.time()
@@ -948,34 +935,12 @@ print(f"\n{len(sims)} base responses scored in {time.time() - t0:.2f}s: mean {si
 # `(prompts, responses, references) -> tensor [B]` can replace both. The demo scores answers with the MLP.
 #
 # **Inputs — never the reference.** With $p = e(x)$ the prompt's and $q = e(y)$ the response's unit MiniLM
-# embeddings, the features are $[\,p,\; q,\; p \odot q,\; |p - q|\,]$ ($4 \times 384$), and
+# embeddings, the features are $[\,p,\; q,\; p \odot q,\; |p - q|\,]$ ($4 \times 384$, `rm_features`), and
 #
 # $$ \hat r(x, y) = \mu + \sigma \cdot W_2\, \mathrm{GELU}(W_1 [p, q, p \odot q, |p-q|] + b_1) + \sigma b_2 , $$
 #
 # trained with MSE on the standardised target ($\mu, \sigma$ from the training labels). An empty response
-# scores 0, as in the similarity.
-#
-# **Data.** For each train prompt: one sampled response per entry of `RM_TEMPERATURES` from the *base* model
-# (adapter disabled) with `generate()` — low temperatures give fluent answers, high ones drift, so the scores
-# spread — plus **anchors**: the reference itself (score 10) and `RM_MISMATCHED` references of other prompts (a
-# fluent answer to the wrong question). Every row is labelled with `similarity`. The set is cached under
-# the run folder (`reward_data.safetensors`: tensors plus the texts as JSON metadata, never a pickle, so a planted
-# file cannot run code), keyed by the model, the data and the settings, so a rerun skips the generation.
-#
-# **Fit and honest figures.** Prompts (not rows) are split into train / validation (early stopping) / test.
-# On the test prompts' *generated* responses only (anchors excluded) we report Pearson, global Spearman, MSE
-# against a constant predictor (the training mean), and the **mean within-prompt Spearman** — the ranking among
-# one prompt's samples, which is what PPO's advantages use, and a much harder target than the global one
-# (between-prompt differences are easy). The goal is a global Spearman ≥ 0.8; the within-prompt one is reported
-# as it is.
-#
-# *Measured* (`benchmarks/reward_model.md`, defaults: 96 prompts × 4 temperatures = 384 samples + 288 anchors):
-# median over 5 prompt splits, global Spearman 0.80 (0.63–0.90 — only 14 test prompts per split, so the single
-# split below is noisy), within-prompt Spearman 0.74, Pearson 0.89, MSE 1.6 against 6.9 for the constant. With
-# all 331 train prompts (3.4× the sampling) it is 0.79 / 0.71 / 0.83: more data does not move it, and hidden
-# width, dropout and weight decay do not either — the goal is met only at the edge. Sampling the data takes
-# ~2.5 min on one thread of a 2-core CPU (7.7 min when that machine was heavily shared), once: reruns read the cache;
-# the fit takes ~2 s.
+# scores 0, as in the similarity (`rm_features`, `RewardMLP`).
 
 # %% rlft={"section": "reward_model"}
 #| export
@@ -1034,6 +999,14 @@ def sample_responses(model, tokenizer, prompts: list[str], temperatures: list[fl
     return out
 
 
+# %% [markdown] rlft={"section": "reward_model"}
+# **Data.** For each train prompt: one sampled response per entry of `RM_TEMPERATURES` from the *base* model
+# (adapter disabled) with `generate()` (`sample_responses`, above) — low temperatures give fluent answers, high ones
+# drift, so the scores spread — plus **anchors**: the reference itself (score 10) and `RM_MISMATCHED` references of
+# other prompts (a fluent answer to the wrong question). Every row is labelled with `similarity`. The set is cached under
+# the run folder (`reward_data.safetensors`: tensors plus the texts as JSON metadata, never a pickle, so a planted
+# file cannot run code), keyed by the model, the data and the settings, so a rerun skips the generation.
+
 # %% rlft={"section": "reward_model"}
 #| export
 def anchor_rows(pairs: list[dict], n_mismatched: int, seed: int = 0) -> list[tuple]:
@@ -1091,6 +1064,14 @@ def split_by_prompt(prompt_id: torch.Tensor, val_frac: float, test_frac: float, 
         raise ValueError(f"too few prompts ({len(ids)}) to split into train / val / test")
     return {k: torch.nonzero(torch.isin(prompt_id, v)).squeeze(-1) for k, v in parts.items()}
 
+
+# %% [markdown] rlft={"section": "reward_model"}
+# **Fit and honest figures.** Prompts (not rows) are split into train / validation (early stopping) / test.
+# On the test prompts' *generated* responses only (anchors excluded) we report Pearson, global Spearman, MSE
+# against a constant predictor (the training mean), and the **mean within-prompt Spearman** — the ranking among
+# one prompt's samples, which is what PPO's advantages use, and a much harder target than the global one
+# (between-prompt differences are easy). The goal is a global Spearman ≥ 0.8; the within-prompt one is reported
+# as it is.
 
 # %% rlft={"section": "reward_model"}
 #| export
@@ -1168,6 +1149,15 @@ def reward_and_similarity(reward_model: RewardMLP, embedder: Embedder, prompts: 
     sim = similarity(responses, references, embedder).float().cpu()
     return {"mlp": mlp, "similarity": sim, "gap": mlp - sim}
 
+
+# %% [markdown] rlft={"section": "reward_model"}
+# *Measured* (`benchmarks/reward_model.md`, defaults: 96 prompts × 4 temperatures = 384 samples + 288 anchors):
+# median over 5 prompt splits, global Spearman 0.80 (0.63–0.90 — only 14 test prompts per split, so the single
+# split below is noisy), within-prompt Spearman 0.74, Pearson 0.89, MSE 1.6 against 6.9 for the constant. With
+# all 331 train prompts (3.4× the sampling) it is 0.79 / 0.71 / 0.83: more data does not move it, and hidden
+# width, dropout and weight decay do not either — the goal is met only at the edge. Sampling the data takes
+# ~2.5 min on one thread of a 2-core CPU (7.7 min when that machine was heavily shared), once: reruns read the cache;
+# the fit takes ~2 s.
 
 # %% rlft={"section": "reward_model"}
 t0 = time.time()
