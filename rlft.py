@@ -2047,39 +2047,17 @@ del ppo_state, adapter_before
 # paired bootstrap interval, a few answers are shown side by side, and the final adapter is saved to
 # `RUN_DIR/adapter`, which the chat demo loads.
 #
-# **Checkpoints** are written every `CKPT_EVERY` iterations or once `CKPT_EVERY_S` seconds have passed since the
-# last one (either 0 = off), each into its own `ckpt-NNNNNN/`; a resumed run loses at most that much work. The
-# default is every 60 s: a checkpoint of the packaged model (59 MB: adapter, value head, AdamW moments, the log)
-# measured 0.4–0.5 s (2 threads), so this costs under 1% of the run; one after every iteration of 15–30 s
-# costs 1.5–3%. Each log
-# line's `t_checkpoint` is what the checkpoint written just before that iteration cost, and `t_monitor` what the similarity metric and the
-# periodic eval cost; `plot_phase_times` stacks every phase of every iteration. Only once a
-# checkpoint is complete does a small pointer file `latest` move to it, with an atomic `os.replace`; a non-empty
-# directory cannot be renamed over an old one, so the pointer is what moves. A run killed half-way through writing
-# therefore leaves the pointer on the previous, complete checkpoint. Only the last `CKPT_KEEP` checkpoints are
-# kept.
-#
-# Each checkpoint holds:
-# - the adapter (`save_pretrained`, so plain `PeftModel.from_pretrained` loads it) and the value head;
-# - the optimizer, scheduler and grad-scaler states;
-# - the reward-normaliser statistics, the adaptive β and the skip counters;
-# - the data sampler's order and position, and the python/numpy/torch (and CUDA) RNG states;
-# - the iteration number and the log so far.
-#
-# Everything is loaded back with safetensors or `torch.load(weights_only=True)`. With `RESUME = True` a run
-# continues from `latest` and ends bitwise where an uninterrupted run would have. Loading is all or nothing: every
-# file is read and checked into memory first. A checkpoint that is corrupt, incomplete or from another model is
-# named in a warning, and the run resumes from the previous intact one (`CKPT_KEEP = 2` keeps one).
-#
-# **Stopping.** At the start of every iteration the loop keeps an in-memory copy of everything a checkpoint holds.
-# The adapter, the value head and the optimizer moments are small, so this costs little. An interrupt (Ctrl-C or
-# the stop button) rolls a half-done iteration back to that copy, saves a checkpoint and returns normally, so the
-# cells below still run. Any other exception (a reward function that raises, a full disk) does the same, then
-# re-raises. Either way, the saved state is that of the last completed iteration, whatever `CKPT_EVERY` is.
-#
-# **A fresh run** (`RESUME = False`) never deletes an earlier run. It moves the earlier run's checkpoints, log and
-# outputs into `RUN_DIR/previous-<time>/` and prints one line saying so. If the adapter was already trained, for
-# example by an earlier run of this cell in the same kernel, it is re-initialised (seeded) and a line says so.
+# **Checkpoints, resume, stopping** (the plumbing: `rlft_support/runs.py`). Checkpoints are written every
+# `CKPT_EVERY` iterations or once `CKPT_EVERY_S` seconds have passed since the last one (either 0 = off), each into
+# its own `ckpt-NNNNNN/`. The default is every 60 s: a checkpoint of the packaged model (59 MB: adapter, value head,
+# AdamW moments, the log) measured 0.4–0.5 s (2 threads), so this costs under 1% of the run; one after every
+# iteration of 15–30 s costs 1.5–3%. Only once a checkpoint is complete does a small pointer file `latest` move to
+# it (atomic `os.replace`). A checkpoint holds everything the run needs to go on (adapter, value head, optimizer,
+# normaliser statistics, β, sampler, RNG states, the log); with `RESUME = True` a run continues from `latest` and
+# ends bitwise where an uninterrupted run would have, and a corrupt or foreign checkpoint is named in a warning and
+# the previous intact one is used. An interrupt (or any exception, which is then re-raised) rolls a half-done
+# iteration back and saves the last completed one. A fresh run (`RESUME = False`) never deletes an earlier run: it
+# moves it into `RUN_DIR/previous-<time>/` and says so.
 
 # %% rlft={"section": "train"}
 #| export
@@ -2205,36 +2183,15 @@ def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, 
 # itself stays the functions of section 7, which see the ranks through one collective, `state.comm`
 # (`rlft_support/parallel.py`: `SingleProcess()` in one process, `DataParallel` on $W$ ranks).
 #
-# **What each rank does.** Every rank draws the *same* prompts from its own copy of the sampler and answers its
-# consecutive share of them, with all $K$ answers to a prompt on one rank, so the leave-one-out baseline of
-# section 7 needs nothing from other ranks. Generation, scoring, the reward model and the embedder, the reference
-# pass and the advantages all run per rank. Only a handful of batch-wide statistics cross ranks, so that $W$ ranks
-# compute exactly what one process computes on the combined batch:
-# - the scores, all-gathered ($B$ floats) for the outlier clip and the running mean and variance (`comm.gather`);
-# - the standard deviation of the group advantages (one float per response), or the GAE whitening (two sums);
-# - the mean KL for the adaptive controller, and whether every rank's scores are finite (one float each).
-#
-# **The gradient.** A minibatch is a set of rows of the *whole* batch (rank 0's permutation, broadcast), and each
-# rank computes the loss on its own rows of it (`minibatch_loss`). Every term of the loss is a mean over the
-# minibatch's tokens, and a mean over all tokens is $\sum_r \frac{n_r}{n}\,\text{mean}_r$, so each rank weights
-# its loss by its share of tokens $n_r/n$ (the PPO-ptx mean by its share of answer tokens) and the gradients are
-# **summed** over the ranks (`accelerator.reduce`, one flat all-reduce in `DataParallel.reduce_grads`). The sum
-# is exactly one process's gradient on the whole minibatch, so the clip, AdamW and the early-stopping test see
-# the same numbers on every rank, and the weights stay equal without ever being sent again. What crosses the
-# network per optimizer step is the LoRA (and, with `ADVANTAGE = "gae"`, the value head) gradient only, in fp32:
-# 4 bytes × `sum(p.numel() for p in state.trainable_parameters())` (`DataParallel.reduced_bytes` counts it).
-# The base model never moves.
-#
-# **SFT goes the same way** (section 8.2). Every rank draws the same batch of `SFT_BATCH_SIZE` references, takes
-# its consecutive $1/W$ of them (`sft_step`), weights its mean cross-entropy by its share of answer tokens, and the
-# gradients are summed by the same all-reduce, so $W$ ranks take one process's step on the whole batch. The
-# held-out NLL that stops SFT is scored the same way (each rank every $W$-th held-out prompt, the sums added), so
-# every rank stops at the same step; the clock is checked with `comm.all`, so no rank starts a step alone.
-#
-# With one process (`state.comm = SingleProcess()`) every collective is the identity and both token shares are
-# exactly 1: the single-process run is unchanged, bit for bit. `enable_data_parallel(state, accelerator, seed)`
-# makes a state one rank: the weights become rank 0's, as DDP does when it wraps a model, and ranks above 0 reseed
-# their RNGs so their samples are independent.
+# Every rank draws the *same* prompts and answers its consecutive share of them, with all $K$ answers to a prompt on
+# one rank, so the leave-one-out baseline needs nothing from other ranks. Only a handful of batch-wide statistics
+# cross ranks (the scores for the outlier clip and the running moments, the advantages' standard deviation, the
+# mean KL), so that $W$ ranks compute exactly what one process computes on the combined batch. Each rank computes
+# the loss on its own rows of a minibatch (`minibatch_loss`), weighted by its share of tokens $n_r/n$, and the
+# gradients are **summed** over the ranks: exactly one process's gradient on the whole minibatch. What crosses the
+# network per optimizer step is the LoRA (and, with `ADVANTAGE = "gae"`, the value head) gradient only, in fp32;
+# the base model never moves. SFT goes the same way. With one process every collective is the identity and both
+# token shares are exactly 1: the single-process run is unchanged, bit for bit.
 
 # %% rlft={"section": "scale_out"}
 # What one optimizer step of a data-parallel run sends between the ranks: the fp32 gradients of the LoRA and the
@@ -2676,21 +2633,12 @@ if "pipeline_seeds" in committed:  # the headline quoted above: each arm's gain,
 #
 # * **One model, two policies.** Base and tuned are the same PEFT model with the LoRA adapter switched off
 #   (`model.disable_adapter()`) or on — the same trick PPO uses for its reference policy, so no second copy of the
-#   weights. Because that switch changes the shared model, generation runs under a lock and gradio's
-#   `concurrency_limit=1` on one concurrency group: a queue alone could switch the adapter off in the middle of
-#   another request's tuned answer.
+#   weights; generation therefore runs under a lock, one request at a time.
 # * **The notebook's own `generate()`**, streamed token by token, with the same sampling controls as the rollouts
 #   (temperature, top-k, top-p, max new tokens, and the logits modes of the generation section, PCA included).
-# * **Multi-turn.** Each side keeps its own conversation, rendered through the model's chat template; only the last
-#   `DemoLimits.max_turns` exchanges are sent, and older ones are dropped until the prompt fits `max_prompt_tokens`.
-# * **Safe defaults.** It binds `127.0.0.1`; a public link only with `DEMO_SHARE = True`. An empty or over-long
-#   message (or reference) gets a plain sentence saying so, never a traceback. Text typed by the user stays text:
-#   `<|im_start|>` in a message is escaped, so nobody can forge a system turn.
-# * **Bounded cost.** The PCA logits modes cost an SVD over every position per token, so they take at most
-#   `DemoLimits.pca_max_prompt_tokens` (128) prompt and `pca_max_new_tokens` (32) new tokens; a request whose page
-#   was closed stops at its next token and frees the model; gradio's queue holds at most `queue_size` (16) waiting
-#   requests; uploads are refused (the demo takes no files); the similarity's embedding cache is a bounded
-#   LRU that never keeps long texts.
+# * **Multi-turn, safe and bounded.** Each side keeps its own conversation; it binds `127.0.0.1` (a public link only
+#   with `DEMO_SHARE = True`), typed `<|im_start|>` stays text, and the PCA modes, the queue and the inputs are
+#   capped (`DemoLimits`).
 #
 # The page itself is plumbing (`rlft_support/demo.py`); the cell below hands it the method: `generate_stream`,
 # `LOGITS_MODES`, `escape_special_tokens`, the reward model and the similarity. It builds the app (about 3 s,
