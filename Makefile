@@ -21,10 +21,12 @@ $(STAMP): requirements.txt requirements-bench.txt Makefile
 	$(PY) -m ipykernel install --sys-prefix --name rlft --display-name "rlft (.venv)" >/dev/null
 	touch $@
 
-# The main job: the whole notebook, headless, on the default model and parameters; outputs under runs/.
+# The main job: the whole notebook, headless, on the default model and parameters; outputs under runs/, and the
+# executed notebook as a web page, runs/rlft.html (docs/rlft.html is one from a real default run).
 run: setup
 	mkdir -p runs
 	.venv/bin/papermill rlft.ipynb $(RUN_OUT) -k rlft --cwd . $(PARAMS)
+	.venv/bin/jupyter nbconvert --to html $(RUN_OUT) --output-dir runs --output rlft.html  # a page anyone can read
 
 # The FFT positional-encoding experiment, its own notebook, headless from the repository root; outputs under runs/.
 # The default shows the committed benchmarks/fft_ablation.json; PARAMS="-p FFT_EXPERIMENT True" trains it live.

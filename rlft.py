@@ -153,7 +153,7 @@ from rlft_support.report import bootstrap_ci, phase_matrix, PHASES  # noqa: F401
 from rlft_support.assets import Embedder, load_pairs, packaged_tokenizer, resolve_model, tiny_llama, train_eval_pairs
 from rlft_support.assets import split_pairs  # noqa: F401  (nb.split_pairs: benchmarks, rlft_dp.py, tests)
 from rlft_support.fast import flat_head, make_cache, merged_adapter, select_cache_rows
-from rlft_support.guards import clip_scores, guarded_step
+from rlft_support.guards import absurd_batch, clip_scores, guarded_step
 from rlft_support.demo import DEMO_SIDES, DemoLimits, build_app, launch_app
 from rlft_support.runs import (  # checkpoints, resume, RNG, logs, run folders, caches
     BAR_FORMAT, LOG_NAME, SFT_ADAPTER, Checkpointing, PipelineResult, append_log, archive_run, data_key,
@@ -1429,29 +1429,6 @@ def chunked_log_softmax(head, hidden, tokens, temperature: float, chunk: int = L
     return torch.cat(logprobs, 1), torch.cat(entropy, 1) if entropy else None, torch.cat(kls, 1) if kls else None
 
 
-# %% [markdown] rlft={"section": "ppo"}
-# ### Per-token rewards
-#
-# **Outlier scores.** Before a score reaches any statistics it is clipped to the batch median
-# $\pm c\cdot\max(1.4826\,\text{MAD}, \sigma_\text{running}, 1)$, $c$ = `REWARD_CLIP` (`clip_scores`). The median and
-# MAD ignore a single absurd score, so one reward of $10^{30}$ can no longer set $\sigma$ to $10^{29}$ and flatten every
-# later score to zero; ordinary scores are never touched. Clipped scores are counted in `counters['clipped_reward']`
-# and reported per iteration as `clipped_now`.
-#
-# The reward function $R(\text{prompt}, \text{response}, \text{reference})$ scores whole
-# responses. The score is normalised (`normalise_scores`), either with running statistics $(s-\mu)/\sigma$ over all batches so far or
-# by whitening within the batch, or (`"group"`) by subtracting the mean score of the $K$ responses sampled for the
-# same prompt, $\tilde s_{i} = (s_i - \bar s_{\text{prompt}(i)})/\sigma$, with $\sigma$ the running standard
-# deviation. With one response per prompt, most of the spread in scores is which prompt was drawn (the base model
-# scores 7.7 on "define" prompts and 4.8 on "howto" ones), and the value head has to learn that from a handful of samples;
-# the group mean removes it exactly, as in RLOO and GRPO, and leaves only "better or worse than your own other
-# tries". `PPO_SAMPLES_PER_PROMPT` ($K$) sets the grouping. Responses that never reach EOS can be given an extra penalty $-c_\text{eos}$.
-# The score is then placed on the last response token, and every token also pays a KL penalty to the reference
-# (`kl_estimate`, `token_rewards`):
-# $$r_t = -\beta\,\hat k_t + [t = T_\text{last}]\,\big(\tilde s - c_\text{eos}[\text{no EOS}]\big),\qquad
-# \hat k^{(1)}_t = \log\pi(a_t) - \log\pi_\text{ref}(a_t),\quad
-# \hat k^{(3)}_t = \rho_t - 1 - \log \rho_t,\ \rho_t=\tfrac{\pi_\text{ref}(a_t)}{\pi(a_t)}.$$
-
 # %% rlft={"section": "ppo"}
 #| export
 def policy_logprobs(policy, value_head, sequences, attention_mask, prompt_len: int, temperature: float,
@@ -1476,6 +1453,33 @@ def policy_logprobs(policy, value_head, sequences, attention_mask, prompt_len: i
     return PolicyOutput(logprobs, entropy, values, hidden, kl)
 
 
+# %% [markdown] rlft={"section": "ppo"}
+# ### Per-token rewards
+#
+# **Outlier scores.** Before a score reaches any statistics it is clipped to the batch median
+# $\pm c\cdot\max(1.4826\,\text{MAD}, \sigma_\text{running}, 1)$, $c$ = `REWARD_CLIP` (`clip_scores`). The median and
+# MAD ignore a single absurd score, so one reward of $10^{30}$ can no longer set $\sigma$ to $10^{29}$ and flatten every
+# later score to zero; ordinary scores are never touched. Clipped scores are counted in `counters['clipped_reward']`
+# and reported per iteration as `clipped_now`. A batch whose *median* lies more than that many running $\sigma$ from
+# the running mean (most of it absurd, say a $-10^9$ sentinel on 12 of 16 rows) is skipped like a NaN batch
+# (`absurd_batch`, counted in `counters['absurd_reward']`).
+#
+# The reward function $R(\text{prompt}, \text{response}, \text{reference})$ scores whole
+# responses. The score is normalised (`normalise_scores`), either with running statistics $(s-\mu)/\sigma$ over all batches so far or
+# by whitening within the batch, or (`"group"`) by subtracting the mean score of the $K$ responses sampled for the
+# same prompt, $\tilde s_{i} = (s_i - \bar s_{\text{prompt}(i)})/\sigma$, with $\sigma$ the running standard
+# deviation. With one response per prompt, most of the spread in scores is which prompt was drawn (the base model
+# scores 7.7 on "define" prompts and 4.8 on "howto" ones), and the value head has to learn that from a handful of samples;
+# the group mean removes it exactly, as in RLOO and GRPO, and leaves only "better or worse than your own other
+# tries". `PPO_SAMPLES_PER_PROMPT` ($K$) sets the grouping. Responses that never reach EOS can be given an extra penalty $-c_\text{eos}$.
+# The score is then placed on the last response token, and every token also pays a KL penalty to the reference
+# (`kl_estimate`, `token_rewards`):
+# $$r_t = -\beta\,\hat k_t + [t = T_\text{last}]\,\big(\tilde s - c_\text{eos}[\text{no EOS}]\big),\qquad
+# \hat k^{(1)}_t = \log\pi(a_t) - \log\pi_\text{ref}(a_t),\quad
+# \hat k^{(3)}_t = \rho_t - 1 - \log \rho_t,\ \rho_t=\tfrac{\pi_\text{ref}(a_t)}{\pi(a_t)}.$$
+
+# %% rlft={"section": "ppo"}
+#| export
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(π ‖ π_ref) from sampled tokens: k1 = log π − log π_ref, k3 = ρ − 1 − log ρ with
     ρ = π_ref / π (non-negative, lower variance). [B, T] -> [B, T]."""
@@ -1715,7 +1719,12 @@ def rollout(state: PPOState, prompts: list[str], references: list[str], reward_f
     values = cur.values.float() * mask if cur is not None and cur.values is not None else None
     entropy = cur.entropy if cur is not None else None
     del cur  # π's hidden states are not needed past the reference pass
-    scores = torch.as_tensor(reward_fn(prompts, gen.texts, references), dtype=torch.float32).flatten().cpu()
+    scores = reward_fn(prompts, gen.texts, references)
+    if isinstance(scores, torch.Tensor) and scores.requires_grad:  # a learned reward: its graph must not join ours
+        warnings.warn("reward_fn returned a tensor that requires grad; its scores are detached (wrap the reward "
+                      "model's forward in torch.no_grad() to avoid building that graph)", stacklevel=2)
+        scores = scores.detach()
+    scores = torch.as_tensor(scores, dtype=torch.float32).flatten().cpu()
     times["t_reward"] = time.time() - t0
     if scores.numel() != len(prompts):
         raise ValueError(f"reward_fn returned {scores.numel()} scores for {len(prompts)} responses")
@@ -1967,7 +1976,8 @@ def repeat_each(items: list, k: int) -> list:
 
 def ppo_iteration(state: PPOState, prompts: list[str], references: list[str], reward_fn) -> dict:
     """One PPO iteration: rollout on `prompts` (raw user texts), rewards, advantages, update. Returns a flat dict
-    of statistics (floats; 'skipped' is 1.0 when a non-finite score skipped the update; phase times t_generate,
+    of statistics (floats; 'skipped' is 1.0 when a non-finite score, or a batch whose median score is absurd
+    (`absurd_batch`, counted in 'absurd_reward' too), skipped the update; phase times t_generate,
     t_old_logprobs, t_ref, t_reward, t_update in seconds (0 for a pass that did not run); kl_ref and
     gen_logprob_err NaN on iterations that do not monitor them ('kl_monitored' 0); 'clipped_now' = outlier scores clipped in this batch,
     'clipped_reward' the run's total). `state.last_rollout` keeps the rollout (texts, scores) for logging."""
@@ -1977,6 +1987,9 @@ def ppo_iteration(state: PPOState, prompts: list[str], references: list[str], re
     stats = {"iteration": state.iteration, **rollout_stats(ro), **ro.timings, "t_update": 0.0,
              "kl_coef": state.kl_ctl.beta, "skipped": 0.0}
     finite = state.comm.all(bool(torch.isfinite(ro.scores).all()))  # every rank takes the same branch
+    if finite and absurd_batch(state.comm.gather(ro.scores), state.cfg.REWARD_CLIP, state.reward_stats):
+        state.counters["absurd_reward"] = state.counters.get("absurd_reward", 0) + 1  # skipped like a NaN batch
+        finite = False
     if not (finite and state.comm.all(bool(torch.isfinite(compute_advantages(state, ro).advantages).all()))):
         state.counters["skipped_reward"] += 1
         stats["skipped"] = 1.0

@@ -1,5 +1,6 @@
 """Guards that keep one bad batch from reaching the weights or the running statistics: `guarded_step` (skip a
-non-finite loss or gradient norm) and `clip_scores` (clip an absurd reward before it poisons the running std)."""
+non-finite loss or gradient norm), `clip_scores` (clip an absurd reward before it poisons the running std) and
+`absurd_batch` (a batch whose typical score is absurd: skipped, whatever share of it is absurd)."""
 from __future__ import annotations
 
 from typing import Protocol
@@ -8,8 +9,9 @@ import torch
 
 
 class Moments(Protocol):
-    """What `clip_scores` reads of the running score statistics (the notebook's RunningMoments)."""
+    """What the score guards read of the running score statistics (the notebook's RunningMoments)."""
     count: int
+    mean: float
     std: float
 
 
@@ -63,3 +65,14 @@ def clip_scores(scores: torch.Tensor, c: float, stats: Moments) -> tuple[torch.T
     clipped = x.clamp(median.item() - c * spread, median.item() + c * spread)
     n = int((clipped != x).sum())
     return (clipped.float() if n else scores), n
+
+
+def absurd_batch(scores: torch.Tensor, c: float, stats: Moments) -> bool:
+    """True when the batch's MEDIAN score lies more than c·max(σ, 1) from the running mean (once the running
+    statistics have data): then at least half the batch is absurd (e.g. a -1e9 sentinel on 12 of 16 rows), so
+    `clip_scores`, centred on that median, cannot help, and the batch must be skipped before it reaches the
+    running moments. scores [B] (finite). c = 0 or no history yet: False. A genuine shift of the typical score by
+    c running standard deviations within one batch (5σ by default) would also be skipped, and counted."""
+    if c <= 0 or stats.count == 0 or scores.numel() == 0:
+        return False
+    return abs(scores.double().median().item() - stats.mean) > c * max(stats.std, 1.0)

@@ -113,9 +113,21 @@ def checkpoint_meta(state, sampler) -> dict:
 
 
 def write_checkpoint_files(folder: Path, state, sampler, logs: list[dict]) -> None:
-    """Every file of one checkpoint (CKPT_FILES), into `folder` (created fresh)."""
+    """Every file of one checkpoint (CKPT_FILES), into `folder` (created fresh). A failed write (a full disk
+    makes torch.save say 'unexpected pos 64 vs 0') is an OSError naming the folder and the disk's free space."""
     shutil.rmtree(folder, ignore_errors=True)  # a half-written folder left by a crash
     folder.mkdir(parents=True)
+    try:
+        write_checkpoint_parts(folder, state, sampler, logs)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(folder, ignore_errors=True)  # no half checkpoint left behind
+        free = shutil.disk_usage(folder.parent).free / 1e6
+        raise OSError(f"could not write checkpoint {folder} ({type(e).__name__}: {e}); {free:.0f} MB free on its "
+                      "disk: free some space (the previous checkpoint is kept)") from e
+
+
+def write_checkpoint_parts(folder: Path, state, sampler, logs: list[dict]) -> None:
+    """The files of one checkpoint, into the existing `folder`."""
     state.policy.save_pretrained(folder / "adapter")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.value_head.state_dict().items()},
               folder / "value_head.safetensors")
@@ -214,6 +226,9 @@ def checkpoint_mismatch(data: dict, state) -> str | None:
                            ("value_head", "value_head.safetensors", state.value_head.state_dict())):
         if shapes(data[key]) != shapes(own):
             return f"{name} holds other tensors than this model's (another model or LoRA configuration?)"
+        bad = sorted(k for k, v in data[key].items() if v.is_floating_point() and not torch.isfinite(v).all())
+        if bad:
+            return f"{name} holds non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''})"
     for key, name, keys in (("training", "training_state.pt", ("optimizer", "scheduler", "scaler", "rng")),
                             ("meta", "state.json", ("iteration", "counters", "reward_stats", "kl_beta", "sampler"))):
         if not isinstance(data[key], dict) or not all(k in data[key] for k in keys):

@@ -3,10 +3,10 @@ gradio_client and in a real headless chromium."""
 import dataclasses
 import os
 import re
+import sys
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -310,20 +310,15 @@ def test_the_lock_serialises_direct_calls_from_threads(nb, method, tuned):
 # --- a real browser -----------------------------------------------------------------------------------------
 
 def chromium_driver():
-    """Debian's chromium through its own chromedriver (Selenium downloads nothing). Missing: skip, or fail on CI."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    if not (Path("/usr/bin/chromedriver").exists() and Path("/usr/bin/chromium").exists()):
-        message = "needs Debian's chromium and chromium-driver (`apt-get install chromium chromium-driver`)"
+    """tools/demo_screenshot.py's driver (Debian's chromium, headless). Missing: skip, or fail on CI."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from demo_screenshot import chromium_driver as driver
+    try:
+        return driver()
+    except FileNotFoundError as e:
         if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(message + "; .ci/run installs them")
-        pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,900"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+            pytest.fail(f"{e}; .ci/run installs them")
+        pytest.skip(str(e))
 
 
 def test_browser_types_a_message_and_sees_both_answers_with_scores(nb, method, tuned, tmp_path):

@@ -627,6 +627,56 @@ def test_clip_scores_leaves_genuine_scores_alone(nb):
     assert nb.clip_scores(torch.tensor([0.0] * 7 + [1e30]), 0.0, stats)[1] == 0  # c = 0 turns it off
 
 
+def test_a_batch_mostly_absurd_is_skipped_and_never_reaches_the_running_moments(nb, tiny_lora):
+    """Issue 35 item 5: a -1e9 sentinel on 12 of 16 rows dragged the median (and so clip_scores' centre) to the
+    sentinel; the running std became ~1e8 and later rewards normalised to ~1e-8 for hundreds of batches."""
+    model, tok = tiny_lora
+    torch.manual_seed(0)
+    state = nb.make_ppo_state(model, tok, small_cfg(nb, PPO_BATCH_SIZE=16, PPO_MINIBATCH_SIZE=8))
+    prompts = PROMPTS + PROMPTS
+    nb.ppo_iteration(state, prompts, [""] * 16, random_reward)  # a normal batch: the running moments have data
+    before, moments = trainable_snapshot(state), state.reward_stats.state_dict()
+
+    def sentinel_reward(prompts, responses, references):
+        scores = torch.rand(len(responses)) * 10
+        scores[:12] = -1e9
+        return scores
+    stats = nb.ppo_iteration(state, prompts, [""] * 16, sentinel_reward)
+    assert stats["skipped"] == 1.0 and state.counters["absurd_reward"] == 1 and state.counters["skipped_reward"] == 1
+    assert state.reward_stats.state_dict() == moments  # the sentinels never reached the running statistics
+    assert all(torch.equal(a, b) for a, b in zip(before, trainable_snapshot(state)))
+    stats = nb.ppo_iteration(state, prompts, [""] * 16, random_reward)  # training goes on, O(1) normalised scores
+    assert stats["skipped"] == 0.0 and state.reward_stats.std < 20
+    assert 0.2 < nb.normalise_scores(torch.rand(8) * 10, "running", state.reward_stats).abs().max().item() < 5
+
+
+def test_a_reward_that_requires_grad_is_detached_with_a_warning(nb, tiny_lora):
+    """Issue 35 item 8: such a reward crashed the update with 'backward through the graph a second time'."""
+    model, tok = tiny_lora
+    state = nb.make_ppo_state(model, tok, small_cfg(nb))
+    weight = (torch.rand(8) * 10).requires_grad_()  # e.g. a reward that hands back a parameter-like leaf tensor
+
+    def learned_reward(prompts, responses, references):
+        return weight  # (rollout runs under no_grad, so only a returned leaf still requires grad here)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="requires grad; its scores are detached"):
+            stats = nb.ppo_iteration(state, PROMPTS, [""] * 8, learned_reward)
+        assert stats["skipped"] == 0.0
+    assert weight.grad is None  # nothing flowed back into the reward
+
+
+def test_absurd_batch_judges_the_median_against_the_running_statistics():
+    from rlft_support.guards import absurd_batch
+    moments = type("Moments", (), {"count": 64, "mean": 6.0, "std": 1.5})()
+    ordinary = torch.tensor([5.0, 6.5, 7.0, 4.0, 8.0, 6.0])
+    assert not absurd_batch(ordinary, 5.0, moments)
+    assert not absurd_batch(torch.cat([ordinary, torch.tensor([-1e9, -1e9])]), 5.0, moments)  # a minority: clipped
+    assert absurd_batch(torch.tensor([-1e9] * 12 + [6.0] * 4), 5.0, moments)  # a majority: the batch is skipped
+    assert not absurd_batch(torch.tensor([-1e9] * 12), 0.0, moments)  # REWARD_CLIP = 0 turns the guards off
+    empty = type("Moments", (), {"count": 0, "mean": 0.0, "std": 1.0})()
+    assert not absurd_batch(torch.tensor([-1e9] * 12), 5.0, empty)  # no history yet: nothing to judge against
+
+
 # ----------------------------------------------------------------------------------------------- issue 16 defect 5 groundwork
 def test_guarded_step_skips_nan_loss_and_leaves_parameters(nb):
     torch.manual_seed(0)

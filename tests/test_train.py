@@ -333,6 +333,10 @@ CORRUPTIONS = {
                                                        c / "value_head.safetensors"),
     "corrupt state.json": lambda c: truncate(c / "state.json"),
     "incomplete (no state.json)": lambda c: (c / "state.json").unlink(),
+    # issue 35 item 8: an all-NaN adapter loaded, then died in sampling; now refused on load
+    "all-NaN adapter": lambda c: save_file({k: torch.full_like(v, float("nan")) for k, v in
+                                            load_file(c / "adapter" / "adapter_model.safetensors").items()},
+                                           c / "adapter" / "adapter_model.safetensors"),
 }
 
 
@@ -356,6 +360,20 @@ def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_resumed(nb, tmp
     assert runs.latest_checkpoint(run).name == "ckpt-000002"
     nb.train_loop(state, sampler, text_reward, run, budget_s=1e9, max_iterations=3, resume=True, progress=False)
     assert equal_weights(weights(state), final)  # the same as the run that was never corrupted
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_keeps_the_previous_one(nb, tmp_path, monkeypatch):
+    """Issue 35 item 8: a full disk inside torch.save said only 'unexpected pos 64 vs 0'."""
+    state, sampler = make_state(nb)
+    nb.train_loop(state, sampler, text_reward, tmp_path, budget_s=1e9, max_iterations=1, ckpt_every=1, progress=False)
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(runs.torch, "save", full_disk)
+    state.iteration += 1
+    with pytest.raises(OSError, match=r"could not write checkpoint .*ckpt-000002.*unexpected pos 64 vs 0.*MB free"):
+        runs.save_checkpoint(tmp_path, state, sampler, [])
+    assert runs.latest_checkpoint(tmp_path).name == "ckpt-000001" and not (tmp_path / "ckpt-000002").exists()
 
 
 def test_resume_with_no_usable_checkpoint_says_so(nb, tmp_path, three_iterations):
