@@ -9,11 +9,11 @@
 # %% [markdown] rlft={"section": "intro"}
 # # rlft — lightweight RL-style fine-tuning of a small language model
 #
-# This notebook fine-tunes a small instruction model (SmolLM2-135M-Instruct by default) with supervised
-# fine-tuning followed by a hand-written PPO loop, on a laptop CPU or one small GPU, with **no human-preference data and no API**. It follows the
-# seed project *"Lightweight RL-style Fine-tuning for Language Models in Resource-Constrained Settings"* and
-# re-implements each of its ideas faithfully, then **measures each against the plain alternative** and says
-# what was found:
+# This notebook fine-tunes a small instruction model (SmolLM2-135M-Instruct by default) with a hand-written PPO
+# loop (and supervised fine-tuning on the references, alone or as a warm start), on a laptop CPU or one small GPU,
+# with **no human-preference data and no API**. It follows the seed project *"Lightweight RL-style Fine-tuning for
+# Language Models in Resource-Constrained Settings"*, re-implements each of its ideas faithfully, then **measures
+# each against the plain alternative** and says what was found:
 #
 # | section | what it builds |
 # |---|---|
@@ -23,18 +23,17 @@
 # | 4. Evaluation | similarity to held-out references, length, EOS rate, diversity, KL to the base model |
 # | 5. Similarity reward | `10 × cos(MiniLM(response), MiniLM(reference))` |
 # | 6. Reward model | a 2-layer MLP that imitates that score without seeing the reference |
-# | 7. PPO | clipped surrogate with a group (leave-one-out) baseline or GAE + value head, KL penalty to an anchor policy, PPO-ptx, entropy bonus — every line visible |
-# | 8. Training loop | budgeted, logged, plotted, checkpointed, resumable |
-# | 8.1 Scaling out | data-parallel RL through accelerate (gloo / NCCL), exact on the combined batch |
-# | 8.2 Training run | the pipeline: SFT warm start, then RL anchored to the SFT policy, in one wall-clock budget |
-# | 9. Results | what RL changed, over seeds, and what each of the seed's choices is worth |
-# | 10. FFT positions | the seed's FFT positional-encoding experiment as a fair ablation: its own notebook, `experiments/fft_positions.ipynb` (the finding: section 9) |
-# | 11. Chat demo | base vs tuned side by side in gradio |
+# | 7. PPO | clipped surrogate with a group (leave-one-out) baseline or GAE + value head, KL penalty to an anchor policy, PPO-ptx, entropy bonus — every line visible; first on a toy task, then on the real model |
+# | 8. Training | the loop (budgeted, logged, checkpointed, resumable), data parallel (8.1), and the pipeline: SFT, RL, or SFT then RL in one wall-clock budget (8.2) |
+# | 9. Results | what training changed, over seeds, and what each of the seed's choices is worth; the seed's FFT positional-encoding experiment is its own notebook, `experiments/fft_positions.ipynb` |
+# | 10. Chat demo | base vs tuned side by side in gradio |
 #
-# **How to read it.** Each section opens with a markdown cell (what and why, with the equation), then one
-# cell of definitions (marked `#| export`: imports, functions and classes only — the tests import exactly these
-# cells), then a cell that runs them. Every knob is in the **parameters** cell below. A run writes its executed
-# copy, logs, plots and checkpoints under `runs/`.
+# **How to read it.** Each idea is a markdown cell (what and why, ending with its equation), then a cell of at most
+# 60 lines that implements it (marked `#| export`: imports, functions and classes only — the tests import exactly
+# these cells), then, where it helps, a small cell that shows it working. The plumbing (checkpoints, data
+# parallelism, plots, the demo's page) lives in `rlft_support/`, which never imports this notebook. The method's
+# knobs are in the **parameters** cell below, every other setting in `rlft_support/config.py`'s `Config`. A run
+# writes its executed copy, logs, plots and checkpoints under `runs/`.
 
 # %% rlft={"section": "intro"}
 # Set-up for Colab or a bare Jupyter: installs only what is missing, never replaces an installed torch, and does
@@ -2680,7 +2679,7 @@ if "pipeline_seeds" in committed:  # the headline quoted above: each arm's gain,
 # steps, seed 0: 2.1473 vs 2.1409) and repetitive text do not.
 
 # %% [markdown] rlft={"section": "demo"}
-# ## 11. Chat demo
+# ## 10. Chat demo
 #
 # The seed ended with a gradio text box. Here the demo shows **what the training did**: every message is answered
 # twice, side by side, by the **base** model and by the **tuned** one (the adapter trained above, or a saved one),
