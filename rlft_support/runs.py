@@ -641,11 +641,35 @@ def archive_run(run_path: Path) -> Path | None:
 
 
 def load_sft_anchor(model, run_path: Path) -> None:
-    """Put the saved SFT adapter (run_path/sft_adapter) into the model's LoRA, for `set_kl_anchor` to snapshot."""
-    folder = run_path / SFT_ADAPTER
-    if not (folder / "adapter_model.safetensors").exists():
-        raise FileNotFoundError(f"RESUME with KL_ANCHOR='sft' needs {folder}, the adapter the SFT stage saved")
-    set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    """Put the saved SFT adapter (run_path/sft_adapter) into the model's LoRA, for `set_kl_anchor` to snapshot.
+    A missing or corrupt file is a CheckpointError naming it (RL's KL anchor cannot be rebuilt without it)."""
+    path = Path(run_path) / SFT_ADAPTER / "adapter_model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"RESUME with KL_ANCHOR='sft' needs {path.parent}, the adapter the SFT stage saved")
+    try:
+        tensors = load_file(path)
+    except Exception as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}): RL's KL anchor, the SFT adapter, cannot be "
+                              "rebuilt; RESUME = False starts afresh (this run is moved aside, never deleted)") from e
+    set_peft_model_state_dict(model, tensors)
+
+
+def read_pipeline_meta(run_path: Path) -> dict:
+    """run_path/pipeline.json (write_pipeline_meta), or {} when it is missing; an unreadable one (truncated,
+    not a JSON object) is named in a warning and read as {}: RESUME then counts no SFT seconds and takes PIPELINE
+    and KL_ANCHOR from the Config."""
+    path = Path(run_path) / PIPELINE_META
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        return meta
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{path} is unreadable ({e}); resuming with PIPELINE and KL_ANCHOR from the parameters and no "
+                      "SFT seconds counted against the budget")
+        return {}
 
 
 def write_pipeline_meta(run_path: Path, cfg, sft_seconds: float, sft_logs: list[dict]) -> None:
@@ -664,7 +688,7 @@ def resume_plan(run_path: Path, cfg, t0: float | None = None) -> tuple[float, bo
     time.time() seconds, counted from `t0`, default now; anchor: whether RL's KL is anchored to the SFT adapter,
     which `load_sft_anchor` then puts back; sft_steps: the run's SFT steps)."""
     run_path, t0 = Path(run_path), time.time() if t0 is None else t0
-    meta = json.loads((run_path / PIPELINE_META).read_text()) if (run_path / PIPELINE_META).exists() else {}
+    meta = read_pipeline_meta(run_path)
     anchor = (meta.get("pipeline", cfg.PIPELINE) == "sft+rl"
               and meta.get("kl_anchor", cfg.KL_ANCHOR) == "sft")
     spent = meta.get("sft_seconds", 0.0) + sum(r.get("seconds", 0.0) for r in read_log(run_path))

@@ -303,6 +303,24 @@ def test_resume_continues_rl_with_the_sft_anchor_reloaded(nb, tiny_lora, train_p
     assert not same_tensors(lora_tensors(fresh), anchors[1])  # the policy itself is the RL checkpoint's
 
 
+def test_a_truncated_pipeline_json_or_sft_adapter_is_named_on_resume(nb, tiny_lora, train_pairs, P, tmp_path):
+    """Issue 35 item 1: a truncated pipeline.json died in a bare JSONDecodeError naming no file; a truncated
+    sft_adapter in a safetensors error."""
+    model, tok = tiny_lora
+    kw = dict(PIPELINE="sft+rl", TRAIN_BUDGET_S=300, SFT_MAX_STEPS=2, CKPT_EVERY=1)
+    run(nb, model, tok, train_pairs, tmp_path / "run", P, TRAIN_MAX_ITERS=2, **kw)
+    meta_path = tmp_path / "run" / "pipeline.json"
+    meta_path.write_text(meta_path.read_text()[:20])  # cut mid-object
+    cfg = dataclasses.replace(P, **kw)
+    with pytest.warns(UserWarning, match=r"pipeline\.json is unreadable"):
+        deadline, anchor, sft_steps = runs.resume_plan(tmp_path / "run", cfg)
+    assert anchor and sft_steps == 0 and deadline > time.time()  # the parameters' PIPELINE / KL_ANCHOR, no SFT seconds
+    weights = tmp_path / "run" / "sft_adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(runs.CheckpointError, match=r"sft_adapter/adapter_model\.safetensors is corrupt.*RESUME = False"):
+        runs.load_sft_anchor(model, tmp_path / "run")
+
+
 def test_resume_counts_the_time_already_spent(nb, tiny_lora, train_pairs, P, tmp_path):
     model, tok = tiny_lora
     kw = dict(PIPELINE="sft+rl", SFT_MAX_STEPS=2, CKPT_EVERY=1, TRAIN_MAX_ITERS=4)
