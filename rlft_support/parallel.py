@@ -29,6 +29,8 @@ from accelerate.utils import broadcast as accelerate_broadcast
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from rlft_support.runs import PipelineResult, read_log, save_atomically, write_json_atomic
+
 
 class SingleProcess:
     """The collective of a one-process run: every method is the identity (x itself, `flag` itself), so the method
@@ -189,7 +191,6 @@ def train_rank(run_fn, model, tokenizer, train_pairs, reward_fn, run_path, cfg, 
     run_fn (the notebook's run_pipeline) with it and `cfg` (the Config), then on rank 0 the final adapter (run_path/adapter) and the
     run's figures (DP_RESULT), which `launched_pipeline` reads back. Ctrl-C is deferred (deferred_interrupts):
     in the RL stage every rank stops at the same point and rank 0 saves, then the rank ends as normally."""
-    from rlft_support.runs import save_atomically, write_json_atomic
     cpu = next(model.parameters()).device.type == "cpu"
     if cpu:
         torch.set_num_threads(1)
@@ -208,7 +209,6 @@ def train_rank(run_fn, model, tokenizer, train_pairs, reward_fn, run_path, cfg, 
 def launched_pipeline(model, run_path, cfg):
     """After a launched run: rank 0's final adapter loaded into this process's `model`, and the run's
     PipelineResult (the RL log read from run_path; state None and sft_logs [] stay in the ranks)."""
-    from rlft_support.runs import PipelineResult, read_log
     run_path = Path(run_path)
     set_peft_model_state_dict(model, load_file(run_path / "adapter" / "adapter_model.safetensors"))
     r = json.loads((run_path / DP_RESULT).read_text())
