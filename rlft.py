@@ -1899,9 +1899,16 @@ def minibatch_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
 
 
 def minibatches(state: PPOState, rows: int) -> list[torch.Tensor]:
-    """One epoch's shuffled minibatches of `rows` rows (every rank's: rank 0's permutation, broadcast)."""
-    order = state.comm.broadcast(torch.randperm(rows))
-    return list(order.split(state.cfg.PPO_MINIBATCH_SIZE))
+    """One epoch's shuffled minibatches of `rows` rows (every rank's: rank 0's permutation, broadcast).
+    With PPO_WHOLE_GROUPS the prompts are shuffled, not the rows: a prompt's K answers (consecutive rows) stay
+    together, so a minibatch holds whole groups (PPO_MINIBATCH_SIZE is then a multiple of K)."""
+    cfg, k = state.cfg, state.cfg.PPO_SAMPLES_PER_PROMPT
+    if cfg.PPO_WHOLE_GROUPS and rows % k == 0:
+        perm = (torch.randperm(rows // k)[:, None] * k + torch.arange(k)).flatten()
+    else:
+        perm = torch.randperm(rows)
+    order = state.comm.broadcast(perm)
+    return list(order.split(cfg.PPO_MINIBATCH_SIZE))
 
 
 # %% [markdown] rlft={"section": "ppo"}

@@ -173,6 +173,8 @@ class Config:
     """PPO: AdamW weight decay"""
     PPO_WARMUP_STEPS: int = 0
     """PPO: linear learning-rate warm-up, in optimizer steps"""
+    PPO_WHOLE_GROUPS: bool = False
+    """PPO: shuffle whole prompts (all K answers) into minibatches, not single rows (PPO_MINIBATCH_SIZE % K == 0)"""
     PPO_LOGITS_MODE: str = "full"
     """PPO: generate() logits_mode for rollouts; "full" keeps PPO on-policy"""
     OLD_LOGPROBS: str = "generate"
@@ -275,7 +277,7 @@ def _rule_table() -> dict:
         (_number(0, 1), "a number in [0, 1]"): "GAMMA GAE_LAMBDA SFT_FRACTION",
         (_number(0, 1, hi_open=True), "a share in [0, 1)"): "LORA_DROPOUT RM_VAL_FRAC RM_TEST_FRAC",
         (lambda v: isinstance(v, bool), "True or False"):
-        "EVAL_KL ROLLOUT_MERGED COMPILE_DECODE RESUME DEMO DEMO_SHARE",
+        "EVAL_KL ROLLOUT_MERGED COMPILE_DECODE RESUME DEMO DEMO_SHARE PPO_WHOLE_GROUPS",
         _text(): "MODEL DEVICE RUN_DIR DATA_PATH EMBEDDER CACHE_DIR",
         _text(empty_ok=True): "DEMO_ADAPTER",
         _one_of(DTYPES): "DTYPE", _one_of(LOGITS_MODES): "LOGITS_MODE PPO_LOGITS_MODE",
@@ -305,6 +307,9 @@ def check_config(c: Config) -> None:
         raise ValueError(f"PPO_SAMPLES_PER_PROMPT={k} must divide PPO_BATCH_SIZE={batch}")
     if c.PPO_MINIBATCH_SIZE > batch:
         raise ValueError(f"PPO_MINIBATCH_SIZE={c.PPO_MINIBATCH_SIZE} must be in [1, PPO_BATCH_SIZE={batch}]")
+    if c.PPO_WHOLE_GROUPS and c.PPO_MINIBATCH_SIZE % k:
+        raise ValueError(f"PPO_WHOLE_GROUPS: PPO_MINIBATCH_SIZE={c.PPO_MINIBATCH_SIZE} must be a multiple of "
+                         f"PPO_SAMPLES_PER_PROMPT={k} (whole groups per minibatch)")
     if c.ADVANTAGE == "group" and k < 2:
         raise ValueError("ADVANTAGE='group' needs PPO_SAMPLES_PER_PROMPT >= 2 (a leave-one-out baseline: siblings)")
     if c.ADVANTAGE == "group" and c.SURROGATE_TARGET != "adv":

@@ -264,6 +264,27 @@ def test_first_minibatch_ratio_is_one_with_shuffled_minibatches(nb, tiny, cfg, m
     assert seen[:3] != seen[3:]  # reshuffled every epoch
 
 
+def test_whole_groups_keep_each_prompts_answers_in_one_minibatch(nb, tiny, cfg):
+    """PPO_WHOLE_GROUPS (issue 32): a prompt's K answers (consecutive rows) never straddle two minibatches, every
+    row comes once per epoch, and the prompts are still shuffled; without it, rows are shuffled one by one."""
+    model, tok = tiny
+    lora = nb.add_lora(model, cfg.LORA_R, cfg.LORA_ALPHA, 0.0, cfg.LORA_TARGETS)
+    k, rows = 4, 32
+    grouped = nb.make_ppo_state(lora, tok, small_cfg(nb, PPO_BATCH_SIZE=rows, PPO_SAMPLES_PER_PROMPT=k,
+                                                     PPO_MINIBATCH_SIZE=8, PPO_WHOLE_GROUPS=True))
+    torch.manual_seed(0)
+    epochs = [[mb.tolist() for mb in nb.minibatches(grouped, rows)] for _ in range(3)]
+    for mbs in epochs:
+        assert sorted(sum(mbs, [])) == list(range(rows)) and [len(mb) for mb in mbs] == [8] * 4
+        assert all(len({i // k for i in mb}) == 2 and all(mb.count(i) == 1 for i in mb) for mb in mbs)
+        assert all(sorted(mb[j:j + k]) == list(range(mb[j], mb[j] + k)) for mb in mbs for j in (0, 4))
+    assert epochs[0] != epochs[1] != epochs[2]  # the prompts are reshuffled every epoch
+    rowwise = nb.make_ppo_state(lora, tok, small_cfg(nb, PPO_BATCH_SIZE=rows, PPO_SAMPLES_PER_PROMPT=k,
+                                                     PPO_MINIBATCH_SIZE=8))
+    split = [any(len({i // k for i in mb}) > 2 for mb in nb.minibatches(rowwise, rows)) for _ in range(5)]
+    assert any(split)  # row-wise shuffling splits groups (P(no split in 5 epochs) is astronomically small)
+
+
 def toy_reward_setup(nb, monkeypatch):
     """A tiny model whose output can reach a 'good half' of the vocabulary, and a reward on tokens.
 
