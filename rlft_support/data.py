@@ -46,9 +46,9 @@ def eval_bucket(concept: str) -> int:
 
 
 def auto_split(concept: str, eval_frac: float) -> str:
-    """'eval' for about `eval_frac` of the concepts (bucket < 100 * eval_frac), else 'train'. At 0.28 this is the
+    """'eval' for about `eval_frac` of the concepts (bucket / 100 < eval_frac), else 'train'. At 0.28 this is the
     rule that split data/pairs.jsonl."""
-    return "eval" if eval_bucket(concept) < 100 * eval_frac else "train"
+    return "eval" if eval_bucket(concept) / 100 < eval_frac else "train"  # k / 100 == the float k / 100 exactly
 
 
 def _encodable(text: str) -> bool:
@@ -80,7 +80,7 @@ def check_row(row: dict, eval_frac: float | None = None, kind: str = "field", na
 
     for key in ("prompt", "reference") + (() if eval_frac is not None else ("split",)):
         if key not in row:
-            raise ValueError(f"missing {label(key)}; {kind}s found: {sorted(row)}")
+            raise ValueError(f"missing {label(key)}; {kind}s found: {sorted((names or {}).get(k, k) for k in row)}")
         if row[key] is None or (isinstance(row[key], str) and not row[key].strip()):
             raise ValueError(f"{label(key)} is empty")
         if not isinstance(row[key], str):
@@ -88,7 +88,7 @@ def check_row(row: dict, eval_frac: float | None = None, kind: str = "field", na
     for key, value in row.items():
         if isinstance(value, str) and not _encodable(value):
             raise ValueError(f"{label(key)} holds a lone surrogate escape (e.g. \\ud800), not valid Unicode text")
-    concept = str(row.get("concept") or row["prompt"]).strip().lower()
+    concept = (str(row.get("concept") or "").strip() or row["prompt"].strip()).lower()
     split = auto_split(concept, eval_frac) if eval_frac is not None else row["split"].strip()
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} in {label('split')} (expected one of {SPLITS})")
@@ -218,6 +218,23 @@ def is_table_or_dataset(spec: str) -> bool:
     return True
 
 
+def check_columns(spec: str, found: list[str], columns: dict) -> bool:
+    """A DataError naming the file, the column and the columns found when a table lacks 'prompt' or 'reference'
+    (after DATA_COLUMNS) or a renamed column clashes with an existing one; else whether it has a split column."""
+    try:
+        rename(dict.fromkeys(found), columns)
+    except ValueError as e:
+        raise DataError(f"{spec}: {e}; columns found: {found}; nothing was loaded") from None
+    ours = [columns.get(c, c) for c in found]
+    missing = [key for key in ("prompt", "reference") if key not in ours]
+    if missing:
+        names = {dst: src for src, dst in columns.items()}
+        wanted = ", ".join(f"{k!r} (looked for {names.get(k, k)!r})" for k in missing)
+        raise DataError(f"{spec}: no column for {wanted}; columns found: {found}. Map yours with DATA_COLUMNS, "
+                        "e.g. {'question': 'prompt', 'answer': 'reference'}; nothing was loaded")
+    return "split" in ours
+
+
 def load_pairs(path, columns: dict | None = None, eval_frac: float = 0.0) -> list[dict]:
     """Read and check every row of DATA_PATH (JSON Lines, .csv, .tsv, .parquet, a save_to_disk folder or a hub
     id) -> pairs {'prompt', 'reference', 'split', 'family', 'concept'}. `columns` (DATA_COLUMNS) renames the user's
@@ -229,13 +246,7 @@ def load_pairs(path, columns: dict | None = None, eval_frac: float = 0.0) -> lis
     columns = columns or {}
     if is_table_or_dataset(spec):
         (rows, found), errors, kind = read_dataset(spec), [], "column"
-        missing = [key for key in ("prompt", "reference") if key not in [columns.get(c, c) for c in found]]
-        if missing:
-            names = {dst: src for src, dst in columns.items()}
-            wanted = ", ".join(f"{k!r} (looked for {names.get(k, k)!r})" for k in missing)
-            raise DataError(f"{spec}: no column for {wanted}; columns found: {found}. Map yours with DATA_COLUMNS, "
-                            "e.g. {'question': 'prompt', 'answer': 'reference'}; nothing was loaded")
-        has_split = "split" in [columns.get(c, c) for c in found]
+        has_split = check_columns(spec, found, columns)
     else:
         (rows, errors), kind = read_jsonl(spec), "field"
         has_split = any("split" in {columns.get(key, key) for key in row} for _, row in rows)
