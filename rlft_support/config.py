@@ -15,6 +15,8 @@ OMP_WAIT_POLICY = os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402  (after OMP_WAIT_POLICY, on purpose)
 import torch  # noqa: E402
 
+from rlft_support.data import DATA_FIELDS, columns_problem  # noqa: E402  (DATA_COLUMNS' rule; data imports no torch)
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOGITS_MODES = ("full", "pca_seed", "pca_rank_k")
 REWARD_FNS = ("similarity", "mlp")
@@ -105,6 +107,8 @@ class Config:
     LORA_DROPOUT: float
     LORA_TARGETS: list | str
     DATA_PATH: str
+    DATA_COLUMNS: dict | None
+    EVAL_FRAC: float
     MAX_NEW_TOKENS: int
     TEMPERATURE: float
     TOP_K: int
@@ -286,6 +290,9 @@ def _rule_table() -> dict:
         _one_of(OLD_LOGPROBS_SOURCES): "OLD_LOGPROBS", _one_of(PIPELINES): "PIPELINE", _one_of(KL_ANCHORS): "KL_ANCHOR",
         (_number(0, 1, lo_open=True), "a number in (0, 1] (1: off)"): "TOP_P",
         (_number(0, 0.5), "a share of the train prompts in [0, 0.5] (0: no held-out stop)"): "SFT_VAL_FRAC",
+        (_number(0, 1, lo_open=True, hi_open=True), "a share of the concepts in (0, 1)"): "EVAL_FRAC",
+        (lambda v: v is None or isinstance(v, dict), f"a dict {{your column: one of {DATA_FIELDS}}} or {{}} "
+         "(papermill passes a dict with -y, YAML: -y 'DATA_COLUMNS: {question: prompt}')"): "DATA_COLUMNS",
         (_integer(0, 65535), "a port in [0, 65535] (0: the first free from 7860)"): "DEMO_PORT",
         (lambda v: v in REWARD_FNS or callable(v), f"one of {REWARD_FNS} or a callable"): "REWARD_FN",
         (lambda v: (isinstance(v, str) and v != "") or (isinstance(v, (list, tuple)) and len(v) > 0
@@ -317,5 +324,7 @@ def check_config(c: Config) -> None:
     if c.ADVANTAGE == "group" and math.gcd(k, c.PPO_DEMO_BATCH_SIZE) < 2:
         raise ValueError(f"ADVANTAGE='group': PPO_DEMO_BATCH_SIZE={c.PPO_DEMO_BATCH_SIZE} must share a factor >= 2 "
                          f"with PPO_SAMPLES_PER_PROMPT={k} (the demonstration's answers per prompt)")
+    if columns_problem(c.DATA_COLUMNS):
+        raise ValueError(f"DATA_COLUMNS={c.DATA_COLUMNS!r}: {columns_problem(c.DATA_COLUMNS)}")
     if c.RM_VAL_FRAC + c.RM_TEST_FRAC >= 1:
         raise ValueError(f"RM_VAL_FRAC + RM_TEST_FRAC = {c.RM_VAL_FRAC + c.RM_TEST_FRAC}: expected < 1 (some to fit)")
