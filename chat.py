@@ -50,6 +50,8 @@ def serve_demo(notebook: str | Path = ROOT / "rlft.ipynb", block: bool = True, *
     device = nb.resolve_device(p.DEVICE)
     dtype = nb.resolve_dtype(p.DTYPE, device)
     base, tokenizer = nb.load_base(p.MODEL, p.CACHE_DIR, device, dtype, seed=p.SEED)
+    nb.set_system_prompt(tokenizer, p.SYSTEM_PROMPT)
+    judge = nb.Judge(p.JUDGE_EMBEDDER)  # the independent judge's metrics, beside the similarity
     embedder = nb.Embedder(p.EMBEDDER, device=device)
     rm = saved_reward_model(nb, run_folder(adapter))
     if rm is None:
@@ -59,6 +61,7 @@ def serve_demo(notebook: str | Path = ROOT / "rlft.ipynb", block: bool = True, *
         stream_fn=nb.generate_stream, logits_modes=nb.LOGITS_MODES, escape_fn=nb.escape_special_tokens,
         score_fn=(lambda q, r: float(rm.score([q], [r], embedder)[0])) if rm is not None else None,
         similarity_fn=lambda r, ref: float(nb.similarity([r], [ref], embedder)[0]),
+        judge_fn=lambda r, ref: judge.score([r], [ref])[0],
         limits=demo.DemoLimits(max_new_tokens=max(p.MAX_NEW_TOKENS, demo.DemoLimits.max_new_tokens)),
         sampling=dict(temperature=p.TEMPERATURE, top_k=p.TOP_K, top_p=p.TOP_P,
                       max_new_tokens=p.MAX_NEW_TOKENS, logits_mode=p.LOGITS_MODE, pca_k=p.PCA_K))

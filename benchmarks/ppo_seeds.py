@@ -33,6 +33,9 @@ from base_eval import evaluate_split, load_default_model, load_notebook  # noqa:
 from nbimport import notebook_config  # noqa: E402,F401  (ppo_seeds.notebook_config: the other scripts)
 from reward_model import fit_split, reward_data  # noqa: E402
 
+ROW_KEYS = ("prompt", "similarity", "length", "eos")  # what a run keeps of each evaluated answer
+JUDGED_ROW_KEYS = ("response", "reference", "first_sentence_similarity", "indep_similarity", "chrf")  # with a judge
+
 
 def parse_value(text: str):
     """--set values: JSON when it parses (numbers, lists, true/false), else the raw string."""
@@ -148,7 +151,9 @@ def evaluate_after(ctx: Context, P: dict, model, tok, seed: int, t0: float, fiel
     """The trained model on the whole eval split (greedy) and its paired comparison with the base; `fields`
     (what was trained, its figures) lead the record. t0: when the run started (for train_seconds / wall_s)."""
     t_train = time.time() - t0
-    after = evaluate_split(ctx.nb, P, model, tok, ctx.eval_pairs, ctx.embedder, with_kl=P.EVAL_KL, progress=False)
+    judge = getattr(ctx, "judge", None)  # pipeline_seeds.py sets one: its rows keep the answers and its metrics
+    after = evaluate_split(ctx.nb, P, model, tok, ctx.eval_pairs, ctx.embedder, with_kl=P.EVAL_KL, progress=False,
+                           judge=judge)
     comparison = ctx.nb.paired_comparison(ctx.base_eval, after, n_boot=P.BOOTSTRAP, seed=seed)
     rows = after["rows"]
     return {"seed": seed, **fields, "train_seconds": t_train, "wall_s": time.time() - t0,
@@ -156,7 +161,7 @@ def evaluate_after(ctx: Context, P: dict, model, tok, seed: int, t0: float, fiel
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this process, so far
             "kl_mean": float(np.mean([r.get("kl", float("nan")) for r in rows])),
             "examples": [{k: r[k] for k in ("prompt", "family", "response", "similarity")} for r in rows[::20]],
-            "rows": [{k: r[k] for k in ("prompt", "similarity", "length", "eos")} for r in rows]}
+            "rows": [{k: r[k] for k in ROW_KEYS + (JUDGED_ROW_KEYS if judge else ()) if k in r} for r in rows]}
 
 
 def run_seeds(ctx: Context, P: dict, seeds: list[int], name: str, method: str = "ppo") -> list[dict]:

