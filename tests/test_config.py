@@ -38,7 +38,7 @@ def test_the_notebook_defaults_build_a_valid_config(params):
 def test_the_fields_without_a_default_are_the_parameters_cell_method_knobs():
     assert len(METHOD_KNOBS) == 51
     assert {f.name for f in dataclasses.fields(Config) if f.default is dataclasses.MISSING} == METHOD_KNOBS
-    assert len(dataclasses.fields(Config)) == 51 + 40
+    assert len(dataclasses.fields(Config)) == 51 + 41
 
 
 def test_the_parameters_cell_holds_exactly_the_method_knobs(params):
