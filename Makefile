@@ -4,7 +4,7 @@ STAMP := .venv/.setup-done
 RUN_OUT ?= runs/rlft.executed.ipynb
 PARAMS ?=
 
-.PHONY: setup run fft notebook lint test test-fast demo train-dp
+.PHONY: setup run fft notebook lint test test-fast demo train-dp export
 
 setup: $(STAMP)
 
@@ -63,6 +63,14 @@ test-fast: setup
 demo: export ADAPTER ?=
 demo: setup
 	$(PY) chat.py "$$ADAPTER"
+
+# Take the model out (README "Take the model out"): a saved adapter (default: the newest under runs/) merged into its
+# base, as a plain Hugging Face folder and/or a GGUF with an Ollama Modelfile, written beside the adapter.
+# FORMAT: comma-separated, some of merged, gguf (f16), gguf-q8_0. Both reach it as environment variables, never source.
+export: export ADAPTER ?=
+export: export FORMAT ?= merged,gguf
+export: setup
+	$(PY) -m rlft_support.export "$$ADAPTER" --formats "$$FORMAT"
 
 # The training run, data-parallel (notebook section 8.1): N ranks on this machine through `accelerate launch`
 # (gloo on CPUs, one GPU each with NCCL: `make train-dp N=8` on 8 GPUs; several machines: `accelerate config`, then

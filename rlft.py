@@ -156,6 +156,7 @@ from rlft_support.fast import flat_head, make_cache, merged_adapter, select_cach
 from rlft_support.guards import absurd_batch, clip_scores, guarded_step
 from rlft_support.judge import Judge, add_judge_metrics, first_sentence  # noqa: F401  (nb.first_sentence)
 from rlft_support.demo import DEMO_SIDES, DemoLimits, build_app, launch_app
+from rlft_support.export import export_model, packaged_gguf_file
 from rlft_support.runs import (  # checkpoints, resume, RNG, logs, run folders, caches
     BAR_FORMAT, LOG_NAME, SFT_ADAPTER, Checkpointing, PipelineResult, append_log, archive_run, data_key,
     load_reward_data, load_sft_anchor, log_record, pipeline_result, pointer_name, preserved_rng,
@@ -2654,6 +2655,23 @@ for row in after_eval["rows"][:: max(1, len(after_eval["rows"]) // 3)][:3]:
     print(f"\n[{row['family']}] {row['prompt']}\n  base  ({before['similarity']:.2f}): {before['response']!r}"
           f"\n  tuned ({row['similarity']:.2f}): {row['response']!r}\n  reference: {row['reference']!r}")
 print(f"\nfinal adapter: {final_adapter} (PeftModel.from_pretrained(base_model, that folder) loads it)")
+
+# %% [markdown] rlft={"section": "pipeline"}
+# **Take the model out.** The adapter needs peft and this base model to run. `export_model` (plumbing:
+# `rlft_support/export.py`) writes each of `EXPORT_FORMATS` under `RUN_DIR`: `merged/`, the LoRA folded into the
+# base weights ($W + \tfrac{\alpha}{r} B A$), a plain Hugging Face folder with the tokenizer and chat template that
+# `AutoModelForCausalLM.from_pretrained` loads without peft; and `model-f16.gguf` (`"gguf-q8_0"`: `model-q8_0.gguf`)
+# with an Ollama `Modelfile` beside it, for llama.cpp, Ollama or LM Studio. From the packaged base, the GGUF keeps
+# the packaged file's own metadata and tokenizer. `EXPORT_FORMATS = []` (a support knob) skips this; `make export
+# ADAPTER=...` does it later for any saved adapter. The README's "Take the model out" shows how to run the files.
+
+# %% rlft={"section": "pipeline"}
+t0 = time.time()
+exported = export_model(model, tokenizer, RUN_PATH, cfg.EXPORT_FORMATS,
+                        source_gguf=packaged_gguf_file() if cfg.MODEL == "packaged" else None)
+for kind, path in exported.items():
+    print(f"{kind}: {path}")
+print(f"exported {list(exported) or 'nothing (EXPORT_FORMATS = [])'} in {time.time() - t0:.1f}s")
 
 
 # %% [markdown] rlft={"section": "results"}

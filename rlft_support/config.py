@@ -24,6 +24,7 @@ REWARD_NORMS, KL_ESTIMATORS = ("running", "batch", "group", "none"), ("k1", "k3"
 SURROGATE_TARGETS = ("adv", "adv_plus_delta")
 ADVANTAGES, OLD_LOGPROBS_SOURCES = ("gae", "group"), ("generate", "recompute")
 PIPELINES, KL_ANCHORS = ("sft+rl", "sft", "rl"), ("sft", "base")
+EXPORT_KINDS = ("merged", "gguf", "gguf-q8_0")  # rlft_support/export.py: HF folder, f16 GGUF, Q8_0 GGUF
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -227,6 +228,8 @@ class Config:
     """training run: score a fixed subset of TRAIN prompts greedily every N RL iterations (0: off)"""
     EVAL_MONITOR_N: int = 16
     """training run: size of that fixed train-prompt monitor subset"""
+    EXPORT_FORMATS: tuple = ("merged", "gguf")
+    """after training, under RUN_DIR: "merged" (plain HF folder), "gguf" (f16), "gguf-q8_0"; () or [] turns it off"""
     DEMO_SHARE: bool = False
     """True asks gradio for a public *.gradio.live link; the demo otherwise binds 127.0.0.1 only"""
     DEMO_ADAPTER: str = ""
@@ -308,6 +311,8 @@ def _rule_table() -> dict:
          '"all-linear" or a non-empty list of module names'): "LORA_TARGETS",
         (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_number(0)(t) for t in v),
          "a non-empty list of finite temperatures >= 0"): "RM_TEMPERATURES",
+        (lambda v: isinstance(v, (list, tuple)) and all(t in EXPORT_KINDS for t in v) and len(set(v)) == len(v),
+         f"a list of distinct entries of {EXPORT_KINDS} ([] turns the export off)"): "EXPORT_FORMATS",
     }
     return {name: rule for rule, names in kinds.items() for name in names.split()}
 
