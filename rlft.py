@@ -215,33 +215,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
 
 
-
-
-# %% rlft={"section": "model"}
-#| export
-def prepare_tokenizer(tokenizer):
-    """Left padding; pad = EOS when the model has no pad token (padding is found by mask, never by id)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-# %% rlft={"section": "model"}
-#| export
-def load_base(name: str, cache_dir: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Load (model, tokenizer): 'packaged', 'tiny', a hub id or a local folder; eval mode, on `device`."""
-    if name == "tiny":
-        tokenizer = prepare_tokenizer(packaged_tokenizer(cache_dir))
-        model = tiny_llama(tokenizer, seed)
-    else:
-        path, hub = resolve_model(name, cache_dir)  # fails fast on a silent network
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path, **hub))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
-
-
 def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str] | str) -> PeftModel:
     """Wrap `model` in a fresh LoRA adapter (B = 0, so it starts equal to the base); only LoRA trains.
     targets: module names (the default list is Llama's: SmolLM2, Llama, Qwen, Mistral) or "all-linear" (peft: every
@@ -256,6 +229,34 @@ def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str] | str
     return peft_model
 
 
+def load_base(name: str, cache_dir: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Load (model, tokenizer): 'packaged', 'tiny', a hub id or a local folder; eval mode, on `device`."""
+    if name == "tiny":
+        tokenizer = prepare_tokenizer(packaged_tokenizer(cache_dir))
+        model = tiny_llama(tokenizer, seed)
+    else:
+        path, hub = resolve_model(name, cache_dir)  # fails fast on a silent network
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path, **hub))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def load_policy(cfg: Config, device: torch.device) -> tuple[PeftModel, object]:
+    """cfg -> (the MODEL base in DTYPE on `device` wrapped in a fresh LoRA adapter of the LORA_* knobs, its
+    tokenizer): what this notebook, the benchmarks and `rlft_dp.py` train."""
+    base, tokenizer = load_base(cfg.MODEL, cfg.CACHE_DIR, device, resolve_dtype(cfg.DTYPE, device), seed=cfg.SEED)
+    return add_lora(base, cfg.LORA_R, cfg.LORA_ALPHA, cfg.LORA_DROPOUT, cfg.LORA_TARGETS), tokenizer
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding; pad = EOS when the model has no pad token (padding is found by mask, never by id)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
@@ -264,8 +265,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 # %% rlft={"section": "model"}
 t0 = time.time()
-base_model, tokenizer = load_base(cfg.MODEL, cfg.CACHE_DIR, device, dtype, seed=cfg.SEED)
-model = add_lora(base_model, cfg.LORA_R, cfg.LORA_ALPHA, cfg.LORA_DROPOUT, cfg.LORA_TARGETS)
+model, tokenizer = load_policy(cfg, device)
 trainable, total = count_parameters(model)
 print(f"loaded {cfg.MODEL!r} in {time.time() - t0:.1f}s: {total / 1e6:.1f}M parameters, "
       f"{trainable / 1e6:.2f}M trainable in LoRA ({100 * trainable / total:.2f}%)")
@@ -825,15 +825,17 @@ def exact_kl(model, gen) -> torch.Tensor:
 
 # %% rlft={"section": "evaluate"}
 #| export
-def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, *, max_new_tokens: int = 48,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, logits_mode: str = "full",
-             pca_k: int = 16, batch_size: int = 16, with_kl: bool = False, n_boot: int = 1000, seed: int = 0,
+def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, cfg: Config, *, with_kl: bool = False,
              progress: bool = True) -> dict:
-    """Generate for each pair's prompt (greedy by default) and score it against the reference.
+    """Generate for each pair's prompt with cfg's evaluation settings (EVAL_MAX_NEW_TOKENS, EVAL_TEMPERATURE: greedy
+    by default, TOP_K, TOP_P, LOGITS_MODE, PCA_K; EVAL_BATCH_SIZE, BOOTSTRAP, SEED) and score it against the reference.
 
     Returns {'rows': per-prompt dicts (prompt, family, reference, response, similarity, length, eos[, kl]),
     'table': summarize_by_family(rows), 'settings': the sampling settings}. Prompts are batched by length.
     """
+    max_new_tokens, temperature, top_k, top_p = cfg.EVAL_MAX_NEW_TOKENS, cfg.EVAL_TEMPERATURE, cfg.TOP_K, cfg.TOP_P
+    logits_mode, pca_k, batch_size = cfg.LOGITS_MODE, cfg.PCA_K, cfg.EVAL_BATCH_SIZE
+    n_boot, seed = cfg.BOOTSTRAP, cfg.SEED
     if not pairs:
         raise ValueError("evaluate: no pairs to evaluate")
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]["prompt"]))
@@ -877,10 +879,7 @@ def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, *, max_new
 t0 = time.time()
 embedder = Embedder(cfg.EMBEDDER, device=device)
 eval_subset = eval_pairs[:cfg.EVAL_N] if cfg.EVAL_N else eval_pairs
-base_eval = evaluate(model, tokenizer, eval_subset, embedder, max_new_tokens=cfg.EVAL_MAX_NEW_TOKENS,
-                     temperature=cfg.EVAL_TEMPERATURE, top_k=cfg.TOP_K, top_p=cfg.TOP_P, logits_mode=cfg.LOGITS_MODE,
-                     pca_k=cfg.PCA_K, batch_size=cfg.EVAL_BATCH_SIZE, with_kl=False, n_boot=cfg.BOOTSTRAP,
-                     seed=cfg.SEED)
+base_eval = evaluate(model, tokenizer, eval_subset, embedder, cfg, with_kl=False)
 # with_kl=False: the untrained adapter *is* the base model, so its KL is 0 by construction (the tests check it);
 # the trained policy's evaluation reports it (EVAL_KL).
 print(f"base model on {len(eval_subset)} eval prompts in {time.time() - t0:.1f}s "
@@ -2424,15 +2423,17 @@ def monitor_subset(pairs: list[dict], n: int) -> list[dict]:
 
 # %% rlft={"section": "pipeline"}
 #| export
-def make_monitors(tokenizer, pairs: list[dict], embedder, *, max_new_tokens: int, batch_size: int, seed: int):
+def make_monitors(tokenizer, pairs: list[dict], embedder, cfg: Config):
     """(metrics_fn, eval_fn) for `train_loop`: the true similarity of each rollout (the reward model only imitates
-    it), and the greedy similarity / length / EOS rate on the fixed `pairs` (None when there are none)."""
+    it), and the greedy similarity / length / EOS rate on the fixed `pairs` (None when there are none): `evaluate`
+    with cfg's EVAL_MAX_NEW_TOKENS, EVAL_BATCH_SIZE and SEED, greedy, full logits, 100 bootstrap resamples."""
+    greedy = dataclasses.replace(cfg, EVAL_TEMPERATURE=0.0, LOGITS_MODE="full", BOOTSTRAP=100)
+
     def rollout_similarity(ro, prompts, references):
         return {"similarity": similarity(ro.texts, references, embedder).float().mean().item()}
 
     def monitor_eval(state):
-        rows = evaluate(state.policy, tokenizer, pairs, embedder, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, n_boot=100, seed=seed, progress=False)["rows"]
+        rows = evaluate(state.policy, tokenizer, pairs, embedder, greedy, progress=False)["rows"]
         return {k: float(np.mean([r[src] for r in rows])) for k, src in
                 (("similarity", "similarity"), ("length", "length"), ("eos_rate", "eos"))}
 
@@ -2498,9 +2499,7 @@ def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, cfg: Conf
         state.comm.barrier()  # the other ranks resume from that checkpoint: it must be complete
     metrics_fn = eval_fn = None
     if embedder is not None:
-        metrics_fn, eval_fn = make_monitors(tokenizer, monitor_subset(train_pairs, cfg.EVAL_MONITOR_N), embedder,
-                                            max_new_tokens=cfg.EVAL_MAX_NEW_TOKENS,
-                                            batch_size=cfg.EVAL_BATCH_SIZE, seed=cfg.SEED)
+        metrics_fn, eval_fn = make_monitors(tokenizer, monitor_subset(train_pairs, cfg.EVAL_MONITOR_N), embedder, cfg)
     logs = train_loop(state, sampler, reward_fn, run_path, budget_s=deadline - time.time(),
                       max_iterations=cfg.TRAIN_MAX_ITERS, ckpt_every=cfg.CKPT_EVERY, keep=cfg.CKPT_KEEP,
                       ckpt_every_s=cfg.CKPT_EVERY_S, resume=True, metrics_fn=metrics_fn, eval_fn=eval_fn,
@@ -2583,8 +2582,7 @@ if last:
 # %% rlft={"section": "pipeline"}
 # Before vs after, on the same eval prompts with the same (greedy) settings as the base evaluation in section 4.
 final_adapter = save_atomically(RUN_PATH / "adapter", model.save_pretrained)
-after_eval = evaluate(model, tokenizer, eval_subset, embedder, **base_eval["settings"], batch_size=cfg.EVAL_BATCH_SIZE,
-                      with_kl=cfg.EVAL_KL, n_boot=cfg.BOOTSTRAP, seed=cfg.SEED)
+after_eval = evaluate(model, tokenizer, eval_subset, embedder, cfg, with_kl=cfg.EVAL_KL)
 (RUN_PATH / "after_eval.json").write_text(json.dumps(after_eval, indent=1))
 comparison = paired_comparison(base_eval, after_eval, n_boot=cfg.BOOTSTRAP, seed=cfg.SEED)
 print("tuned model:\n" + format_table(after_eval["table"]))

@@ -30,9 +30,7 @@ def train(P) -> None:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     nb.seed_everything(P.SEED)
-    base, tok = nb.load_base(P.MODEL, os.path.expanduser(P.CACHE_DIR), device,
-                             nb.resolve_dtype(P.DTYPE, device), seed=P.SEED)
-    model = nb.add_lora(base, P.LORA_R, P.LORA_ALPHA, P.LORA_DROPOUT, P.LORA_TARGETS)
+    model, tok = nb.load_policy(P, device)
     train_pairs = nb.split_pairs(nb.load_pairs(str(ROOT / P.DATA_PATH)), "train")
     embedder = nb.Embedder(P.EMBEDDER, device=device)
     reward_fn = nb.make_reward_fn("similarity", embedder, None, device=device)
