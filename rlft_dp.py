@@ -30,11 +30,8 @@ def train(P) -> None:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     nb.seed_everything(P.SEED)
-    base, tok = nb.load_base(P.MODEL, os.path.expanduser(P.CACHE_DIR), device,
-                             nb.resolve_dtype(P.DTYPE, device), seed=P.SEED)
-    model = nb.add_lora(base, P.LORA_R, P.LORA_ALPHA, P.LORA_DROPOUT, P.LORA_TARGETS)
-    pairs = nb.load_pairs(str(ROOT / P.DATA_PATH), P.DATA_COLUMNS, P.EVAL_FRAC)
-    train_pairs = nb.split_pairs(pairs, "train")
+    model, tok = nb.load_policy(P, device)
+    train_pairs = nb.split_pairs(nb.load_pairs(str(ROOT / P.DATA_PATH), P.DATA_COLUMNS, P.EVAL_FRAC), "train")
     embedder = nb.Embedder(P.EMBEDDER, device=device)
     reward_fn = nb.make_reward_fn("similarity", embedder, None, device=device)
     parallel.train_rank(nb.run_pipeline, model, tok, train_pairs, reward_fn, Path(P.RUN_DIR), P, embedder=embedder)

@@ -25,27 +25,6 @@ sys.path.insert(0, str(ROOT))  # nbimport.py
 from nbimport import load_notebook, notebook_config  # noqa: E402
 
 
-def load_default_model(nb, P: dict, device):
-    """The notebook's default model wrapped in a fresh LoRA adapter, and its tokenizer (section 1)."""
-    base, tok = nb.load_base(P.MODEL, P.CACHE_DIR, device, nb.resolve_dtype(P.DTYPE, device), seed=P.SEED)
-    return nb.add_lora(base, P.LORA_R, P.LORA_ALPHA, P.LORA_DROPOUT, P.LORA_TARGETS), tok
-
-
-def load_default_stack(nb, P: dict, device):
-    """load_default_model, plus the sentence embedder."""
-    return *load_default_model(nb, P, device), nb.Embedder(P.EMBEDDER, device=device)
-
-
-def evaluate_split(nb, P: dict, model, tok, pairs, embedder, with_kl: bool, progress: bool = True, judge=None,
-                   max_new_tokens: int | None = None) -> dict:
-    """The notebook's evaluation settings (greedy, EVAL_MAX_NEW_TOKENS unless `max_new_tokens`, ...) on `pairs`;
-    `judge` (rlft_support.judge.Judge) adds the independent metrics."""
-    return nb.evaluate(model, tok, pairs, embedder, max_new_tokens=max_new_tokens or P.EVAL_MAX_NEW_TOKENS, judge=judge,
-                       temperature=P.EVAL_TEMPERATURE, top_k=P.TOP_K, top_p=P.TOP_P,
-                       logits_mode=P.LOGITS_MODE, pca_k=P.PCA_K, batch_size=P.EVAL_BATCH_SIZE,
-                       with_kl=with_kl, n_boot=P.BOOTSTRAP, seed=P.SEED, progress=progress)
-
-
 def markdown_report(nb, result: dict) -> str:
     """The committed markdown: set-up, the table, a few examples."""
     s, t = result["settings"], result["seconds"]
@@ -81,12 +60,13 @@ def main():
     nb.seed_everything(P.SEED)
     device = nb.resolve_device(P.DEVICE)
     t0 = time.time()
-    model, tok, embedder = load_default_stack(nb, P, device)
+    model, tok = nb.load_policy(P, device)  # the notebook's section 1
+    embedder = nb.Embedder(P.EMBEDDER, device=device)
     t_load = time.time() - t0
     pairs = nb.split_pairs(nb.load_pairs(str(ROOT / data)), "eval")
     pairs = pairs[:P.EVAL_N] if P.EVAL_N else pairs
     t0 = time.time()
-    res = evaluate_split(nb, P, model, tok, pairs, embedder, with_kl=False)
+    res = nb.evaluate(model, tok, pairs, embedder, P, with_kl=False)
     t_eval = time.time() - t0
     result = {"model": P.MODEL, "data": data, "n_boot": P.BOOTSTRAP, "settings": res["settings"],
               "seconds": {"load": t_load, "evaluate": t_eval}, "machine": f"{platform.machine()} {device.type}",

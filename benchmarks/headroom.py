@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from base_eval import evaluate_split, load_notebook  # noqa: E402
+from base_eval import load_notebook  # noqa: E402
 from ppo_seeds import cached_json, fresh_model, key_of, notebook_config, overrides_of, train_sft  # noqa: E402
 
 # Parameters that change the base model's answers (the cache key of its results); the SFT model adds SFT_KEYS.
@@ -190,7 +190,7 @@ def measure_model(stack: Stack, name: str) -> dict:
     def greedy_answers():
         model, tok = model_tok()
         t_greedy = time.time()
-        result = evaluate_split(nb, greedy_P, model, tok, stack.pairs, stack.embedder, with_kl=False, progress=False)
+        result = nb.evaluate(model, tok, stack.pairs, stack.embedder, greedy_P, with_kl=False, progress=False)
         return result | {"seconds": time.time() - t_greedy}
 
     greedy = cached_json(nb, folder / "greedy.json", greedy_answers)

@@ -45,7 +45,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from base_eval import evaluate_split  # noqa: E402
 from ppo_seeds import (ROW_KEYS, JUDGED_ROW_KEYS, Context, cached_json, common_args, cpu_name,  # noqa: E402
                        evaluate_after, fresh_model, key_of, notebook_config, overrides_of, run_metadata, summarize,
                        write_report)
@@ -57,8 +56,9 @@ NOT_IN_KEY = ("JUDGE_EMBEDDER", "EVAL_LONG_MAX_NEW_TOKENS", "BASELINE_SYSTEM_PRO
 
 def judged(ctx: Context, P, model, tok, max_new_tokens: int | None = None) -> dict:
     """The eval split answered greedily (EVAL_MAX_NEW_TOKENS unless max_new_tokens), scored with the judge too."""
-    return evaluate_split(ctx.nb, P, model, tok, ctx.eval_pairs, ctx.embedder, with_kl=False, progress=False,
-                          judge=ctx.judge, max_new_tokens=max_new_tokens)
+    if max_new_tokens:
+        P = dataclasses.replace(P, EVAL_MAX_NEW_TOKENS=max_new_tokens)
+    return ctx.nb.evaluate(model, tok, ctx.eval_pairs, ctx.embedder, P, with_kl=False, progress=False, judge=ctx.judge)
 
 
 def judge_rows(ctx: Context, rows: list[dict]) -> list[dict]:

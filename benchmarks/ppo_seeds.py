@@ -29,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from base_eval import evaluate_split, load_default_model, load_notebook  # noqa: E402
+from base_eval import load_notebook  # noqa: E402
 from nbimport import notebook_config  # noqa: E402,F401  (ppo_seeds.notebook_config: the other scripts)
 from reward_model import fit_split, reward_data  # noqa: E402
 
@@ -57,9 +57,9 @@ def overrides_of(params_file: str | None, sets: list[str]) -> dict:
 
 
 def fresh_model(nb, P: dict, seed: int, device):
-    """Base model + a LoRA adapter initialised with `seed` (what the notebook builds in section 1)."""
+    """Base model + a LoRA adapter initialised with `seed`: the notebook's load_policy (section 1)."""
     nb.seed_everything(seed)
-    return load_default_model(nb, P, device)
+    return nb.load_policy(P, device)
 
 
 def cached_json(nb, path: Path, compute) -> dict:
@@ -90,9 +90,9 @@ class Context:
         self.embedder = self.nb.Embedder(P.EMBEDDER, device=self.device)
         eval_keys = ("MODEL", "DATA_PATH", "EVAL_N", "EVAL_MAX_NEW_TOKENS", "EVAL_TEMPERATURE", "LOGITS_MODE")
         self.base_eval = cached_json(self.nb, cache / f"base_eval-{key_of({k: getattr(P, k) for k in eval_keys})}.json",
-                                     lambda: evaluate_split(self.nb, P, *fresh_model(self.nb, P, P.SEED, self.device),
-                                                            self.eval_pairs, self.embedder, with_kl=False,
-                                                            progress=False))
+                                     lambda: self.nb.evaluate(*fresh_model(self.nb, P, P.SEED, self.device),
+                                                              self.eval_pairs, self.embedder, P, with_kl=False,
+                                                              progress=False))
         self._rm_data = None
 
     def reward_data(self, model, tok) -> dict:
@@ -152,8 +152,8 @@ def evaluate_after(ctx: Context, P: dict, model, tok, seed: int, t0: float, fiel
     (what was trained, its figures) lead the record. t0: when the run started (for train_seconds / wall_s)."""
     t_train = time.time() - t0
     judge = getattr(ctx, "judge", None)  # pipeline_seeds.py sets one: its rows keep the answers and its metrics
-    after = evaluate_split(ctx.nb, P, model, tok, ctx.eval_pairs, ctx.embedder, with_kl=P.EVAL_KL, progress=False,
-                           judge=judge)
+    after = ctx.nb.evaluate(model, tok, ctx.eval_pairs, ctx.embedder, P, with_kl=P.EVAL_KL, progress=False,
+                            judge=judge)
     comparison = ctx.nb.paired_comparison(ctx.base_eval, after, n_boot=P.BOOTSTRAP, seed=seed)
     rows = after["rows"]
     return {"seed": seed, **fields, "train_seconds": t_train, "wall_s": time.time() - t0,

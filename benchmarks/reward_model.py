@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from base_eval import load_default_stack, load_notebook, notebook_config  # noqa: E402
+from base_eval import load_notebook, notebook_config  # noqa: E402
 
 FIELDS = ("spearman_global", "spearman_within_prompt", "pearson", "mse", "mse_constant")
 
@@ -94,7 +94,8 @@ def main():
     data_path = args.data or ("data/pairs.jsonl" if (ROOT / "data" / "pairs.jsonl").exists() else P.DATA_PATH)
     nb.seed_everything(P.SEED)
     device = nb.resolve_device(P.DEVICE)
-    model, tok, embedder = load_default_stack(nb, P, device)
+    model, tok = nb.load_policy(P, device)
+    embedder = nb.Embedder(P.EMBEDDER, device=device)
     train = nb.split_pairs(nb.load_pairs(str(ROOT / data_path)), "train")
     if args.prompts is not None:
         P = dataclasses.replace(P, RM_PROMPTS=args.prompts)

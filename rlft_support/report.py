@@ -323,3 +323,46 @@ def show_committed(names, folder="benchmarks") -> dict[str, dict]:
         display(Markdown(table.read_text()) if table.exists() else f"({table} not found)")
     return {name: json.loads((folder / f"{name}.json").read_text()) for name in names
             if (folder / f"{name}.json").exists()}
+
+
+def show_examples(rows: list[dict], n: int, before: list[dict] | None = None) -> None:
+    """Print n evenly spaced rows of an evaluation: prompt, answer and its similarity, reference. With `before` (the
+    base model's rows, the same prompts) the base answer and the tuned one side by side."""
+    base = {r["prompt"]: r for r in before or []}
+    for row in rows[:: max(1, len(rows) // n)][:n]:
+        if before is None:
+            print(f"\n[{row['family']}] {row['prompt']}\n  model ({row['similarity']:.2f}): {row['response']!r}"
+                  f"\n  reference: {row['reference']}")
+        else:
+            old = base[row["prompt"]]
+            print(f"\n[{row['family']}] {row['prompt']}\n  base  ({old['similarity']:.2f}): {old['response']!r}"
+                  f"\n  tuned ({row['similarity']:.2f}): {row['response']!r}\n  reference: {row['reference']!r}")
+
+
+def show_logit_candidates(candidates: dict, decode) -> None:
+    """For each name -> logits [V] (float): their range, the entropy of their softmax and its 3 likeliest tokens
+    (`decode`: a list of ids -> text)."""
+    for name, z in candidates.items():
+        p = z.softmax(-1)
+        top = p.topk(3)
+        entropy = -(p * p.clamp_min(1e-30).log()).sum()
+        print(f"  {name:18s} logits range [{z.min():+.3f}, {z.max():+.3f}]  entropy {entropy:5.2f}  top: "
+              + ", ".join(f"{decode([int(i)])!r} {float(v):.3g}" for v, i in zip(top.values, top.indices)))
+
+
+def plot_curve(values: list[float], chance: float, xlabel: str, ylabel: str, label: str = "mean reward of the batch"):
+    """values [N] against 1..N, with a dashed line at `chance`; shown, and returned."""
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(6, 2.5))
+    plt.plot(range(1, len(values) + 1), values, marker="o", label=label)
+    plt.axhline(chance, color="grey", ls="--", label="chance")
+    plt.xlabel(xlabel), plt.ylabel(ylabel), plt.legend(), plt.show()
+    return fig
+
+
+def show_stats_row(i: int | None, stats: dict | None, keys: tuple[str, ...]) -> None:
+    """One line of a table of iteration statistics: the header when i is None, else iteration i's `keys`."""
+    if i is None:
+        print("iter " + " ".join(f"{k[:12]:>12}" for k in keys))
+    else:
+        print(f"{i:4d} " + " ".join(f"{stats.get(k, float('nan')):12.4g}" for k in keys))

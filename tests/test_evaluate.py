@@ -1,4 +1,5 @@
 """Section 4, evaluation: figures per family, bootstrap intervals, exact KL to the adapter-disabled model."""
+import dataclasses
 import math
 
 import numpy as np
@@ -22,10 +23,11 @@ def eval_pairs(nb):
     return nb.split_pairs(nb.load_pairs(str(ROOT / "data" / "starter.jsonl")), "eval")
 
 
-def test_evaluate_reports_every_figure_per_family_in_sane_ranges(nb, tiny_lora, embedder, eval_pairs):
+def test_evaluate_reports_every_figure_per_family_in_sane_ranges(nb, tiny_lora, embedder, eval_pairs, cfg):
     model, tok = tiny_lora
-    res = nb.evaluate(model, tok, eval_pairs, embedder, max_new_tokens=EVAL_TOKENS, temperature=1.0,
-                      batch_size=5, with_kl=True, n_boot=200, progress=False)
+    sampled = dataclasses.replace(cfg, EVAL_MAX_NEW_TOKENS=EVAL_TOKENS, EVAL_TEMPERATURE=1.0, EVAL_BATCH_SIZE=5,
+                                  BOOTSTRAP=200)
+    res = nb.evaluate(model, tok, eval_pairs, embedder, sampled, with_kl=True, progress=False)
     families = sorted({p["family"] for p in eval_pairs})
     assert list(res["table"]) == families + ["overall"]
     assert [r["prompt"] for r in res["rows"]] == [p["prompt"] for p in eval_pairs]  # input order kept
@@ -42,10 +44,11 @@ def test_evaluate_reports_every_figure_per_family_in_sane_ranges(nb, tiny_lora, 
     assert np.std(sims) > 0  # sampled text really was scored, not a constant
 
 
-def test_greedy_evaluation_is_the_default_and_deterministic(nb, tiny_lora, embedder, eval_pairs):
+def test_greedy_evaluation_is_the_default_and_deterministic(nb, tiny_lora, embedder, eval_pairs, cfg):
     model, tok = tiny_lora
-    a = nb.evaluate(model, tok, eval_pairs[:4], embedder, max_new_tokens=EVAL_TOKENS, progress=False)
-    b = nb.evaluate(model, tok, eval_pairs[:4], embedder, max_new_tokens=EVAL_TOKENS, batch_size=1, progress=False)
+    short = dataclasses.replace(cfg, EVAL_MAX_NEW_TOKENS=EVAL_TOKENS)
+    a = nb.evaluate(model, tok, eval_pairs[:4], embedder, short, progress=False)
+    b = nb.evaluate(model, tok, eval_pairs[:4], embedder, dataclasses.replace(short, EVAL_BATCH_SIZE=1), progress=False)
     assert a["settings"]["temperature"] == 0.0
     assert [r["response"] for r in a["rows"]] == [r["response"] for r in b["rows"]]
     assert "kl" not in a["table"]["overall"]
@@ -124,10 +127,10 @@ def test_distinct_n_counts_unique_word_bigrams():
     assert report.mean_distinct_n(["one", ""], 2) == 0.0
 
 
-def test_bad_input_gives_clear_errors(nb, tiny_lora, embedder):
+def test_bad_input_gives_clear_errors(nb, tiny_lora, embedder, cfg):
     model, tok = tiny_lora
     with pytest.raises(ValueError, match="no pairs"):
-        nb.evaluate(model, tok, [], embedder)
+        nb.evaluate(model, tok, [], embedder, cfg)
     with pytest.raises(ValueError, match="references"):
         nb.similarity(["a", "b"], ["a"], embedder)
     with pytest.raises(TypeError, match="PEFT"):

@@ -1,5 +1,6 @@
 """Issue 32: the independent judge (rlft_support/judge.py), the first-sentence splitter, the capped/uncapped
 split of a gain, and the system-prompt knobs (the free baseline)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -128,12 +129,13 @@ def test_evaluate_with_a_judge_and_the_free_baseline_on_the_tiny_model(nb, tiny_
     pairs = nb.split_pairs(nb.load_pairs(str(ROOT / "data" / "starter.jsonl")), "eval")[:4]
     embedder = nb.Embedder("packaged")
     judge = J.Judge("")  # chrF alone: fast; the packaged embedder is tested above
-    plain = nb.evaluate(model, tok, pairs, embedder, max_new_tokens=6, n_boot=50, progress=False)
+    short = dataclasses.replace(cfg, EVAL_MAX_NEW_TOKENS=6, BOOTSTRAP=50)
+    plain = nb.evaluate(model, tok, pairs, embedder, short, progress=False)
     assert "chrf" not in plain["rows"][0] and "first_sentence_similarity" not in plain["rows"][0]  # judge=None: skip
-    judged = nb.evaluate(model, tok, pairs, embedder, max_new_tokens=6, n_boot=50, progress=False, judge=judge)
+    judged = nb.evaluate(model, tok, pairs, embedder, short, progress=False, judge=judge)
     assert [r["similarity"] for r in judged["rows"]] == [r["similarity"] for r in plain["rows"]]
     assert all(0 <= r["chrf"] <= 100 for r in judged["rows"]) and "chrf_ci_low" in judged["table"]["overall"]
     with nb.system_prompt(tok, cfg.BASELINE_SYSTEM_PROMPT):  # the prompt arm: same model, one system line
-        baseline = nb.evaluate(model, tok, pairs, embedder, max_new_tokens=6, n_boot=50, progress=False, judge=judge)
+        baseline = nb.evaluate(model, tok, pairs, embedder, short, progress=False, judge=judge)
     assert len(baseline["rows"]) == len(pairs) and all(math.isfinite(r["similarity"]) for r in baseline["rows"])
     assert getattr(tok, "rlft_system_prompt", "") == ""

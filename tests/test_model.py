@@ -1,4 +1,5 @@
 """Section 1: model loading, dtype policy and the LoRA adapter."""
+import dataclasses
 import math
 import re
 
@@ -309,3 +310,16 @@ def test_bf16_passes_benchmark_smoke_run(tmp_path):
         assert set(arm) == {"policy_logprobs_chunk4", "whole_logits"}
         assert all(v["fwd_s"] > 0 and v["fwdbwd_s"] > 0 and len(v["fwd_runs"]) == 1 for v in arm.values())
     assert "| policy_logprobs_chunk4 |" in out.with_suffix(".md").read_text()
+
+
+def test_load_policy_is_load_base_then_a_fresh_lora_of_the_config(nb, cfg):
+    """load_policy(cfg, device): MODEL in DTYPE, wrapped in the LORA_* adapter, equal to the base at the start."""
+    tiny_cfg = dataclasses.replace(cfg, MODEL="tiny", DTYPE="auto", LORA_R=4, LORA_ALPHA=8, LORA_TARGETS=["q_proj", "v_proj"])
+    model, tok = nb.load_policy(tiny_cfg, CPU)
+    base, _ = nb.load_base("tiny", CACHE_DIR, CPU, torch.float32, seed=tiny_cfg.SEED)
+    assert isinstance(model, nb.PeftModel) and tok.padding_side == "left"
+    lora = model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (4, 8, {"q_proj", "v_proj"})
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)  # B = 0: exactly the base

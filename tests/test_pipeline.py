@@ -338,7 +338,7 @@ def test_monitor_scores_a_fixed_subset_of_train_prompts(nb, tiny_lora, train_pai
     assert all(p in train_pairs for p in subset) and nb.monitor_subset(train_pairs, 0) == []
     assert len(nb.monitor_subset(train_pairs, 10**6)) == len(train_pairs)
     seen = []
-    monkeypatch.setattr(nb, "make_monitors", lambda tok, pairs, emb, **k: (seen.append(pairs), (None, None))[1])
+    monkeypatch.setattr(nb, "make_monitors", lambda tok, pairs, emb, cfg: (seen.append(pairs), (None, None))[1])
     run(nb, model, tok, train_pairs, tmp_path / "run", dataclasses.replace(P, EVAL_MONITOR_N=4), PIPELINE="rl", TRAIN_BUDGET_S=300,
         TRAIN_MAX_ITERS=1)
     assert seen == []  # no embedder: no monitor
