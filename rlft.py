@@ -2130,6 +2130,9 @@ print(f"all-reduce per optimizer step: {4 * (lora_numel + value_numel):,} bytes 
 # 2. **Reward.** `REWARD_FN` (section 6): the exact similarity, or the reward MLP fitted to it.
 # 3. **RL from the SFT policy** (section 7), its KL penalty pulling toward the **SFT policy** (`KL_ANCHOR = "sft"`)
 #    so RL refines what SFT learnt instead of undoing it; PPO-ptx (`PTX_COEF`) keeps some supervised signal.
+#    Levers, all off by default until measured (`stage_plan`): `SFT_RL_SPLIT` keeps a share of the train prompts
+#    from SFT for RL alone, and RL after SFT may run at a lower learning rate or PPO-ptx weight
+#    (`RL_AFTER_SFT_LR_SCALE`, `RL_AFTER_SFT_PTX_SCALE`).
 #
 # **One wall-clock budget for everything.** `TRAIN_BUDGET_S` covers every stage: `PIPELINE = "sft+rl"` runs SFT
 # for at most `SFT_FRACTION` of it, then RL for the rest; `"sft"` SFT alone; `"rl"` (the default since section 9's
@@ -2343,6 +2346,21 @@ def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, cfg: Conf
 
 # %% rlft={"section": "pipeline"}
 #| export
+def stage_plan(train_pairs: list[dict], cfg: Config) -> tuple[list[dict], list[dict], Config]:
+    """What each stage trains on -> (sft_pairs, rl_pairs, rl_cfg). For "sft+rl", SFT_RL_SPLIT of the train
+    pairs (evenly spaced, never the eval split) are kept from SFT for RL alone, so RL works on prompts SFT did not
+    fit (0: both stages see every train pair), and RL runs at PPO_LR x RL_AFTER_SFT_LR_SCALE with
+    PTX_COEF x RL_AFTER_SFT_PTX_SCALE. Other pipelines: (train_pairs, train_pairs, cfg)."""
+    if cfg.PIPELINE != "sft+rl":
+        return train_pairs, train_pairs, cfg
+    sft_pairs, rl_pairs = held_out_split(train_pairs, cfg.SFT_RL_SPLIT)
+    rl_cfg = dataclasses.replace(cfg, PPO_LR=cfg.PPO_LR * cfg.RL_AFTER_SFT_LR_SCALE,
+                                 PTX_COEF=cfg.PTX_COEF * cfg.RL_AFTER_SFT_PTX_SCALE)
+    return sft_pairs, rl_pairs or train_pairs, rl_cfg
+
+
+# %% rlft={"section": "pipeline"}
+#| export
 def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path, cfg: Config, *, embedder=None,
                  progress: bool = True, accelerator=None) -> PipelineResult:
     """PIPELINE 'sft+rl' | 'sft' | 'rl' within TRAIN_BUDGET_S seconds from this call's start: a fresh adapter
@@ -2355,12 +2373,13 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
     data-parallel from rank 0's weights (each rank a share of every batch), and only rank 0 writes files."""
     t0, run_path = time.time(), Path(run_path)
     writer = accelerator is None or accelerator.is_main_process
+    sft_pairs, rl_pairs, rl_cfg = stage_plan(train_pairs, cfg)
     with run_lock(run_path, writer):  # a second run in this folder is refused (runs.run_lock)
         if cfg.RESUME and cfg.PIPELINE != "sft" and pointer_name(run_path) is not None:  # an RL checkpoint
             deadline, anchor, sft_steps = resume_plan(run_path, cfg, t0)  # skip SFT; RL for what is left of the budget
             if anchor:
                 load_sft_anchor(model, run_path)
-            state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, cfg, deadline=deadline,
+            state, rl_logs = rl_stage(model, tokenizer, rl_pairs, reward_fn, run_path, rl_cfg, deadline=deadline,
                                       anchor=anchor, resume=True, embedder=embedder, progress=progress,
                                       accelerator=accelerator)
             return pipeline_result(cfg, state, [], rl_logs, sft_steps, 0.0, t0, resumed=True)
@@ -2373,13 +2392,13 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
         if cfg.PIPELINE != "rl":
             share = 1.0 if cfg.PIPELINE == "sft" else cfg.SFT_FRACTION
             comm = DataParallel(accelerator) if accelerator is not None else SingleProcess()
-            sft_logs = sft_stage(model, tokenizer, train_pairs, run_path, cfg, share * budget - (time.time() - t0),
+            sft_logs = sft_stage(model, tokenizer, sft_pairs, run_path, cfg, share * budget - (time.time() - t0),
                                  progress and writer, writer, comm)
         t_sft = time.time() - t0
         if writer:
             write_pipeline_meta(run_path, cfg, t_sft, sft_logs)
         if cfg.PIPELINE != "sft":
-            state, rl_logs = rl_stage(model, tokenizer, train_pairs, reward_fn, run_path, cfg, deadline=t0 + budget,
+            state, rl_logs = rl_stage(model, tokenizer, rl_pairs, reward_fn, run_path, rl_cfg, deadline=t0 + budget,
                                       anchor=cfg.PIPELINE == "sft+rl" and cfg.KL_ANCHOR == "sft", resume=False,
                                       embedder=embedder, progress=progress, accelerator=accelerator)
         return pipeline_result(cfg, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False)

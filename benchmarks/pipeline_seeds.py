@@ -30,6 +30,11 @@ base), long_gain_* / long_gain_over_prompt_* / long_indep_gain_over_prompt_* (th
 fields are None. Every answer goes to <out>.responses.jsonl (one line per arm / seed / cap / prompt, the base model
 as arm "base"); the JSON's runs keep the figures only. `--adapter FOLDER` re-scores one saved adapter (no
 training) beside the base and the free baseline: <out>.json / <out>.responses.jsonl, the folder only read.
+
+Issue 32's levers: `--variant NAME=ARM:KNOB=VALUE,...` adds an arm that is ARM with other knobs, e.g.
+    --budget 600 --seeds 0 1 --arms prompt rl rl-noptx --variant rl-noptx=rl:PTX_COEF=0
+and reports it beside its parent (over_parent_mean / _ci_low / _ci_high, indep_over_parent_*: per prompt, the seeds
+both have). A variant's knobs enter its cache key, so each lever's runs are cached apart.
 """
 import dataclasses
 import argparse
@@ -46,12 +51,31 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from ppo_seeds import (ROW_KEYS, JUDGED_ROW_KEYS, Context, cached_json, common_args, cpu_name,  # noqa: E402
-                       evaluate_after, fresh_model, key_of, notebook_config, overrides_of, run_metadata, summarize,
-                       write_report)
+                       evaluate_after, fresh_model, key_of, notebook_config, overrides_of, run_key_fields, run_metadata,
+                       summarize, write_report)
 
 ARMS = ("prompt", "sft", "rl", "sft+rl")  # the default arm is the notebook's PIPELINE (--set PIPELINE=... to change it)
 # prompt: the free baseline, no training: the base model with the system line BASELINE_SYSTEM_PROMPT
 NOT_IN_KEY = ("JUDGE_EMBEDDER", "EVAL_LONG_MAX_NEW_TOKENS", "BASELINE_SYSTEM_PROMPT")  # judge-only (or prompt-arm-only)
+
+
+def parse_variants(specs: list[str]) -> dict[str, tuple[str, dict]]:
+    """--variant NAME=ARM:KNOB=VALUE,KNOB=VALUE (e.g. rl-noptx=rl:PTX_COEF=0) -> {NAME: (ARM, {KNOB: value})}: an arm
+    run with other knobs (issue 32's levers), measured beside its ARM on the same seeds ('<name>_over_parent')."""
+    out = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        arm, _, knobs = rest.partition(":")
+        if not name or name in ARMS or arm not in ARMS or arm == "prompt":
+            raise SystemExit(f"--variant {spec!r}: expected NEW_NAME=ARM:KNOB=VALUE,... with ARM one of {ARMS[1:]}")
+        out[name] = (arm, overrides_of(None, [kv for kv in knobs.split(",") if kv]))
+    return out
+
+
+def arm_config(ctx: Context, P, arm: str):
+    """(pipeline, config) of an arm: a plain arm runs PIPELINE = arm; a variant its parent arm with its knobs."""
+    parent, knobs = getattr(ctx, "variants", {}).get(arm, (arm, {}))
+    return parent, dataclasses.replace(P, **knobs)
 
 
 def judged(ctx: Context, P, model, tok, max_new_tokens: int | None = None) -> dict:
@@ -106,7 +130,9 @@ def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
     paired comparison with the base (ppo_seeds.evaluate_after, with the judge), and the long-cap evaluation; the
     `prompt` arm trains nothing (run_prompt_arm). Load averages before and after."""
     nb, load_before = ctx.nb, os.getloadavg()
-    Q = dataclasses.replace(P, PIPELINE=arm if arm != "prompt" else P.PIPELINE, SEED=seed, RESUME=False, CKPT_EVERY=0)
+    pipeline, P = arm_config(ctx, P, arm)
+    Q = dataclasses.replace(P, PIPELINE=pipeline if arm != "prompt" else P.PIPELINE, SEED=seed, RESUME=False,
+                            CKPT_EVERY=0)
     if arm == "prompt":
         return run_prompt_arm(ctx, Q, seed) | {"loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
     model, tok = fresh_model(nb, Q, seed, ctx.device)
@@ -115,7 +141,7 @@ def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
     result = nb.run_pipeline(model, tok, ctx.train_pairs, reward_fn, run_path, Q, progress=sys.stderr.isatty())
     if ctx.eval_dtype:  # e.g. a bf16-trained policy scored in fp32, so two dtypes are compared on the same eval
         model.to(getattr(torch, ctx.eval_dtype))
-    train = {"pipeline": arm, "iterations": result.iterations, "sft_steps": result.sft_steps,
+    train = {"pipeline": pipeline, "iterations": result.iterations, "sft_steps": result.sft_steps,
              "samples_seen": result.samples_seen, "seconds": result.seconds,
              "sft_curve": [{k: r[k] for k in ("step", "loss", "val_nll", "restored_step") if k in r}
                            for r in result.sft_logs],
@@ -130,9 +156,9 @@ def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
 def config_key(ctx: Context, P: dict, arm: str) -> str:
     """What makes two runs of one arm and seed the same run: every parameter but the arm and the demo/FFT/run-folder
     ones (the budget included; for `rl`, which runs no SFT, the SFT ones too), and the eval dtype."""
-    skip = ("DEMO", "FFT", "RUN_DIR", "RESUME", "PIPELINE") + (("SFT_", "KL_ANCHOR") if arm == "rl" else ())
-    skip += NOT_IN_KEY + (("SYSTEM_PROMPT",) if P.SYSTEM_PROMPT == "" else ())  # so older runs keep their keys
-    return key_of({k: v for k, v in dataclasses.asdict(P).items() if not k.startswith(skip)}
+    pipeline, P = arm_config(ctx, P, arm)
+    skip = ("PIPELINE",) + NOT_IN_KEY + (("SFT_", "KL_ANCHOR", "RL_AFTER_SFT_") if pipeline == "rl" else ())
+    return key_of(run_key_fields(P, skip)
                   | ({"eval_dtype": ctx.eval_dtype} if ctx.eval_dtype else {})
                   | ({"baseline_system_prompt": P.BASELINE_SYSTEM_PROMPT} if arm == "prompt" else {}))
 
@@ -253,13 +279,26 @@ def judged_fields(ctx: Context, runs: list[dict], prompt_runs: list[dict] | None
     return out | {"gain_by_base_stop": split}
 
 
+def over_parent(ctx: Context, runs: list[dict], parent_runs: list[dict] | None) -> dict:
+    """A variant minus its parent arm on the same prompts (each seed-averaged; over_parent_, indep_over_parent_),
+    only the seeds both have; {} for a plain arm."""
+    if parent_runs is None:
+        return {}
+    seeds = {r["seed"] for r in runs} & {r["seed"] for r in parent_runs}
+    mine, theirs = [r for r in runs if r["seed"] in seeds], [r for r in parent_runs if r["seed"] in seeds]
+    return {**difference(ctx, "over_parent", per_prompt(mine), per_prompt(theirs)),
+            **difference(ctx, "indep_over_parent", per_prompt(mine, "indep_similarity"),
+                         per_prompt(theirs, "indep_similarity"))}
+
+
 def summarize_arm(ctx: Context, runs: list[dict], sft_runs: list[dict] | None,
-                  prompt_runs: list[dict] | None = None) -> dict:
-    """ppo_seeds.summarize's fields, the paired difference to sft, the judged fields (judged_fields), samples seen,
-    iterations and load averages."""
+                  prompt_runs: list[dict] | None = None, parent_runs: list[dict] | None = None) -> dict:
+    """ppo_seeds.summarize's fields, the paired difference to sft (and to the parent arm, for a variant), the judged
+    fields (judged_fields), samples seen, iterations and load averages."""
     mean = lambda key: float(np.mean([r["train"][key] for r in runs]))
     loads = [r["loadavg_before"][0] for r in runs] + [r["loadavg_after"][0] for r in runs]
-    return summarize(ctx, runs) | over_sft(ctx, runs, sft_runs) | judged_fields(ctx, runs, prompt_runs) | {
+    return summarize(ctx, runs) | over_sft(ctx, runs, sft_runs) | judged_fields(ctx, runs, prompt_runs) | \
+        over_parent(ctx, runs, parent_runs) | {
         "seeds": [r["seed"] for r in runs],
         "samples_seen": mean("samples_seen"), "iterations": mean("iterations"), "sft_steps": mean("sft_steps"),
         "loadavg": {"mean_1min": float(np.mean(loads)), "max_1min": float(max(loads)),
@@ -310,6 +349,9 @@ def markdown_report(r: dict) -> str:
         row("95% interval", lambda x: f"[{x['gain_ci_low']:+.2f}, {x['gain_ci_high']:+.2f}]"),
         row("minus `sft` (95% interval)", lambda x: f"{fmt(x['rl_over_sft_mean'])} [{fmt(x['rl_over_sft_ci_low'])}, "
             f"{fmt(x['rl_over_sft_ci_high'])}]"),
+        row("a variant minus its parent arm, same seeds (95% interval); judge's", lambda x:
+            f"{fmt(x.get('over_parent_mean'))} [{fmt(x.get('over_parent_ci_low'))}, {fmt(x.get('over_parent_ci_high'))}]"
+            f"; {fmt(x.get('indep_over_parent_mean'))}" if "over_parent_mean" in x else "—"),
         row("minus the free baseline `prompt` (95% interval)", lambda x: f"{fmt(x.get('gain_over_prompt_mean'))} "
             f"[{fmt(x.get('gain_over_prompt_ci_low'))}, {fmt(x.get('gain_over_prompt_ci_high'))}]"),
         row("judge (E5) gain over the base / over `prompt` (95% interval)", lambda x: f"{fmt(x.get('indep_gain_mean'))}"
@@ -392,7 +434,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_args(ap)
     ap.set_defaults(threads=2)
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), help=f"of {ARMS} and the --variant names")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=ARM:KNOB=VALUE,... (parse_variants)")
     ap.add_argument("--adapter", default=None, help="re-score one saved adapter folder (no training): rescore_adapter")
     ap.add_argument("--budget", type=float, default=1200, help="TRAIN_BUDGET_S per run (SFT + RL together)")
     ap.add_argument("--eval-dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -405,7 +448,10 @@ def main():
     P = notebook_config(**overrides_of(args.params, args.set) | {"TRAIN_BUDGET_S": args.budget})
     t0 = time.time()
     ctx = Context(P, Path(args.cache), args.threads)
-    ctx.eval_dtype = args.eval_dtype
+    ctx.eval_dtype, ctx.variants = args.eval_dtype, parse_variants(args.variant)
+    unknown = set(args.arms) - set(ARMS) - set(ctx.variants)
+    if unknown:
+        raise SystemExit(f"--arms {sorted(unknown)}: not an arm of {ARMS} nor a --variant")
     ctx.judge = ctx.nb.Judge(P.JUDGE_EMBEDDER)  # metrics training never sees (rlft_support/judge.py)
     ctx.base_long = base_long(ctx, P)
     if args.adapter:  # re-score one saved adapter: no training, nothing written in the adapter's folder
@@ -415,13 +461,14 @@ def main():
         print(f"--reuse {args.reuse}: {reuse_runs(ctx, keys, Path(args.reuse))} run(s) taken")
     stamp = {"cpu": cpu_name(), "commit": args.stamp_commit or git_head()}
     runs = run_arms(ctx, P, args.arms, args.seeds, stamp, args.cached_only)
-    arms = {arm: summarize_arm(ctx, runs[arm], runs.get("sft"), runs.get("prompt")) for arm in runs}
+    parent = lambda arm: runs.get(ctx.variants[arm][0]) if arm in ctx.variants else None
+    arms = {arm: summarize_arm(ctx, runs[arm], runs.get("sft"), runs.get("prompt"), parent(arm)) for arm in runs}
     default = P.PIPELINE if P.PIPELINE in arms else next(iter(arms))
     responses = write_responses(Path(args.out), ctx, runs)
     r = {k: arms[default][k] for k in HEADLINE_FIELDS} | run_metadata(ctx, args, t0) | {
         "config_keys": keys, "commit": stamp["commit"],
         "cpus_of_runs": sorted({run["measured_on"]["cpu"] for rs in runs.values() for run in rs}),
-        "eval_dtype": args.eval_dtype or P.DTYPE, "default_arm": default, "acceptance": acceptance(arms[default]),
+        "eval_dtype": args.eval_dtype or P.DTYPE, "default_arm": default, "variants": ctx.variants, "acceptance": acceptance(arms[default]),
         "wall_s": float(sum(a["wall_s"] for a in arms.values())), "responses": responses, "arms": arms}
     write_report(args.out, r, markdown_report(r))
 

@@ -16,6 +16,7 @@ eos_rate_before/after, mean_len_before/after, wall_s, peak_rss_mb; each seed's f
 """
 import dataclasses
 import argparse
+import ast
 import hashlib
 import json
 import platform
@@ -38,11 +39,15 @@ JUDGED_ROW_KEYS = ("response", "reference", "first_sentence_similarity", "indep_
 
 
 def parse_value(text: str):
-    """--set values: JSON when it parses (numbers, lists, true/false), else the raw string."""
+    """--set values: JSON when it parses (numbers, lists, true/false), else a Python literal (True, ('a', 'b')),
+    else the raw string."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        return text
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
 
 
 def overrides_of(params_file: str | None, sets: list[str]) -> dict:
@@ -74,6 +79,20 @@ def cached_json(nb, path: Path, compute) -> dict:
 
 def key_of(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+# Knobs added after runs were cached, each at the value that reproduces how those runs trained: left out of a
+# run's key while at that value, so `--reuse` of a committed JSON and the cache keep matching.
+NEUTRAL = {"PPO_WHOLE_GROUPS": False, "SFT_RL_SPLIT": 0.0, "RL_AFTER_SFT_LR_SCALE": 1.0,
+           "RL_AFTER_SFT_PTX_SCALE": 1.0, "SYSTEM_PROMPT": "", "DATA_COLUMNS": {}, "EVAL_FRAC": 0.2}
+NOT_TRAINING = ("DEMO", "FFT", "RUN_DIR", "RESUME", "EXPORT_")  # what a run's numbers never depend on
+
+
+def run_key_fields(P, skip: tuple = ()) -> dict:
+    """P's knobs that make two runs the same run: all but those starting with NOT_TRAINING or `skip`, and the
+    NEUTRAL ones at their neutral value."""
+    return {k: v for k, v in dataclasses.asdict(P).items()
+            if not k.startswith(NOT_TRAINING + tuple(skip)) and not (k in NEUTRAL and v == NEUTRAL[k])}
 
 
 class Context:
@@ -166,7 +185,7 @@ def evaluate_after(ctx: Context, P: dict, model, tok, seed: int, t0: float, fiel
 
 def run_seeds(ctx: Context, P: dict, seeds: list[int], name: str, method: str = "ppo") -> list[dict]:
     """run_one per seed, each cached as <cache>/<name>-<config key>-s<seed>.json."""
-    key = key_of({k: v for k, v in dataclasses.asdict(P).items() if not k.startswith(("DEMO", "FFT", "RUN_DIR", "RESUME"))} | {"m": method})
+    key = key_of(run_key_fields(P) | {"m": method})
     out = []
     for seed in seeds:
         path = ctx.cache / f"{name}-{key}-s{seed}.json"

@@ -38,7 +38,6 @@ Writes <out>.json and <out>.md; the fields of a mode that was not run are null (
 mode are kept when <out>.json exists).
 """
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -52,7 +51,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ppo_seeds import (Context, evaluate_after, fresh_model, key_of, paired_gain_ci,  # noqa: E402
+from ppo_seeds import (Context, evaluate_after, fresh_model, key_of, paired_gain_ci, run_key_fields,  # noqa: E402
                        notebook_config, overrides_of)
 
 SYSTEMS = ("ours", "grpo", "rloo")
@@ -249,7 +248,7 @@ def run_cost(args, P: dict) -> dict:
 def run_learn(args, P: dict) -> dict:
     """Every (system, seed) for --budget s in its own process, cached; gains and paired-bootstrap intervals."""
     ctx = Context(P, Path(args.cache), args.threads)  # computes (or reads) the base eval once, before the runs
-    key = key_of({k: v for k, v in dataclasses.asdict(P).items() if not k.startswith(("DEMO", "FFT", "RUN_DIR", "RESUME"))}
+    key = key_of(run_key_fields(P)
                  | {"budget": args.budget, "grad_ckpt": args.trl_grad_ckpt})
     out, runs = {"budget_s": args.budget, "seeds": args.seeds, "learn_threads": args.threads}, {}
     for system in SYSTEMS:

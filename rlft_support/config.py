@@ -180,6 +180,12 @@ class Config:
     """PPO: linear learning-rate warm-up, in optimizer steps"""
     PPO_WHOLE_GROUPS: bool = False
     """PPO: shuffle whole prompts (all K answers) into minibatches, not single rows (PPO_MINIBATCH_SIZE % K == 0)"""
+    SFT_RL_SPLIT: float = 0.0
+    """"sft+rl": share of the train pairs kept from SFT for RL alone (RL on prompts SFT did not fit); 0: off"""
+    RL_AFTER_SFT_LR_SCALE: float = 1.0
+    """"sft+rl": RL's learning rate is PPO_LR x this"""
+    RL_AFTER_SFT_PTX_SCALE: float = 1.0
+    """"sft+rl": RL's PPO-ptx weight is PTX_COEF x this (0: no PPO-ptx after SFT)"""
     PPO_LOGITS_MODE: str = "full"
     """PPO: generate() logits_mode for rollouts; "full" keeps PPO on-policy"""
     OLD_LOGPROBS: str = "generate"
@@ -286,11 +292,11 @@ def _rule_table() -> dict:
         "TORCH_THREADS PPO_WARMUP_STEPS KL_MONITOR_EVERY PPO_DEMO_ITERS TRAIN_MAX_ITERS CKPT_EVERY EVAL_EVERY "
         "EVAL_MONITOR_N EVAL_LONG_MAX_NEW_TOKENS",
         (_number(0, lo_open=True), "a finite number > 0"): "LORA_ALPHA TEMPERATURE RM_LR PPO_LR PPO_CLIP "
-        "PPO_VALUE_CLIP MAX_GRAD_NORM TRAIN_BUDGET_S SFT_LR",
+        "PPO_VALUE_CLIP MAX_GRAD_NORM TRAIN_BUDGET_S SFT_LR RL_AFTER_SFT_LR_SCALE",
         (_number(0), "a finite number >= 0"): "EVAL_TEMPERATURE REWARD_CLIP PPO_VF_COEF PPO_ENT_COEF KL_COEF "
-        "PTX_COEF PPO_WEIGHT_DECAY KL_TARGET NO_EOS_PENALTY KL_PREV_COEF TARGET_KL CKPT_EVERY_S",
+        "PTX_COEF PPO_WEIGHT_DECAY KL_TARGET NO_EOS_PENALTY KL_PREV_COEF TARGET_KL CKPT_EVERY_S RL_AFTER_SFT_PTX_SCALE",
         (_number(0, 1), "a number in [0, 1]"): "GAMMA GAE_LAMBDA SFT_FRACTION",
-        (_number(0, 1, hi_open=True), "a share in [0, 1)"): "LORA_DROPOUT RM_VAL_FRAC RM_TEST_FRAC",
+        (_number(0, 1, hi_open=True), "a share in [0, 1)"): "LORA_DROPOUT RM_VAL_FRAC RM_TEST_FRAC SFT_RL_SPLIT",
         (lambda v: isinstance(v, bool), "True or False"):
         "EVAL_KL ROLLOUT_MERGED COMPILE_DECODE RESUME DEMO DEMO_SHARE PPO_WHOLE_GROUPS",
         _text(): "MODEL DEVICE RUN_DIR DATA_PATH EMBEDDER CACHE_DIR",

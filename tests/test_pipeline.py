@@ -215,6 +215,39 @@ def test_each_arm_runs_end_to_end(nb, tiny_lora, train_pairs, P, tmp_path, monke
         assert all(torch.count_nonzero(v) == 0 for k, v in rl_starts[0].items() if "lora_B" in k)  # a fresh adapter
 
 
+def test_stage_plan_splits_sft_and_rl_prompts_and_scales_rl_after_sft(nb, P, train_pairs):
+    """Issue 32 item 4's sft+rl levers: SFT_RL_SPLIT keeps a share of the TRAIN pairs from SFT for RL alone (never
+    an eval pair; off at 0), and RL after SFT runs at PPO_LR x RL_AFTER_SFT_LR_SCALE, PTX_COEF x ..._PTX_SCALE."""
+    eval_pairs = nb.split_pairs(nb.load_pairs(str(ROOT / TINY["DATA_PATH"])), "eval")
+    for arm in ("rl", "sft"):  # nothing changes outside sft+rl
+        levers = dataclasses.replace(P, PIPELINE=arm, SFT_RL_SPLIT=0.5, RL_AFTER_SFT_LR_SCALE=0.1)
+        assert nb.stage_plan(train_pairs, levers) == (train_pairs, train_pairs, levers)
+    off = dataclasses.replace(P, PIPELINE="sft+rl")
+    assert nb.stage_plan(train_pairs, off) == (train_pairs, train_pairs, off)  # the defaults: today's pipeline
+    on = dataclasses.replace(off, SFT_RL_SPLIT=0.25, RL_AFTER_SFT_LR_SCALE=0.2, RL_AFTER_SFT_PTX_SCALE=0.0)
+    sft_pairs, rl_pairs, rl_cfg = nb.stage_plan(train_pairs, on)
+    assert sorted(map(str, sft_pairs + rl_pairs)) == sorted(map(str, train_pairs))  # a partition of the train pairs
+    assert not any(x in sft_pairs for x in rl_pairs) and len(rl_pairs) == round(0.25 * len(train_pairs))
+    assert not any(x in rl_pairs + sft_pairs for x in eval_pairs)
+    assert rl_cfg.PPO_LR == on.PPO_LR * 0.2 and rl_cfg.PTX_COEF == 0.0 and rl_cfg.SFT_LR == on.SFT_LR
+    for bad in ({"SFT_RL_SPLIT": 1.0}, {"RL_AFTER_SFT_LR_SCALE": 0.0}, {"RL_AFTER_SFT_PTX_SCALE": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            dataclasses.replace(P, **bad)
+
+
+def test_sft_then_rl_trains_each_stage_on_its_own_prompts(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch):
+    model, tok = tiny_lora
+    sampled, real_sampler = [], nb.PromptSampler
+    monkeypatch.setattr(nb, "PromptSampler", lambda pairs, seed: (sampled.append(pairs), real_sampler(pairs, seed))[1])
+    lrs, real_state = [], nb.make_ppo_state
+    monkeypatch.setattr(nb, "make_ppo_state", lambda m, t, c: (lrs.append(c.PPO_LR), real_state(m, t, c))[1])
+    on = dict(PIPELINE="sft+rl", SFT_RL_SPLIT=0.5, RL_AFTER_SFT_LR_SCALE=0.5, SFT_VAL_FRAC=0.0, TRAIN_BUDGET_S=300,
+              SFT_MAX_STEPS=2, TRAIN_MAX_ITERS=1)
+    run(nb, model, tok, train_pairs, tmp_path / "run", P, **on)
+    sft_pairs, rl_pairs, _ = nb.stage_plan(train_pairs, dataclasses.replace(P, **on))
+    assert sampled == [sft_pairs, rl_pairs] and lrs == [P.PPO_LR * 0.5]
+
+
 def test_kl_anchor_base_leaves_the_reference_at_the_base(nb, tiny_lora, train_pairs, P, tmp_path, monkeypatch):
     model, tok = tiny_lora
     calls = []
@@ -349,11 +382,38 @@ def test_monitor_scores_a_fixed_subset_of_train_prompts(nb, tiny_lora, train_pai
 
 
 # --- benchmarks/pipeline_seeds.py ---------------------------------------------------------------------------------
+def test_the_default_config_still_finds_the_committed_headline_runs():
+    """--reuse and the cache match runs by config key: a knob added since the committed headline, at the value that
+    reproduces how those runs trained (ppo_seeds.NEUTRAL), must leave the keys as they were."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pipeline_seeds
+    from nbimport import notebook_config
+    committed = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
+    assert committed["overrides"] == []
+    P = notebook_config(TRAIN_BUDGET_S=committed["budget_s"])
+
+    class Ctx:
+        eval_dtype = None
+    assert {arm: pipeline_seeds.config_key(Ctx, P, arm) for arm in committed["config_keys"]} == committed["config_keys"]
+    assert pipeline_seeds.config_key(Ctx, dataclasses.replace(P, PPO_WHOLE_GROUPS=True), "rl") != committed["config_keys"]["rl"]
+
+
+def test_variants_are_parsed_and_checked():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pipeline_seeds
+    assert pipeline_seeds.parse_variants(["a=rl:PTX_COEF=0,PPO_WHOLE_GROUPS=True", "b=sft+rl:SFT_RL_SPLIT=0.5"]) == {
+        "a": ("rl", {"PTX_COEF": 0, "PPO_WHOLE_GROUPS": True}), "b": ("sft+rl", {"SFT_RL_SPLIT": 0.5})}
+    for bad in ("rl=rl:PTX_COEF=0", "a=nonsense:PTX_COEF=0", "a=prompt:PTX_COEF=0", "a=rl:NO_SUCH_KNOB=1"):
+        with pytest.raises(SystemExit):
+            pipeline_seeds.parse_variants([bad])
+
+
 def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     out = tmp_path / "pipeline_seeds"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "pipeline_seeds.py"),
            "--params", str(ROOT / "tests" / "tiny_params.json"), "--threads", "1", "--cache", str(tmp_path / "cache"), "--out", str(out), "--budget", "2", "--seeds", "0",
-           "--set", "SFT_BATCH_SIZE=4", "--set", "PPO_BATCH_SIZE=4", "--set", "PPO_MINIBATCH_SIZE=4"]
+           "--set", "SFT_BATCH_SIZE=4", "--set", "PPO_BATCH_SIZE=4", "--set", "PPO_MINIBATCH_SIZE=4",
+           "--arms", "prompt", "sft", "rl", "sft+rl", "rl-lever", "--variant", "rl-lever=rl:PPO_WHOLE_GROUPS=True,PTX_COEF=0"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.with_suffix(".json").read_text())
@@ -361,7 +421,12 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
                   "rl_over_sft_ci_low", "budget_s", "seeds", "threads", "machine", "arms"):
         assert field in r, field
     default = notebook_parameters()["PIPELINE"]  # the headline's default arm is the notebook's PIPELINE
-    assert set(r["arms"]) == {"prompt", "sft", "rl", "sft+rl"} and r["default_arm"] == default and r["threads"] == 1
+    assert set(r["arms"]) == {"prompt", "sft", "rl", "sft+rl", "rl-lever"} and r["default_arm"] == default
+    assert r["threads"] == 1 and r["variants"] == {"rl-lever": ["rl", {"PPO_WHOLE_GROUPS": True, "PTX_COEF": 0}]}
+    lever = r["arms"]["rl-lever"]  # issue 32's levers: a variant is its parent arm with other knobs, beside it
+    assert isinstance(lever["over_parent_mean"], float) and "over_parent_mean" not in r["arms"]["rl"]
+    assert lever["over_parent_ci_low"] <= lever["over_parent_mean"] <= lever["over_parent_ci_high"]
+    assert r["config_keys"]["rl-lever"] != r["config_keys"]["rl"] and lever["sft_steps"] == 0
     for field in ("gain_over_prompt_mean", "gain_over_prompt_ci_low", "indep_gain_over_prompt_mean",  # issue 32
                   "indep_gain_over_prompt_ci_low", "chrf_gain_over_prompt_mean", "indep_rl_over_sft_ci_low"):
         assert isinstance(r[field], float) and r[field] == r["arms"][default][field], field
@@ -372,7 +437,7 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
         assert "response" not in a["runs"][0]["rows"][0] and "indep_similarity" in a["runs"][0]["rows"][0]
     sidecar = [json.loads(line) for line in (tmp_path / r["responses"]).read_text().splitlines()]
     assert {(x["arm"], x["max_new_tokens"]) for x in sidecar} == {(a, c) for a in ["base", *r["arms"]] for c in (8, 128)}
-    assert len(sidecar) == 2 * 5 * r["eval_prompts"] and all(
+    assert len(sidecar) == 2 * 6 * r["eval_prompts"] and all(
         {"response", "reference", "similarity", "indep_similarity", "chrf", "first_sentence_similarity"} <= set(x)
         for x in sidecar)
     for arm, a in r["arms"].items():
