@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT))  # nbimport.py, rlft_support
 from nbimport import load_notebook, notebook_config  # noqa: E402
 from rlft_support import export  # noqa: E402
 from rlft_support.demo import find_adapter  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from ppo_seeds import cpu_name  # noqa: E402
 
 
 def policy(nb, p, adapter_arg: str, fresh: bool):
@@ -87,7 +89,10 @@ def write_md(result: dict, out: Path) -> None:
     lines = [f"# Exported GGUF: llama.cpp vs generate() ({result['model']}, {result['adapter']})", "",
              f"`{result['file']}`: {result['size_mb']:.1f} MB ({result['type']}), written in {result['export_s']:.1f} s; "
              f"{len(result['prompts'])} eval prompts, greedy, at most {result['new_tokens']} new tokens, one at a time (llama.cpp's "
-             f"tokens: its answers re-tokenized, + EOS); {result['machine']}, torch threads {result['threads']}.", "", *rows, ""]
+             f"tokens: its answers re-tokenized, + EOS); {result['cpu'] or result['machine']}, torch threads "
+             f"{result['threads']}, load average {result['loadavg_before'][0]:.2f} -> {result['loadavg_after'][0]:.2f}.",
+             "", *rows, "", f"The same greedy answer from both on {result['same_answers']} of {len(result['prompts'])} "
+             "prompts.", ""]
     for i in range(min(3, len(result["prompts"]))):
         lines += [f"- {result['questions'][i]!r}", f"  - llama.cpp: {result['llama_cpp']['answers'][i]!r}",
                   f"  - generate(): {result['ours']['answers'][i]!r}"]
@@ -117,12 +122,15 @@ def main():
         path = export.export_model(model, tok, tmp, [kind], source_gguf=export.packaged_gguf_file()
                                    if model_name == "packaged" else None)[kind]
         export_s = time.perf_counter() - t0
+        load_before = os.getloadavg()
         result = {"model": model_name, "adapter": adapter, "file": path.name, "type": a.type, "export_s": export_s,
                   "size_mb": path.stat().st_size / 1e6, "new_tokens": a.new_tokens, "threads": a.threads,
-                  "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                  "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu": cpu_name(),
                   "questions": [pair["prompt"] for pair in pairs], "prompts": prompts,
                   "llama_cpp": run_llama_cpp(path, tok, prompts, a.new_tokens),
                   "ours": run_ours(nb, Path(tmp), path.name, prompts, a.new_tokens)}
+        result["loadavg_before"], result["loadavg_after"] = list(load_before), list(os.getloadavg())
+        result["same_answers"] = sum(x == y for x, y in zip(result["llama_cpp"]["answers"], result["ours"]["answers"]))
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     write_md(result, out)
