@@ -463,7 +463,7 @@ def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     cmd2[cmd2.index("--out") + 1] = str(tmp_path / "reused")
     reused = subprocess.run(cmd2 + ["--reuse", str(out.with_suffix(".json"))], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
-    assert reused.returncode == 0 and "4 run(s) taken" in reused.stdout, reused.stdout[-2000:] + reused.stderr[-2000:]
+    assert reused.returncode == 0 and "5 run(s) taken" in reused.stdout, reused.stdout[-2000:] + reused.stderr[-2000:]
     r2 = json.loads((tmp_path / "reused.json").read_text())
     assert r2["gain_mean"] == r["gain_mean"] and not (tmp_path / "cache2" / "runs").exists()  # nothing retrained
     old = json.loads(out.with_suffix(".json").read_text())  # a run cached before the judge: no judged rows, no long
