@@ -228,11 +228,6 @@ def per_prompt(runs: list[dict], metric: str = "similarity", long: bool = False)
     return {p: float(np.mean(v)) for p, v in values.items()}
 
 
-def per_prompt_similarity(runs: list[dict]) -> dict[str, float]:
-    """prompt -> the similarity of its answer, averaged over the seeds' runs."""
-    return per_prompt(runs)
-
-
 def difference(ctx: Context, name: str, a: dict | None, b: dict | None) -> dict:
     """{name}_mean / _ci_low / _ci_high: a − b per prompt (both seed-averaged), mean and 95% bootstrap interval over
     the prompts; None when either side is missing."""
