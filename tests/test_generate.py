@@ -551,3 +551,21 @@ def test_generate_benchmark_compiled_path_smoke_run(tmp_path):
     for batch in report["batches"].values():
         assert batch["tokens_identical_compiled_new"] is True and batch["compiled"]["ours"]["median_tokens_per_s"] > 0
     assert "| 8 | compiled |" in (tmp_path / "gen.md").read_text()
+
+
+def test_draw_samples_the_distribution_and_never_a_zero_probability_token(nb):
+    """Inverse-CDF sampling (`draw`): the frequencies of 40,000 draws match the probabilities (within 5 standard
+    errors, with a fixed generator: deterministic), a token of zero probability is never drawn (also the first and
+    the last one of the vocabulary), and the same generator seed gives the same tokens."""
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.25, 0.05, 0.6, 0.0])
+    n = 40_000
+    g = torch.Generator().manual_seed(0)
+    tokens = nb.draw(probs.repeat(n, 1), g)
+    freq = torch.bincount(tokens, minlength=len(probs)).double() / n
+    stderr = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 5 * stderr + 1e-12).all(), freq
+    assert freq[[0, 2, 6]].sum() == 0
+    unnormalised = torch.tensor([[0.0, 3.0, 1.0, 0.0]]).repeat(1000, 1)  # rows need not sum to 1
+    assert set(nb.draw(unnormalised, g).tolist()) == {1, 2}
+    a = nb.draw(probs.repeat(50, 1), torch.Generator().manual_seed(7))
+    assert torch.equal(a, nb.draw(probs.repeat(50, 1), torch.Generator().manual_seed(7)))

@@ -900,3 +900,57 @@ def test_generate_logprobs_equal_a_recomputation_on_the_packaged_model(nb, cfg):
     mask = gen.response_mask.float()
     assert mask.sum() > 50
     assert ((gen.logprobs.float() - out.logprobs) * mask).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------- shared prompts
+def shared_prefix_batch(nb, tok):
+    """Three prompts of different lengths (so the left padding differs), answered 3, 1 and 2 times, rows mixed."""
+    prompts = [nb.chat_prompt(tok, p) for p in (PROMPTS[0], PROMPTS[2], PROMPTS[5])]
+    rows = [prompts[i] for i in (0, 1, 0, 2, 0, 2)]
+    ids, mask = nb.encode_prompts(tok, rows, 64, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    answers = torch.randint(3, tok.vocab_size if hasattr(tok, "vocab_size") else 100, (len(rows), 5), generator=g)
+    answer_mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 5, [1] * 4 + [0], [1] * 2 + [0] * 3, [1] * 5])
+    return torch.cat([ids, answers], 1), torch.cat([mask, answer_mask], 1), ids.shape[1], answer_mask.float()
+
+
+def test_prefix_groups_finds_the_distinct_prompts(nb, tiny_lora):
+    _, tok = tiny_lora
+    seq, mask, P, _ = shared_prefix_batch(nb, tok)
+    first, inverse = nb.prefix_groups(seq, mask, P)
+    assert len(first) == 3
+    assert inverse[0] == inverse[2] == inverse[4] and inverse[3] == inverse[5] and len(set(inverse.tolist())) == 3
+    assert torch.equal(seq[first[inverse], :P], seq[:, :P])  # every row's prompt is its group's
+
+
+def test_shared_prefix_log_probs_and_gradients_match_the_full_forward(nb, tiny_lora, one_thread):
+    """PREFIX_SHARING: each distinct prompt runs once and its KV cache serves its rows; log-probs, entropy and the
+    LoRA gradients equal the full forward's up to fp32 rounding (left padding of different prompt lengths too)."""
+    model, tok = tiny_lora
+    perturb_lora_b(model, 0.05)
+    seq, mask, P, valid = shared_prefix_batch(nb, tok)
+    outs, grads = [], []
+    for shared in (False, True):
+        model.zero_grad()
+        out = nb.policy_logprobs(model, None, seq, mask, P, 0.7, shared_prefix=shared)
+        ((out.logprobs * valid).sum() + (out.entropy * valid).sum()).backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_" in n]))
+    full, shared = outs
+    assert shared.logprobs.shape == full.logprobs.shape == valid.shape
+    assert ((shared.logprobs - full.logprobs) * valid).abs().max() < 1e-4
+    assert ((shared.entropy - full.entropy) * valid).abs().max() < 1e-4
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[1], grads[0], atol=1e-4, rtol=1e-3)
+
+
+def test_prefix_sharing_reaches_every_log_prob_pass(nb, tiny_lora, monkeypatch):
+    """With PREFIX_SHARING (the default) the π_old, reference and update passes all ask for shared prompts."""
+    model, tok = tiny_lora
+    seen, real = [], nb.policy_logprobs
+    monkeypatch.setattr(nb, "policy_logprobs", lambda *a, **kw: seen.append(kw.get("shared_prefix")) or real(*a, **kw))
+    for sharing in (True, False):
+        seen.clear()
+        state = nb.make_ppo_state(model, tok, small_cfg(nb, PREFIX_SHARING=sharing, OLD_LOGPROBS="recompute",
+                                                        PPO_SAMPLES_PER_PROMPT=2, PTX_COEF=0.0))
+        nb.ppo_iteration(state, nb.repeat_each(PROMPTS[:4], 2), [""] * 8, random_reward)
+        assert len(seen) >= 3 and set(seen) == {sharing}
