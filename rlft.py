@@ -1705,7 +1705,8 @@ def sft_batch(tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch
     for p in pairs:
         prompt_ids = tokenizer(chat_prompt(tokenizer, p["prompt"]), add_special_tokens=False)["input_ids"]
         answer = escape_special_tokens(tokenizer, p["reference"])  # a "<|im_end|>" in the text stays text
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * p.get("eos", True)
+        eos = [tokenizer.eos_token_id] * p.get("eos", True)
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + eos
         rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
@@ -2440,9 +2441,10 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
                  progress: bool = True, accelerator=None) -> PipelineResult:
     """PIPELINE 'sft+rl' | 'sft' | 'rl' | 'sft+bok' within TRAIN_BUDGET_S seconds from this call's start: a fresh
     adapter (reset_lora(SEED)), SFT for SFT_FRACTION of the budget (all of it for 'sft'), the SFT adapter saved and
-    made the KL anchor (KL_ANCHOR='sft'), then RL for the rest ('sft+bok': best-of-K distillation, bok_train). Ends within the budget plus one step. RESUME with an RL
-    checkpoint in run_path continues RL instead (`resume_plan`); a fresh run first moves an earlier one aside. The
-    run folder is locked throughout (`run_lock`).
+    made the KL anchor (KL_ANCHOR='sft'), then RL for the rest ('sft+bok': best-of-K distillation, bok_train).
+    Ends within the budget plus one step. RESUME with an RL checkpoint in run_path continues RL instead
+    (`resume_plan`; 'sft+bok' always starts fresh); a fresh run first moves an earlier one aside. The run folder is
+    locked throughout (`run_lock`).
     `cfg`: the Config (the notebook's `cfg`). `embedder` turns on the train-split monitor.
     `accelerator`: this process is one rank of a data-parallel run (section 8.1): SFT and RL are both
     data-parallel from rank 0's weights (each rank a share of every batch), and only rank 0 writes files."""
@@ -2479,7 +2481,8 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
             state, rl_logs = rl_stage(model, tokenizer, rl_pairs, reward_fn, run_path, rl_cfg, deadline=t0 + budget,
                                       anchor=cfg.PIPELINE == "sft+rl" and cfg.KL_ANCHOR == "sft", resume=False,
                                       embedder=embedder, progress=progress, accelerator=accelerator)
-        return pipeline_result(cfg, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False, bok_logs=bok_logs)
+        return pipeline_result(cfg, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False,
+                               bok_logs=bok_logs)
 
 # %% rlft={"section": "pipeline"}
 # The training run: PIPELINE within TRAIN_BUDGET_S (see above). `train_state` / `train_logs` are the RL stage's

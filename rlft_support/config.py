@@ -300,7 +300,8 @@ def _rule_table() -> dict:
         (_number(0, lo_open=True), "a finite number > 0"): "LORA_ALPHA TEMPERATURE RM_LR PPO_LR PPO_CLIP "
         "PPO_VALUE_CLIP MAX_GRAD_NORM TRAIN_BUDGET_S SFT_LR RL_AFTER_SFT_LR_SCALE",
         (_number(0), "a finite number >= 0"): "EVAL_TEMPERATURE REWARD_CLIP PPO_VF_COEF PPO_ENT_COEF KL_COEF "
-        "PTX_COEF PPO_WEIGHT_DECAY KL_TARGET NO_EOS_PENALTY KL_PREV_COEF TARGET_KL CKPT_EVERY_S RL_AFTER_SFT_PTX_SCALE BOK_MARGIN",
+        "PTX_COEF PPO_WEIGHT_DECAY KL_TARGET NO_EOS_PENALTY KL_PREV_COEF TARGET_KL CKPT_EVERY_S RL_AFTER_SFT_PTX_SCALE "
+        "BOK_MARGIN",
         (_number(0, 1), "a number in [0, 1]"): "GAMMA GAE_LAMBDA SFT_FRACTION",
         (_number(0, 1, hi_open=True), "a share in [0, 1)"): "LORA_DROPOUT RM_VAL_FRAC RM_TEST_FRAC SFT_RL_SPLIT",
         (lambda v: isinstance(v, bool), "True or False"):
