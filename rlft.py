@@ -106,9 +106,9 @@ GAE_LAMBDA = 0.95  # GAE lambda
 PTX_COEF = 0.5  # weight of PPO-ptx, the NLL of the minibatch's references; 0 turns it off
 MAX_GRAD_NORM = 1.0  # gradient-norm clip (PPO and SFT)
 # --- pipeline ------------------------------------------------------------------------------------------
-PIPELINE = "rl"  # "rl" | "sft" | "sft+rl" (SFT warm start, then RL anchored to KL_ANCHOR), in TRAIN_BUDGET_S
+PIPELINE = "rl"  # "rl" | "sft" | "sft+rl" (SFT, then RL anchored to KL_ANCHOR) | "sft+bok" (SFT, then best-of-K)
 TRAIN_BUDGET_S = 1200  # wall-clock budget of the training run, in seconds (the headline benchmark's)
-SFT_FRACTION = 0.5  # "sft+rl": share of TRAIN_BUDGET_S spent on SFT (RL gets the rest)
+SFT_FRACTION = 0.5  # "sft+rl", "sft+bok": share of TRAIN_BUDGET_S spent on SFT (the next stage gets the rest)
 SFT_LR = 5e-4  # SFT: AdamW learning rate for the LoRA
 SFT_BATCH_SIZE = 8  # SFT: reference answers per gradient step
 SFT_VAL_FRAC = 0.1  # SFT: share of the TRAIN prompts held out to stop it (never the eval split); 0: off
@@ -1747,12 +1747,14 @@ def optimizer_step(state: PPOState, loss: torch.Tensor) -> bool:
 def sft_batch(tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chat-rendered prompt + reference + EOS, right-padded -> input_ids, attention_mask, labels [B, L]
     (labels −100 on the prompt and the padding, so only the reference tokens are learned). Special-token strings
-    in a reference are escaped as in a prompt (`escape_special_tokens`): the only control token learned is the EOS."""
+    in a reference are escaped as in a prompt (`escape_special_tokens`): the only control token learned is the EOS.
+    A pair with "eos": False gets no EOS (an answer cut by the length cap, section 8.2's best-of-K)."""
     rows = []
     for p in pairs:
         prompt_ids = tokenizer(chat_prompt(tokenizer, p["prompt"]), add_special_tokens=False)["input_ids"]
         answer = escape_special_tokens(tokenizer, p["reference"])  # a "<|im_end|>" in the text stays text
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        eos = [tokenizer.eos_token_id] * p.get("eos", True)
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + eos
         rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
@@ -2392,6 +2394,80 @@ def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, cfg: Conf
                       eval_every=cfg.EVAL_EVERY, progress=progress and writes_files(state))
     return state, logs
 
+# %% [markdown] rlft={"section": "pipeline"}
+# **Best-of-K distillation after SFT** (`PIPELINE = "sft+bok"`; RAFT, Dong et al. 2023; ReST, Gulcehre et al.
+# 2023). The SFT policy already writes, among K samples of a prompt, answers the reward likes better than its own
+# greedy one (best of 16 after SFT: +1.0 in the reward, `benchmarks/headroom.md`). So after SFT, for the rest of
+# the budget, `bok_train` repeats `bok_step`: `BOK_PROMPTS_PER_STEP` train prompts, each answered greedily and
+# `BOK_SAMPLES` times at `TEMPERATURE` (`generate`), every answer scored by the run's `reward_fn`; a prompt's best
+# sample is kept only where it beats the greedy answer by more than the margin `BOK_MARGIN`, and one SFT step
+# (`sft_step`, a fresh AdamW at `SFT_LR`, labels on the answer only) is taken on the kept answers. The bar is the
+# greedy answer, not the samples' mean: greedy is what the evaluation scores, so a kept answer is one the evaluated
+# policy does not give yet. A sample cut by the length cap is learnt without an EOS (never "stop mid-sentence").
+# Only train prompts are sampled. With $y_1, \dots, y_K \sim \pi_\theta(\cdot \mid x)$ and margin $m$:
+#
+# $$\max_\theta\; \sum_x \mathbb{1}\big[r(x, y^*) - r(x, y_{\text{greedy}}) > m\big]\, \log \pi_\theta(y^* \mid x),
+#   \qquad y^* = \arg\max_k\, r(x, y_k)$$
+
+# %% rlft={"section": "pipeline"}
+#| export
+def best_of_k(scores: torch.Tensor, greedy_scores: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [B, K] (K sampled answers per prompt), greedy_scores [B] -> (best [B] long: the argmax over the K;
+    keep [B] bool: the best beats the greedy answer by more than `margin`)."""
+    best = scores.argmax(dim=1)
+    return best, scores.gather(1, best[:, None])[:, 0] - greedy_scores > margin
+
+
+def bok_step(model, tokenizer, pairs: list[dict], reward_fn, optimizer, params, cfg: Config, counters: dict) -> dict:
+    """One best-of-K step on `pairs` (TRAIN pairs): per prompt the greedy answer and BOK_SAMPLES answers sampled
+    at TEMPERATURE (TOP_K, TOP_P; MAX_NEW_TOKENS), all scored by reward_fn; then one sft_step on the kept best
+    answers (best_of_k with BOK_MARGIN; none kept: no step, the weights untouched). -> the log record: 'best',
+    'greedy', 'mean' (scores averaged over the prompts), 'kept' (share of prompts trained on), 'loss' (None
+    without a step), 'stepped'."""
+    k, prompts, refs = cfg.BOK_SAMPLES, [p["prompt"] for p in pairs], [p["reference"] for p in pairs]
+    rendered = [chat_prompt(tokenizer, p) for p in prompts]
+    greedy = generate(model, tokenizer, rendered, max_new_tokens=cfg.MAX_NEW_TOKENS, temperature=0.0)
+    sampled = generate(model, tokenizer, repeat_each(rendered, k), max_new_tokens=cfg.MAX_NEW_TOKENS,
+                       temperature=cfg.TEMPERATURE, top_k=cfg.TOP_K, top_p=cfg.TOP_P)
+    greedy_scores = reward_fn(prompts, greedy.texts, refs).float().cpu()
+    scores = reward_fn(repeat_each(prompts, k), sampled.texts, repeat_each(refs, k)).float().cpu().view(-1, k)
+    best, keep = best_of_k(scores, greedy_scores, cfg.BOK_MARGIN)
+    rows = [i * k + int(best[i]) for i in keep.nonzero()[:, 0].tolist()]  # the kept best answers' rows in `sampled`
+    chosen = [{"prompt": prompts[r // k], "reference": sampled.texts[r], "eos": sampled.stop_reason[r] == "eos"}
+              for r in rows]
+    loss, stepped = None, False
+    if chosen:
+        loss, stepped = sft_step(model, tokenizer, chosen, optimizer, params, cfg.MAX_GRAD_NORM, counters)
+    return {"best": scores.max(dim=1).values.mean().item(), "greedy": greedy_scores.mean().item(),
+            "mean": scores.mean().item(), "kept": keep.float().mean().item(), "loss": loss, "stepped": stepped}
+
+
+def bok_train(model, tokenizer, pairs: list[dict], reward_fn, cfg: Config, *, budget_s: float, run_path=None,
+              max_steps: int | None = None, progress: bool = True, counters: dict | None = None) -> list[dict]:
+    """Best-of-K distillation (bok_step) on BOK_PROMPTS_PER_STEP of the TRAIN `pairs` at a time (PromptSampler,
+    SEED), one AdamW at SFT_LR, while time is left of `budget_s` (a step starts only then; so it ends within the
+    budget plus one step) and, if given, up to `max_steps` steps. Non-finite steps are skipped and counted in
+    `counters` (sft_step's guard). Each record (+ 'stage': 'bok', 'step', 'elapsed_s') is appended to run_path's
+    log (append_log) when run_path is given. -> the records."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, sampler = torch.optim.AdamW(params, lr=cfg.SFT_LR), PromptSampler(pairs, cfg.SEED)
+    counters = {"skipped_loss": 0, "skipped_grad": 0} if counters is None else counters
+    logs, t0 = [], time.time()
+    bar = tqdm(total=round(budget_s), disable=not progress, desc=f"best-of-{cfg.BOK_SAMPLES} ({budget_s:.0f} s budget)",
+               bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
+    while time.time() - t0 < budget_s and (max_steps is None or len(logs) < max_steps):
+        record = bok_step(model, tokenizer, sampler.next_batch(cfg.BOK_PROMPTS_PER_STEP), reward_fn, optimizer,
+                          params, cfg, counters)
+        logs.append({"stage": "bok", "step": len(logs) + 1, **record, "elapsed_s": time.time() - t0})
+        if run_path is not None:
+            append_log(run_path, logs[-1])
+        bar.update(min(round(time.time() - t0), bar.total) - bar.n)
+        bar.set_postfix(step=len(logs), best=f"{record['best']:.2f}", greedy=f"{record['greedy']:.2f}",
+                        kept=f"{record['kept']:.2f}")
+    bar.close()
+    model.eval()
+    return logs
+
 # %% rlft={"section": "pipeline"}
 #| export
 def stage_plan(train_pairs: list[dict], cfg: Config) -> tuple[list[dict], list[dict], Config]:
@@ -2411,11 +2487,12 @@ def stage_plan(train_pairs: list[dict], cfg: Config) -> tuple[list[dict], list[d
 #| export
 def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path, cfg: Config, *, embedder=None,
                  progress: bool = True, accelerator=None) -> PipelineResult:
-    """PIPELINE 'sft+rl' | 'sft' | 'rl' within TRAIN_BUDGET_S seconds from this call's start: a fresh adapter
-    (reset_lora(SEED)), SFT for SFT_FRACTION of the budget (all of it for 'sft'), the SFT adapter saved and made
-    the KL anchor (KL_ANCHOR='sft'), then RL for the rest. Ends within the budget plus one step. RESUME with an RL
-    checkpoint in run_path continues RL instead (`resume_plan`); a fresh run first moves an earlier one aside. The
-    run folder is locked throughout (`run_lock`).
+    """PIPELINE 'sft+rl' | 'sft' | 'rl' | 'sft+bok' within TRAIN_BUDGET_S seconds from this call's start: a fresh
+    adapter (reset_lora(SEED)), SFT for SFT_FRACTION of the budget (all of it for 'sft'), the SFT adapter saved and
+    made the KL anchor (KL_ANCHOR='sft'), then RL for the rest ('sft+bok': best-of-K distillation, bok_train).
+    Ends within the budget plus one step. RESUME with an RL checkpoint in run_path continues RL instead
+    (`resume_plan`; 'sft+bok' always starts fresh); a fresh run first moves an earlier one aside. The run folder is
+    locked throughout (`run_lock`).
     `cfg`: the Config (the notebook's `cfg`). `embedder` turns on the train-split monitor.
     `accelerator`: this process is one rank of a data-parallel run (section 8.1): SFT and RL are both
     data-parallel from rank 0's weights (each rank a share of every batch), and only rank 0 writes files."""
@@ -2423,7 +2500,7 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
     writer = accelerator is None or accelerator.is_main_process
     sft_pairs, rl_pairs, rl_cfg = stage_plan(train_pairs, cfg)
     with run_lock(run_path, writer):  # a second run in this folder is refused (runs.run_lock)
-        if cfg.RESUME and cfg.PIPELINE != "sft" and pointer_name(run_path) is not None:  # an RL checkpoint
+        if cfg.RESUME and cfg.PIPELINE in ("rl", "sft+rl") and pointer_name(run_path) is not None:  # an RL checkpoint
             deadline, anchor, sft_steps = resume_plan(run_path, cfg, t0)  # skip SFT; RL for what is left of the budget
             if anchor:
                 load_sft_anchor(model, run_path)
@@ -2436,7 +2513,7 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
             run_path.mkdir(parents=True, exist_ok=True)
         reset_lora(model, cfg.SEED)
         seed_everything(cfg.SEED)
-        budget, sft_logs, state, rl_logs = cfg.TRAIN_BUDGET_S, [], None, []
+        budget, sft_logs, state, rl_logs, bok_logs = cfg.TRAIN_BUDGET_S, [], None, [], []
         if cfg.PIPELINE != "rl":
             share = 1.0 if cfg.PIPELINE == "sft" else cfg.SFT_FRACTION
             comm = DataParallel(accelerator) if accelerator is not None else SingleProcess()
@@ -2445,11 +2522,15 @@ def run_pipeline(model, tokenizer, train_pairs: list[dict], reward_fn, run_path,
         t_sft = time.time() - t0
         if writer:
             write_pipeline_meta(run_path, cfg, t_sft, sft_logs)
-        if cfg.PIPELINE != "sft":
+        if cfg.PIPELINE == "sft+bok":  # best-of-K distillation for the rest of the budget, on every train pair
+            bok_logs = bok_train(model, tokenizer, rl_pairs, reward_fn, cfg, budget_s=t0 + budget - time.time(),
+                                 run_path=run_path, progress=progress)
+        elif cfg.PIPELINE != "sft":
             state, rl_logs = rl_stage(model, tokenizer, rl_pairs, reward_fn, run_path, rl_cfg, deadline=t0 + budget,
                                       anchor=cfg.PIPELINE == "sft+rl" and cfg.KL_ANCHOR == "sft", resume=False,
                                       embedder=embedder, progress=progress, accelerator=accelerator)
-        return pipeline_result(cfg, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False)
+        return pipeline_result(cfg, state, sft_logs, rl_logs, len(sft_logs), t_sft, t0, resumed=False,
+                               bok_logs=bok_logs)
 
 # %% rlft={"section": "pipeline"}
 # The training run: PIPELINE within TRAIN_BUDGET_S (see above). `train_state` / `train_logs` are the RL stage's
@@ -2466,6 +2547,9 @@ print(f"{cfg.PIPELINE}: SFT {pipeline.sft_steps} steps ({pipeline.seconds['sft']
       f"{'resumed' if pipeline.resumed else 'fresh adapter'}; log: {RUN_PATH / LOG_NAME}")
 if train_state is not None:
     print(f"skipped steps {train_state.counters}")
+if pipeline.bok_logs:  # "sft+bok": the best-of-K stage's log
+    print(f"best-of-{cfg.BOK_SAMPLES}: {len(pipeline.bok_logs)} steps; " + ", ".join(
+        f"{k} {np.mean([r[k] for r in pipeline.bok_logs]):.3f}" for k in ("best", "greedy", "kept")))
 
 # %% rlft={"section": "pipeline"}
 fig = plot_training(train_logs, RUN_PATH / "train_curves.png")

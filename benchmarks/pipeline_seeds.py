@@ -34,7 +34,9 @@ training) beside the base and the free baseline: <out>.json / <out>.responses.js
 Issue 32's levers: `--variant NAME=ARM:KNOB=VALUE,...` adds an arm that is ARM with other knobs, e.g.
     --budget 600 --seeds 0 1 --arms prompt rl rl-noptx --variant rl-noptx=rl:PTX_COEF=0
 and reports it beside its parent (over_parent_mean / _ci_low / _ci_high, indep_over_parent_*: per prompt, the seeds
-both have). A variant's knobs enter its cache key, so each lever's runs are cached apart.
+both have). A variant's knobs enter its cache key, so each lever's runs are cached apart. The arm `sft+bok` (SFT,
+then best-of-K distillation: the notebook's bok_train, knobs BOK_*) runs only when named in --arms, e.g.
+    --budget 600 --seeds 0 1 --arms prompt sft sft+bok --variant bok-m1=sft+bok:BOK_MARGIN=1.0
 """
 import dataclasses
 import argparse
@@ -55,6 +57,7 @@ from ppo_seeds import (ROW_KEYS, JUDGED_ROW_KEYS, Context, cached_json, common_a
                        summarize, write_report)
 
 ARMS = ("prompt", "sft", "rl", "sft+rl")  # the default arm is the notebook's PIPELINE (--set PIPELINE=... to change it)
+EXTRA_ARMS = ("sft+bok",)  # run only when named in --arms (issue 32's best-of-K lever; not in the headline's default)
 # prompt: the free baseline, no training: the base model with the system line BASELINE_SYSTEM_PROMPT
 NOT_IN_KEY = ("JUDGE_EMBEDDER", "EVAL_LONG_MAX_NEW_TOKENS", "BASELINE_SYSTEM_PROMPT")  # judge-only (or prompt-arm-only)
 
@@ -66,8 +69,9 @@ def parse_variants(specs: list[str]) -> dict[str, tuple[str, dict]]:
     for spec in specs:
         name, _, rest = spec.partition("=")
         arm, _, knobs = rest.partition(":")
-        if not name or name in ARMS or arm not in ARMS or arm == "prompt":
-            raise SystemExit(f"--variant {spec!r}: expected NEW_NAME=ARM:KNOB=VALUE,... with ARM one of {ARMS[1:]}")
+        if not name or name in ARMS + EXTRA_ARMS or arm not in ARMS + EXTRA_ARMS or arm == "prompt":
+            raise SystemExit(f"--variant {spec!r}: expected NEW_NAME=ARM:KNOB=VALUE,... with ARM one of "
+                             f"{ARMS[1:] + EXTRA_ARMS}")
         out[name] = (arm, overrides_of(None, [kv for kv in knobs.split(",") if kv]))
     return out
 
@@ -147,6 +151,9 @@ def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
                            for r in result.sft_logs],
              "curve": [{k: r.get(k) for k in ("iteration", "score", "kl_ref", "response_len", "eos_rate")}
                        for r in result.rl_logs]}
+    if pipeline == "sft+bok":  # the best-of-K stage, step by step
+        train["bok_steps"], train["bok_curve"] = len(result.bok_logs), [
+            {k: r[k] for k in ("step", "best", "greedy", "mean", "kept", "loss")} for r in result.bok_logs]
     out = evaluate_after(ctx, Q, model, tok, seed, t0, {"arm": arm, "train": train, "train_dtype": Q.DTYPE,
                                                         "eval_dtype": ctx.eval_dtype or Q.DTYPE})
     out["long"] = long_eval(ctx, Q, model, tok)
@@ -155,10 +162,12 @@ def run_arm(ctx: Context, P: dict, arm: str, seed: int, run_path: Path) -> dict:
 
 def config_key(ctx: Context, P: dict, arm: str) -> str:
     """What makes two runs of one arm and seed the same run: every parameter but the arm and the demo/FFT/run-folder
-    ones (the budget included; for `rl`, which runs no SFT, the SFT ones too), and the eval dtype."""
+    ones (the budget included; for `rl`, which runs no SFT, the SFT ones too; the BOK_ ones only for `sft+bok`,
+    always, even at their defaults), and the eval dtype."""
     pipeline, P = arm_config(ctx, P, arm)
-    skip = ("PIPELINE",) + NOT_IN_KEY + (("SFT_", "KL_ANCHOR", "RL_AFTER_SFT_") if pipeline == "rl" else ())
-    return key_of(run_key_fields(P, skip)
+    skip = ("PIPELINE", "BOK_") + NOT_IN_KEY + (("SFT_", "KL_ANCHOR", "RL_AFTER_SFT_") if pipeline == "rl" else ())
+    bok = {k: v for k, v in dataclasses.asdict(P).items() if k.startswith("BOK_")} if pipeline == "sft+bok" else {}
+    return key_of(run_key_fields(P, skip) | bok
                   | ({"eval_dtype": ctx.eval_dtype} if ctx.eval_dtype else {})
                   | ({"baseline_system_prompt": P.BASELINE_SYSTEM_PROMPT} if arm == "prompt" else {}))
 
@@ -210,7 +219,8 @@ def run_arms(ctx: Context, P: dict, arms: list[str], seeds: list[int], stamp: di
             run.setdefault("measured_on", stamp)
             runs[arm].append(run)
             print(f"{arm} seed {seed}: gain {run['gain']:+.3f} (SFT {run['train']['sft_steps']} steps, RL "
-                  f"{run['train']['iterations']} iterations, {run['wall_s']:.0f} s, load "
+                  f"{run['train']['iterations']} iterations, best-of-K {run['train'].get('bok_steps', 0)} steps, "
+                  f"{run['wall_s']:.0f} s, load "
                   f"{run['loadavg_before'][0]:.1f} -> {run['loadavg_after'][0]:.1f})", flush=True)
     return {arm: rs for arm, rs in runs.items() if rs}
 
@@ -299,7 +309,16 @@ def summarize_arm(ctx: Context, runs: list[dict], sft_runs: list[dict] | None,
         "loadavg": {"mean_1min": float(np.mean(loads)), "max_1min": float(max(loads)),
                     "per_run": [{"seed": r["seed"], "before": r["loadavg_before"], "after": r["loadavg_after"]}
                                 for r in runs]},
-        "wall_s": float(sum(r["wall_s"] for r in runs)), "runs": runs}
+        "wall_s": float(sum(r["wall_s"] for r in runs)), "runs": runs} | bok_fields(runs)
+
+
+def bok_fields(runs: list[dict]) -> dict:
+    """sft+bok: best-of-K steps per run (mean) and the share of prompts trained on over all steps; {} otherwise."""
+    if not all("bok_steps" in r["train"] for r in runs):
+        return {}
+    kept = [x["kept"] for r in runs for x in r["train"]["bok_curve"]]
+    return {"bok_steps": float(np.mean([r["train"]["bok_steps"] for r in runs])),
+            "bok_kept": float(np.mean(kept)) if kept else None}
 
 
 HEADLINE_FIELDS = ("gain_mean", "gain_min", "gain_ci_low", "gain_ci_high", "distinct2_ratio", "rl_over_sft_mean",
@@ -429,7 +448,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_args(ap)
     ap.set_defaults(threads=2)
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), help=f"of {ARMS} and the --variant names")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), help=f"of {ARMS + EXTRA_ARMS} and the --variant names")
     ap.add_argument("--variant", action="append", default=[], help="NAME=ARM:KNOB=VALUE,... (parse_variants)")
     ap.add_argument("--adapter", default=None, help="re-score one saved adapter folder (no training): rescore_adapter")
     ap.add_argument("--budget", type=float, default=1200, help="TRAIN_BUDGET_S per run (SFT + RL together)")
@@ -444,9 +463,9 @@ def main():
     t0 = time.time()
     ctx = Context(P, Path(args.cache), args.threads)
     ctx.eval_dtype, ctx.variants = args.eval_dtype, parse_variants(args.variant)
-    unknown = set(args.arms) - set(ARMS) - set(ctx.variants)
+    unknown = set(args.arms) - set(ARMS + EXTRA_ARMS) - set(ctx.variants)
     if unknown:
-        raise SystemExit(f"--arms {sorted(unknown)}: not an arm of {ARMS} nor a --variant")
+        raise SystemExit(f"--arms {sorted(unknown)}: not an arm of {ARMS + EXTRA_ARMS} nor a --variant")
     ctx.judge = ctx.nb.Judge(P.JUDGE_EMBEDDER)  # metrics training never sees (rlft_support/judge.py)
     ctx.base_long = base_long(ctx, P)
     if args.adapter:  # re-score one saved adapter: no training, nothing written in the adapter's folder

@@ -84,7 +84,8 @@ def key_of(obj) -> str:
 # Knobs added after runs were cached, each at the value that reproduces how those runs trained: left out of a
 # run's key while at that value, so `--reuse` of a committed JSON and the cache keep matching.
 NEUTRAL = {"PPO_WHOLE_GROUPS": False, "PREFIX_SHARING": False, "SFT_RL_SPLIT": 0.0, "RL_AFTER_SFT_LR_SCALE": 1.0,
-           "RL_AFTER_SFT_PTX_SCALE": 1.0, "SYSTEM_PROMPT": "", "DATA_COLUMNS": {}, "EVAL_FRAC": 0.2}
+           "RL_AFTER_SFT_PTX_SCALE": 1.0, "SYSTEM_PROMPT": "", "DATA_COLUMNS": {}, "EVAL_FRAC": 0.2,
+           "BOK_SAMPLES": 8, "BOK_MARGIN": 0.5, "BOK_PROMPTS_PER_STEP": 4}  # BOK_: only "sft+bok" reads them
 NOT_TRAINING = ("DEMO", "FFT", "RUN_DIR", "RESUME", "EXPORT_")  # what a run's numbers never depend on
 
 

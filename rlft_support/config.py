@@ -23,7 +23,7 @@ REWARD_FNS = ("similarity", "mlp")
 REWARD_NORMS, KL_ESTIMATORS = ("running", "batch", "group", "none"), ("k1", "k3")
 SURROGATE_TARGETS = ("adv", "adv_plus_delta")
 ADVANTAGES, OLD_LOGPROBS_SOURCES = ("gae", "group"), ("generate", "recompute")
-PIPELINES, KL_ANCHORS = ("sft+rl", "sft", "rl"), ("sft", "base")
+PIPELINES, KL_ANCHORS = ("sft+rl", "sft", "rl", "sft+bok"), ("sft", "base")
 EXPORT_KINDS = ("merged", "gguf", "gguf-q8_0")  # rlft_support/export.py: HF folder, f16 GGUF, Q8_0 GGUF
 
 
@@ -186,6 +186,12 @@ class Config:
     """"sft+rl": RL's learning rate is PPO_LR x this"""
     RL_AFTER_SFT_PTX_SCALE: float = 1.0
     """"sft+rl": RL's PPO-ptx weight is PTX_COEF x this (0: no PPO-ptx after SFT)"""
+    BOK_SAMPLES: int = 8
+    """"sft+bok": K, the answers sampled per prompt (at TEMPERATURE) in each best-of-K distillation step"""
+    BOK_MARGIN: float = 0.5
+    """"sft+bok": a prompt's best sample is trained on only when its reward beats the greedy answer's by more"""
+    BOK_PROMPTS_PER_STEP: int = 4
+    """"sft+bok": train prompts per best-of-K step (each step: one SFT step on the kept best answers)"""
     PPO_LOGITS_MODE: str = "full"
     """PPO: generate() logits_mode for rollouts; "full" keeps PPO on-policy"""
     OLD_LOGPROBS: str = "generate"
@@ -289,14 +295,15 @@ def _rule_table() -> dict:
         (_integer(1), "an integer >= 1"): "LORA_R MAX_NEW_TOKENS PCA_K BOOTSTRAP RM_HIDDEN PPO_BATCH_SIZE "
         "PPO_SAMPLES_PER_PROMPT PPO_MINIBATCH_SIZE PPO_EPOCHS SFT_BATCH_SIZE EVAL_MAX_NEW_TOKENS EVAL_BATCH_SIZE "
         "RM_BATCH_SIZE RM_MAX_EPOCHS RM_PATIENCE KL_HORIZON PPO_DEMO_BATCH_SIZE SFT_MAX_STEPS SFT_VAL_EVERY "
-        "SFT_PATIENCE CKPT_KEEP NUM_PROCESSES",
+        "SFT_PATIENCE CKPT_KEEP NUM_PROCESSES BOK_SAMPLES BOK_PROMPTS_PER_STEP",
         (_integer(0), "an integer >= 0 (0: off or all, see the knob)"): "SEED TOP_K EVAL_N RM_PROMPTS RM_MISMATCHED "
         "TORCH_THREADS PPO_WARMUP_STEPS KL_MONITOR_EVERY PPO_DEMO_ITERS TRAIN_MAX_ITERS CKPT_EVERY EVAL_EVERY "
         "EVAL_MONITOR_N EVAL_LONG_MAX_NEW_TOKENS",
         (_number(0, lo_open=True), "a finite number > 0"): "LORA_ALPHA TEMPERATURE RM_LR PPO_LR PPO_CLIP "
         "PPO_VALUE_CLIP MAX_GRAD_NORM TRAIN_BUDGET_S SFT_LR RL_AFTER_SFT_LR_SCALE",
         (_number(0), "a finite number >= 0"): "EVAL_TEMPERATURE REWARD_CLIP PPO_VF_COEF PPO_ENT_COEF KL_COEF "
-        "PTX_COEF PPO_WEIGHT_DECAY KL_TARGET NO_EOS_PENALTY KL_PREV_COEF TARGET_KL CKPT_EVERY_S RL_AFTER_SFT_PTX_SCALE",
+        "PTX_COEF PPO_WEIGHT_DECAY KL_TARGET NO_EOS_PENALTY KL_PREV_COEF TARGET_KL CKPT_EVERY_S RL_AFTER_SFT_PTX_SCALE "
+        "BOK_MARGIN",
         (_number(0, 1), "a number in [0, 1]"): "GAMMA GAE_LAMBDA SFT_FRACTION",
         (_number(0, 1, hi_open=True), "a share in [0, 1)"): "LORA_DROPOUT RM_VAL_FRAC RM_TEST_FRAC SFT_RL_SPLIT",
         (lambda v: isinstance(v, bool), "True or False"):
@@ -347,5 +354,7 @@ def check_config(c: Config) -> None:
                          f"with PPO_SAMPLES_PER_PROMPT={k} (the demonstration's answers per prompt)")
     if columns_problem(c.DATA_COLUMNS):
         raise ValueError(f"DATA_COLUMNS={c.DATA_COLUMNS!r}: {columns_problem(c.DATA_COLUMNS)}")
+    if c.PIPELINE == "sft+bok" and c.NUM_PROCESSES > 1:
+        raise ValueError(f"PIPELINE='sft+bok' runs in one process: NUM_PROCESSES={c.NUM_PROCESSES} must be 1")
     if c.RM_VAL_FRAC + c.RM_TEST_FRAC >= 1:
         raise ValueError(f"RM_VAL_FRAC + RM_TEST_FRAC = {c.RM_VAL_FRAC + c.RM_TEST_FRAC}: expected < 1 (some to fit)")

@@ -707,16 +707,19 @@ class PipelineResult:
     iterations: int  # RL iterations of the run, in total
     samples_seen: int  # SFT examples + RL responses
     resumed: bool
+    bok_logs: list = dataclasses.field(default_factory=list)  # "sft+bok": the best-of-K stage's log (bok_train)
 
 
 def pipeline_result(cfg, state, sft_logs, rl_logs, sft_steps: int, t_sft: float, t0: float,
-                    resumed: bool) -> PipelineResult:
-    """Assemble the PipelineResult (samples_seen = SFT steps × SFT_BATCH_SIZE + RL iterations × PPO_BATCH_SIZE)."""
-    iterations = state.iteration if state is not None else 0
+                    resumed: bool, bok_logs: list | None = None) -> PipelineResult:
+    """Assemble the PipelineResult (samples_seen = SFT steps × SFT_BATCH_SIZE + RL iterations × PPO_BATCH_SIZE
+    + best-of-K steps × BOK_PROMPTS_PER_STEP × BOK_SAMPLES; seconds "rl": the stage after SFT, RL or best-of-K)."""
+    iterations, bok_logs = (state.iteration if state is not None else 0), bok_logs or []
     total = time.time() - t0
+    seen = sft_steps * cfg.SFT_BATCH_SIZE + iterations * cfg.PPO_BATCH_SIZE
+    seen += len(bok_logs) * cfg.BOK_PROMPTS_PER_STEP * cfg.BOK_SAMPLES
     return PipelineResult(cfg.PIPELINE, state, sft_logs, rl_logs, {"sft": t_sft, "rl": total - t_sft, "total": total},
-                          sft_steps, iterations, sft_steps * cfg.SFT_BATCH_SIZE + iterations * cfg.PPO_BATCH_SIZE,
-                          resumed)
+                          sft_steps, iterations, seen, resumed, bok_logs)
 
 
 def anchor_state_dict(state) -> dict[str, torch.Tensor]:
