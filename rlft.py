@@ -149,6 +149,7 @@ from rlft_support.report import (summarize_by_family, paired_comparison, format_
 from rlft_support.report import bootstrap_ci, phase_matrix, PHASES  # noqa: F401 (the benchmarks use them as nb.X)
 from rlft_support.assets import Embedder, packaged_tokenizer, resolve_model, tiny_llama
 from rlft_support.data import load_pairs, train_eval_pairs, split_pairs  # noqa: F401  (nb.split_pairs: benchmarks)
+from rlft_support.data import unlabelled_split
 from rlft_support.report import gain_by_base_stop, paired_gain
 from rlft_support.fast import flat_head, make_cache, merged_adapter, select_cache_rows
 from rlft_support.guards import absurd_batch, clip_scores, guarded_step
@@ -327,11 +328,15 @@ def system_prompt(tokenizer, system: str):
 set_system_prompt(tokenizer, cfg.SYSTEM_PROMPT)  # "" (default): the chat template's own system line
 pairs = load_pairs(cfg.DATA_PATH, cfg.DATA_COLUMNS, cfg.EVAL_FRAC)  # rlft_support/data.py: every row checked
 train_pairs, eval_pairs = train_eval_pairs(pairs, cfg.DATA_PATH)
+labelled_pairs, unlabelled_pairs = unlabelled_split(train_pairs, cfg.UNLABELLED_FRAC)  # 0 (default): all labelled
 families = sorted({p["family"] for p in pairs})
 print(f"{len(pairs)} pairs from {cfg.DATA_PATH}: {len(train_pairs)} train, {len(eval_pairs)} eval; families {families}")
 print("pairs per family (train, eval):",
       {f: (sum(p["family"] == f for p in train_pairs), sum(p["family"] == f for p in eval_pairs)) for f in families})
 print(chat_prompt(tokenizer, train_pairs[0]["prompt"]) + train_pairs[0]["reference"])
+if unlabelled_pairs:  # section 8.2: RL-only prompts, scored by the reward model
+    print(f"UNLABELLED_FRAC={cfg.UNLABELLED_FRAC}: {len(unlabelled_pairs)} train prompts unlabelled (RL only), "
+          f"{len(labelled_pairs)} labelled")
 
 # %% [markdown] rlft={"section": "generate"}
 # ## 3. Generation
@@ -911,7 +916,9 @@ print(f"\n{len(sims)} base responses scored in {time.time() - t0:.2f}s: mean {si
 # The similarity reward needs a reference; the seed also trained a small **two-layer MLP to imitate it**, so text
 # can be scored on its own (the demo's prompts have none). PPO trains on it with `REWARD_FN = "mlp"`; the default,
 # `"similarity"`, is the exact score (every train prompt has a reference; the two did as well: +0.27 vs +0.28), and
-# any callable `(prompts, responses, references) -> tensor [B]` can replace both. The demo scores with the MLP.
+# any callable `(prompts, responses, references) -> tensor [B]` can replace both. The demo scores with the MLP, and
+# so does RL on train prompts kept without a reference (`UNLABELLED_FRAC`, section 8.2): the reward model is then
+# fitted on the labelled train prompts only.
 #
 # **Inputs — never the reference.** With $p = e(x)$ the prompt's and $q = e(y)$ the response's unit MiniLM
 # embeddings, the features are $[\,p,\; q,\; p \odot q,\; |p - q|\,]$ ($4 \times 384$, `rm_features`), and
@@ -1093,7 +1100,7 @@ def make_reward_fn(kind, embedder: Embedder, reward_model: RewardMLP | None = No
     if callable(kind):
         fn = kind
     elif kind == "similarity":
-        fn = lambda prompts, responses, references: similarity(responses, references, embedder)
+        fn = lambda prompts, responses, references: similarity(responses, require_references(references), embedder)
     elif kind == "mlp":
         if reward_model is None:
             raise ValueError("REWARD_FN='mlp' needs the fitted reward model (section 6)")
@@ -1112,6 +1119,16 @@ def make_reward_fn(kind, embedder: Embedder, reward_model: RewardMLP | None = No
     return reward_fn
 
 
+def require_references(references: list) -> list[str]:
+    """The references as they are, or a ValueError naming the rows without one (None or blank: the unlabelled
+    prompts of UNLABELLED_FRAC, section 8.2), which only the reward model can score."""
+    missing = [i for i, r in enumerate(references) if r is None or not str(r).strip()]
+    if missing:
+        raise ValueError(f"REWARD_FN='similarity' needs a reference for every row; {len(missing)} rows (e.g. "
+                         f"{missing[:5]}) have none (unlabelled prompts): score them with REWARD_FN='mlp'")
+    return references
+
+
 def reward_and_similarity(reward_model: RewardMLP, embedder: Embedder, prompts: list[str], responses: list[str],
                           references: list[str]) -> dict[str, torch.Tensor]:
     """For one batch: {'mlp': [B] reward-model score, 'similarity': [B] true score, 'gap': mlp - similarity}."""
@@ -1126,7 +1143,7 @@ def reward_and_similarity(reward_model: RewardMLP, embedder: Embedder, prompts: 
 
 # %% rlft={"section": "reward_model"}
 t0 = time.time()
-rm_pairs = train_pairs[:cfg.RM_PROMPTS] if cfg.RM_PROMPTS else train_pairs
+rm_pairs = labelled_pairs[:cfg.RM_PROMPTS] if cfg.RM_PROMPTS else labelled_pairs  # never an unlabelled reference
 rm_data = build_reward_data(model, tokenizer, rm_pairs, embedder, temperatures=cfg.RM_TEMPERATURES,
                             n_mismatched=cfg.RM_MISMATCHED, max_new_tokens=cfg.MAX_NEW_TOKENS,
                             batch_size=cfg.RM_BATCH_SIZE,
@@ -2184,6 +2201,14 @@ print(f"all-reduce per optimizer step: {4 * (lora_numel + value_numel):,} bytes 
 #    from SFT for RL alone, and RL after SFT may run at a lower learning rate or PPO-ptx weight
 #    (`RL_AFTER_SFT_LR_SCALE`, `RL_AFTER_SFT_PTX_SCALE`).
 #
+# **Prompts without a reference** (`UNLABELLED_FRAC`, off at 0), the reason section 6 fits a reward model at all and
+# the one setting where RL can learn what SFT cannot: that share of the train concepts (a salted sha256 of the
+# concept, `unlabelled_split`; never an eval pair) loses its references. SFT, its held-out stop and the reward
+# model's data see only the labelled pairs; RL samples its prompts from the unlabelled ones only, scored by the
+# reward MLP (`REWARD_FN = "mlp"`; the exact similarity needs the missing reference and refuses). PPO-ptx is off on
+# those rows (an empty reference adds no term, `reference_nll_terms`), so whatever RL adds over SFT on the labelled
+# pairs comes from the reward model alone, not from more supervised steps on labelled references.
+#
 # **One wall-clock budget for everything.** `TRAIN_BUDGET_S` covers every stage: `PIPELINE = "sft+rl"` runs SFT
 # for at most `SFT_FRACTION` of it, then RL for the rest; `"sft"` SFT alone; `"rl"` (the default since section 9's
 # headline) RL from the base model. So the arms compare at equal cost; a run ends within the budget plus one step.
@@ -2316,12 +2341,14 @@ def monitor_subset(pairs: list[dict], n: int) -> list[dict]:
 #| export
 def make_monitors(tokenizer, pairs: list[dict], embedder, cfg: Config):
     """(metrics_fn, eval_fn) for `train_loop`: the true similarity of each rollout (the reward model only imitates
-    it), and the greedy similarity / length / EOS rate on the fixed `pairs` (None when there are none): `evaluate`
+    it; over the rows with a reference), and the greedy similarity / length / EOS rate on the fixed `pairs` (None when there are none): `evaluate`
     with cfg's EVAL_MAX_NEW_TOKENS, EVAL_BATCH_SIZE and SEED, greedy, full logits, 100 bootstrap resamples."""
     greedy = dataclasses.replace(cfg, EVAL_TEMPERATURE=0.0, LOGITS_MODE="full", BOOTSTRAP=100)
 
-    def rollout_similarity(ro, prompts, references):
-        return {"similarity": similarity(ro.texts, references, embedder).float().mean().item()}
+    def rollout_similarity(ro, prompts, references):  # NaN on a batch of unlabelled prompts (no reference)
+        known = [i for i, r in enumerate(references) if r and r.strip()]
+        sim = similarity([ro.texts[i] for i in known], [references[i] for i in known], embedder) if known else None
+        return {"similarity": sim.float().mean().item() if known else float("nan")}
 
     def monitor_eval(state):
         rows = evaluate(state.policy, tokenizer, pairs, embedder, greedy, progress=False)["rows"]
@@ -2368,10 +2395,11 @@ def sft_stage(model, tokenizer, train_pairs, run_path: Path, cfg: Config, budget
 def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, cfg: Config, *, deadline: float, anchor: bool,
              resume: bool, embedder=None, progress: bool = True, accelerator=None):
     """RL (train_loop) from the model's current adapter until `deadline` (time.time() seconds): a fresh PPOState
-    (value head, optimizer), the KL anchored to the current policy when `anchor`, the train-split monitor when an
-    `embedder` is given. `resume` continues from run_path's checkpoint; otherwise the start of RL (the SFT
-    adapter, iteration 0) is saved as a checkpoint first and RL continues from it, so train_loop keeps that
-    adapter (a fresh train_loop would re-initialise a trained one) and a kill during RL never repeats SFT.
+    (value head, optimizer), the KL anchored to the current policy when `anchor`, the train-split monitor (on
+    those of `train_pairs` with a reference) when an `embedder` is given. `resume` continues from run_path's
+    checkpoint; otherwise the start of RL (the SFT adapter, iteration 0) is saved as a checkpoint first and RL
+    continues from it, so train_loop keeps that adapter (a fresh train_loop would re-initialise a trained one) and
+    a kill during RL never repeats SFT.
     With an `accelerator` (section 8.1) this process is one rank of a data-parallel RL stage: it starts from rank
     0's weights (enable_data_parallel sets state.comm), and only rank 0 writes files. Returns (state, log)."""
     state = make_ppo_state(model, tokenizer, cfg)
@@ -2387,7 +2415,8 @@ def rl_stage(model, tokenizer, train_pairs, reward_fn, run_path: Path, cfg: Conf
         state.comm.barrier()  # the other ranks resume from that checkpoint: it must be complete
     metrics_fn = eval_fn = None
     if embedder is not None:
-        metrics_fn, eval_fn = make_monitors(tokenizer, monitor_subset(train_pairs, cfg.EVAL_MONITOR_N), embedder, cfg)
+        labelled = [p for p in train_pairs if p["reference"]]  # unlabelled prompts (UNLABELLED_FRAC) have no reference
+        metrics_fn, eval_fn = make_monitors(tokenizer, monitor_subset(labelled, cfg.EVAL_MONITOR_N), embedder, cfg)
     logs = train_loop(state, sampler, reward_fn, run_path, budget_s=deadline - time.time(),
                       max_iterations=cfg.TRAIN_MAX_ITERS, ckpt_every=cfg.CKPT_EVERY, keep=cfg.CKPT_KEEP,
                       ckpt_every_s=cfg.CKPT_EVERY_S, resume=True, metrics_fn=metrics_fn, eval_fn=eval_fn,
@@ -2471,16 +2500,19 @@ def bok_train(model, tokenizer, pairs: list[dict], reward_fn, cfg: Config, *, bu
 # %% rlft={"section": "pipeline"}
 #| export
 def stage_plan(train_pairs: list[dict], cfg: Config) -> tuple[list[dict], list[dict], Config]:
-    """What each stage trains on -> (sft_pairs, rl_pairs, rl_cfg). For "sft+rl", SFT_RL_SPLIT of the train
-    pairs (evenly spaced, never the eval split) are kept from SFT for RL alone, so RL works on prompts SFT did not
-    fit (0: both stages see every train pair), and RL runs at PPO_LR x RL_AFTER_SFT_LR_SCALE with
-    PTX_COEF x RL_AFTER_SFT_PTX_SCALE. Other pipelines: (train_pairs, train_pairs, cfg)."""
+    """What each stage trains on -> (sft_pairs, rl_pairs, rl_cfg). UNLABELLED_FRAC > 0 (`unlabelled_split`): SFT
+    gets the labelled train pairs only, RL the unlabelled ones only (reference "": scored by the reward model, no
+    PPO-ptx term). For "sft+rl", SFT_RL_SPLIT of the (labelled) train pairs (evenly spaced, never the eval split)
+    are kept from SFT for RL alone, so RL works on prompts SFT did not fit (0: both stages see every train pair),
+    and RL runs at PPO_LR x RL_AFTER_SFT_LR_SCALE with PTX_COEF x RL_AFTER_SFT_PTX_SCALE. With both levers off,
+    every pipeline gets (train_pairs, train_pairs, cfg)."""
+    labelled, unlabelled = unlabelled_split(train_pairs, cfg.UNLABELLED_FRAC)  # (train_pairs, []) at 0
     if cfg.PIPELINE != "sft+rl":
-        return train_pairs, train_pairs, cfg
-    sft_pairs, rl_pairs = held_out_split(train_pairs, cfg.SFT_RL_SPLIT)
+        return labelled, unlabelled or train_pairs, cfg
+    sft_pairs, rl_pairs = held_out_split(labelled, cfg.SFT_RL_SPLIT)
     rl_cfg = dataclasses.replace(cfg, PPO_LR=cfg.PPO_LR * cfg.RL_AFTER_SFT_LR_SCALE,
                                  PTX_COEF=cfg.PTX_COEF * cfg.RL_AFTER_SFT_PTX_SCALE)
-    return sft_pairs, rl_pairs or train_pairs, rl_cfg
+    return sft_pairs, unlabelled or rl_pairs or train_pairs, rl_cfg
 
 
 # %% rlft={"section": "pipeline"}

@@ -37,6 +37,17 @@ and reports it beside its parent (over_parent_mean / _ci_low / _ci_high, indep_o
 both have). A variant's knobs enter its cache key, so each lever's runs are cached apart. The arm `sft+bok` (SFT,
 then best-of-K distillation: the notebook's bok_train, knobs BOK_*) runs only when named in --arms, e.g.
     --budget 600 --seeds 0 1 --arms prompt sft sft+bok --variant bok-m1=sft+bok:BOK_MARGIN=1.0
+`--sft-arm NAME` makes
+the rl_over_sft_* fields (and the table's "minus" row) subtract arm NAME instead of `sft`.
+
+Issue 32's unlabelled prompts (UNLABELLED_FRAC, notebook section 8.2): SFT on the labelled share alone against SFT
+on it then RL on the unlabelled share scored by the reward MLP (and RL alone on the unlabelled share), e.g.
+    --budget 600 --seeds 0 1 --arms prompt sft-lab sft+rl-unlab rl-unlab --sft-arm sft-lab \
+        --variant sft-lab=sft:UNLABELLED_FRAC=0.5 \
+        --variant sft+rl-unlab=sft+rl:UNLABELLED_FRAC=0.5,REWARD_FN=mlp \
+        --variant rl-unlab=rl:UNLABELLED_FRAC=0.5,REWARD_FN=mlp
+(rl_over_sft_* = the arm minus sft-lab, per prompt; the reward MLP is fitted on the labelled share only,
+reward_data-unlabelled0.5.safetensors in the cache).
 """
 import dataclasses
 import argparse
@@ -77,9 +88,10 @@ def parse_variants(specs: list[str]) -> dict[str, tuple[str, dict]]:
 
 
 def arm_config(ctx: Context, P, arm: str):
-    """(pipeline, config) of an arm: a plain arm runs PIPELINE = arm; a variant its parent arm with its knobs."""
+    """(pipeline, config) of an arm: a plain arm runs PIPELINE = arm; a variant its parent arm with its knobs (set
+    together with PIPELINE, so the rules across knobs see the pipeline the variant runs)."""
     parent, knobs = getattr(ctx, "variants", {}).get(arm, (arm, {}))
-    return parent, dataclasses.replace(P, **knobs)
+    return parent, dataclasses.replace(P, **({"PIPELINE": parent} | knobs if knobs else {}))
 
 
 def judged(ctx: Context, P, model, tok, max_new_tokens: int | None = None) -> dict:
@@ -361,7 +373,7 @@ def markdown_report(r: dict) -> str:
             + ", ".join(f"{g:+.2f}" for g in x["gains"]) + ")"),
         row("seeds", lambda x: ", ".join(str(v) for v in x.get("seeds", []))),
         row("95% interval", lambda x: f"[{x['gain_ci_low']:+.2f}, {x['gain_ci_high']:+.2f}]"),
-        row("minus `sft` (95% interval)", lambda x: f"{fmt(x['rl_over_sft_mean'])} [{fmt(x['rl_over_sft_ci_low'])}, "
+        row(f"minus `{r.get('sft_arm', 'sft')}` (95% interval)", lambda x: f"{fmt(x['rl_over_sft_mean'])} [{fmt(x['rl_over_sft_ci_low'])}, "
             f"{fmt(x['rl_over_sft_ci_high'])}]"),
         row("a variant minus its parent arm, same seeds (95% interval); judge's", lambda x:
             f"{fmt(x.get('over_parent_mean'))} [{fmt(x.get('over_parent_ci_low'))}, {fmt(x.get('over_parent_ci_high'))}]"
@@ -450,6 +462,7 @@ def main():
     ap.set_defaults(threads=2)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), help=f"of {ARMS + EXTRA_ARMS} and the --variant names")
     ap.add_argument("--variant", action="append", default=[], help="NAME=ARM:KNOB=VALUE,... (parse_variants)")
+    ap.add_argument("--sft-arm", default="sft", help="the arm the rl_over_sft_* fields subtract (e.g. sft-lab)")
     ap.add_argument("--adapter", default=None, help="re-score one saved adapter folder (no training): rescore_adapter")
     ap.add_argument("--budget", type=float, default=1200, help="TRAIN_BUDGET_S per run (SFT + RL together)")
     ap.add_argument("--eval-dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -476,13 +489,13 @@ def main():
     stamp = {"cpu": cpu_name(), "commit": args.stamp_commit or git_head()}
     runs = run_arms(ctx, P, args.arms, args.seeds, stamp, args.cached_only)
     parent = lambda arm: runs.get(ctx.variants[arm][0]) if arm in ctx.variants else None
-    arms = {arm: summarize_arm(ctx, runs[arm], runs.get("sft"), runs.get("prompt"), parent(arm)) for arm in runs}
+    arms = {arm: summarize_arm(ctx, runs[arm], runs.get(args.sft_arm), runs.get("prompt"), parent(arm)) for arm in runs}
     default = P.PIPELINE if P.PIPELINE in arms else next(iter(arms))
     responses = write_responses(Path(args.out), ctx, runs)
     r = {k: arms[default][k] for k in HEADLINE_FIELDS} | run_metadata(ctx, args, t0) | {
         "config_keys": keys, "commit": stamp["commit"],
         "cpus_of_runs": sorted({run["measured_on"]["cpu"] for rs in runs.values() for run in rs}),
-        "eval_dtype": args.eval_dtype or P.DTYPE, "default_arm": default, "variants": ctx.variants, "acceptance": acceptance(arms[default]),
+        "eval_dtype": args.eval_dtype or P.DTYPE, "default_arm": default, "variants": ctx.variants, "sft_arm": args.sft_arm, "acceptance": acceptance(arms[default]),
         "wall_s": float(sum(a["wall_s"] for a in arms.values())), "responses": responses, "arms": arms}
     write_report(args.out, r, markdown_report(r))
 

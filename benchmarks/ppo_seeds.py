@@ -85,7 +85,8 @@ def key_of(obj) -> str:
 # run's key while at that value, so `--reuse` of a committed JSON and the cache keep matching.
 NEUTRAL = {"PPO_WHOLE_GROUPS": False, "PREFIX_SHARING": False, "SFT_RL_SPLIT": 0.0, "RL_AFTER_SFT_LR_SCALE": 1.0,
            "RL_AFTER_SFT_PTX_SCALE": 1.0, "SYSTEM_PROMPT": "", "DATA_COLUMNS": {}, "EVAL_FRAC": 0.2,
-           "BOK_SAMPLES": 8, "BOK_MARGIN": 0.5, "BOK_PROMPTS_PER_STEP": 4}  # BOK_: only "sft+bok" reads them
+           "BOK_SAMPLES": 8, "BOK_MARGIN": 0.5, "BOK_PROMPTS_PER_STEP": 4,
+           "UNLABELLED_FRAC": 0.0}  # BOK_: only "sft+bok" reads them
 NOT_TRAINING = ("DEMO", "FFT", "RUN_DIR", "RESUME", "EXPORT_")  # what a run's numbers never depend on
 
 
@@ -113,22 +114,24 @@ class Context:
                                      lambda: self.nb.evaluate(*fresh_model(self.nb, P, P.SEED, self.device),
                                                               self.eval_pairs, self.embedder, P, with_kl=False,
                                                               progress=False))
-        self._rm_data = None
+        self._rm_data = {}
 
-    def reward_data(self, model, tok) -> dict:
-        """The notebook's reward-model data (sampled from the base model; cached on disk by the notebook)."""
-        if self._rm_data is None:
-            P = self.P
-            rm_pairs = self.train_pairs[:P.RM_PROMPTS] if P.RM_PROMPTS else self.train_pairs
-            self._rm_data = reward_data(self.nb, P, model, tok, rm_pairs, self.embedder, self.cache / "reward_data.safetensors")
-        return self._rm_data
+    def reward_data(self, model, tok, frac: float = 0.0) -> dict:
+        """The notebook's reward-model data (sampled from the base model; cached on disk by the notebook), on the
+        labelled train pairs of UNLABELLED_FRAC = frac (all of them at 0), as the notebook's section 6 cell."""
+        if frac not in self._rm_data:
+            P, labelled = self.P, self.nb.unlabelled_split(self.train_pairs, frac)[0]
+            rm_pairs = labelled[:P.RM_PROMPTS] if P.RM_PROMPTS else labelled
+            name = "reward_data.safetensors" if frac == 0 else f"reward_data-unlabelled{frac:g}.safetensors"
+            self._rm_data[frac] = reward_data(self.nb, P, model, tok, rm_pairs, self.embedder, self.cache / name)
+        return self._rm_data[frac]
 
     def reward_fn(self, P: dict, model, tok, seed: int):
         """REWARD_FN as the notebook builds it; the MLP is fitted with `seed` (split and initialisation)."""
         nb = self.nb
         if P.REWARD_FN != "mlp":
             return nb.make_reward_fn(P.REWARD_FN, self.embedder, None, device=self.device)
-        rm, _, _ = fit_split(nb, P, self.reward_data(model, tok), seed)
+        rm, _, _ = fit_split(nb, P, self.reward_data(model, tok, P.UNLABELLED_FRAC), seed)
         return nb.make_reward_fn("mlp", self.embedder, rm.to(self.device), device=self.device)
 
 

@@ -182,6 +182,9 @@ class Config:
     """PPO: shuffle whole prompts (all K answers) into minibatches, not single rows (PPO_MINIBATCH_SIZE % K == 0)"""
     SFT_RL_SPLIT: float = 0.0
     """"sft+rl": share of the train pairs kept from SFT for RL alone (RL on prompts SFT did not fit); 0: off"""
+    UNLABELLED_FRAC: float = 0.0
+    """share of the TRAIN concepts treated as unlabelled: RL prompts only, scored by the reward MLP; their references
+    reach neither SFT, PPO-ptx, the held-out stop nor the reward model (data.unlabelled_split); 0: off"""
     RL_AFTER_SFT_LR_SCALE: float = 1.0
     """"sft+rl": RL's learning rate is PPO_LR x this"""
     RL_AFTER_SFT_PTX_SCALE: float = 1.0
@@ -305,7 +308,8 @@ def _rule_table() -> dict:
         "PTX_COEF PPO_WEIGHT_DECAY KL_TARGET NO_EOS_PENALTY KL_PREV_COEF TARGET_KL CKPT_EVERY_S RL_AFTER_SFT_PTX_SCALE "
         "BOK_MARGIN",
         (_number(0, 1), "a number in [0, 1]"): "GAMMA GAE_LAMBDA SFT_FRACTION",
-        (_number(0, 1, hi_open=True), "a share in [0, 1)"): "LORA_DROPOUT RM_VAL_FRAC RM_TEST_FRAC SFT_RL_SPLIT",
+        (_number(0, 1, hi_open=True), "a share in [0, 1)"): "LORA_DROPOUT RM_VAL_FRAC RM_TEST_FRAC SFT_RL_SPLIT "
+        "UNLABELLED_FRAC",
         (lambda v: isinstance(v, bool), "True or False"):
         "EVAL_KL ROLLOUT_MERGED COMPILE_DECODE RESUME DEMO DEMO_SHARE PPO_WHOLE_GROUPS PREFIX_SHARING",
         _text(): "MODEL DEVICE RUN_DIR DATA_PATH EMBEDDER CACHE_DIR",
@@ -356,5 +360,11 @@ def check_config(c: Config) -> None:
         raise ValueError(f"DATA_COLUMNS={c.DATA_COLUMNS!r}: {columns_problem(c.DATA_COLUMNS)}")
     if c.PIPELINE == "sft+bok" and c.NUM_PROCESSES > 1:
         raise ValueError(f"PIPELINE='sft+bok' runs in one process: NUM_PROCESSES={c.NUM_PROCESSES} must be 1")
+    if c.UNLABELLED_FRAC > 0 and c.SFT_RL_SPLIT > 0:
+        raise ValueError(f"UNLABELLED_FRAC={c.UNLABELLED_FRAC} and SFT_RL_SPLIT={c.SFT_RL_SPLIT} both choose RL's "
+                         "prompts: set one of them to 0")
+    if c.UNLABELLED_FRAC > 0 and c.PIPELINE != "sft" and c.REWARD_FN == "similarity":
+        raise ValueError(f"UNLABELLED_FRAC={c.UNLABELLED_FRAC}: RL's prompts have no reference, so REWARD_FN="
+                         "'similarity' cannot score them; use REWARD_FN='mlp' (or a callable)")
     if c.RM_VAL_FRAC + c.RM_TEST_FRAC >= 1:
         raise ValueError(f"RM_VAL_FRAC + RM_TEST_FRAC = {c.RM_VAL_FRAC + c.RM_TEST_FRAC}: expected < 1 (some to fit)")

@@ -287,3 +287,25 @@ def train_eval_pairs(pairs: list[dict], path: str) -> tuple[list[dict], list[dic
                             f"{'eval' if name == 'train' else 'train'}); the notebook needs both train and eval pairs "
                             "(a file without a split column is split by concept: EVAL_FRAC is the share in eval)")
     return train, held_out
+
+
+UNLABELLED_SALT = "unlabelled:"  # salts the concept's hash: the unlabelled share does not follow the eval split's
+
+
+def unlabelled_split(train_pairs: list[dict], frac: float) -> tuple[list[dict], list[dict]]:
+    """(labelled, unlabelled) TRAIN pairs for UNLABELLED_FRAC = `frac`: a pair is unlabelled when its concept's
+    bucket, eval_bucket(UNLABELLED_SALT + concept), is < 100 * frac (so about `frac` of the concepts, the same on
+    every machine and run, all pairs of a concept on one side); the unlabelled keep their prompt, family and
+    concept, and their reference becomes "" (nothing downstream can read it). An eval pair is a ValueError (this
+    never touches the eval split); so is a share that leaves either side empty. frac 0: (train_pairs, [])."""
+    if any(p.get("split") == "eval" for p in train_pairs):
+        raise ValueError("unlabelled_split takes the TRAIN pairs only; an eval pair was passed")
+    if frac <= 0:
+        return train_pairs, []
+    labelled, unlabelled = [], []
+    for p in train_pairs:
+        (unlabelled if eval_bucket(UNLABELLED_SALT + (p.get("concept") or p["prompt"].strip().lower())) / 100 < frac else labelled).append(p)
+    if not labelled or not unlabelled:
+        raise ValueError(f"UNLABELLED_FRAC={frac} leaves {len(labelled)} labelled and {len(unlabelled)} unlabelled "
+                         f"of {len(train_pairs)} train pairs; both must be non-empty")
+    return labelled, [{**p, "reference": ""} for p in unlabelled]
