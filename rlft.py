@@ -624,9 +624,9 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
 
 # %% [markdown] rlft={"section": "generate"}
 # **`generate()`** checks the settings, encodes the prompts leaving room for `max_new_tokens`, runs `decode_steps`
-# and returns the `Generation`. Two opt-in speed paths keep that contract: `merged=True` (`ROLLOUT_MERGED`) folds
+# and returns the `Generation`. Two speed paths keep that contract: `merged=True` (`ROLLOUT_MERGED`, on for rollouts) folds
 # the LoRA update into a copy of each weight, $W' = W + \tfrac{\alpha}{r} BA$, and puts the originals back bitwise
-# afterwards (log-probs equal within 1e-4); `compiled=True` (`COMPILE_DECODE`) runs every step after the prefill
+# afterwards (log-probs equal within 1e-4); `compiled=True` (`COMPILE_DECODE`, opt-in) runs every step after the prefill
 # through `torch.compile` on a `StaticCache`. Sampling stays eager and fp32 in both.
 
 # %% rlft={"section": "generate"}

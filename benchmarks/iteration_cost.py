@@ -14,6 +14,11 @@ not run every iteration, so the mean is what they cost on average).
     .venv/bin/python benchmarks/iteration_cost.py --iters 5 --threads 2          # the lead's run, alone on the machine
     .venv/bin/python benchmarks/iteration_cost.py --params tests/tiny_params.json --iters 2 --out /tmp/ic
     .venv/bin/python benchmarks/iteration_cost.py --iters 0 --gains rl_before.json rl_after.json  # add the gains
+    .venv/bin/python benchmarks/iteration_cost.py --iters 5 --threads 2 --issue "issue 33" --before-multinomial \
+        --before-set ROLLOUT_MERGED=False --before-set PREFIX_SHARING=False --out benchmarks/iteration_cost_issue33
+
+--before-set NAME=VALUE (repeatable) gives the "before" arm other knobs than the issue-19 BEFORE below;
+--before-multinomial makes it sample with torch.multinomial (the sampler before issue 33's `draw`).
 
 `--gains BEFORE.json AFTER.json`: two `benchmarks/pipeline_seeds.py` outputs (arm "rl", 300 s runs with the two
 configurations); their gain (mean, CI, iterations) is added as gain_before / gain_after. With `--iters 0` nothing
@@ -42,11 +47,19 @@ BEFORE = {"DTYPE": "float32", "OLD_LOGPROBS": "recompute", "KL_MONITOR_EVERY": 1
 ARMS = ("before", "after")
 
 
+def multinomial_draw(probs, generator=None):
+    """The sampler before issue 33 (torch.multinomial: V exponentials per row), for --before-multinomial."""
+    import torch
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 class Arm:
     """One PPO state with its sampler, run folder and log, stepped one notebook iteration at a time."""
 
-    def __init__(self, ctx: Context, P: dict, name: str, reward_fn, seed: int, run_path: Path):
+    def __init__(self, ctx: Context, P: dict, name: str, reward_fn, seed: int, run_path: Path,
+                 multinomial: bool = False):
         nb = ctx.nb
+        self.multinomial = multinomial
         self.nb, self.P, self.name, self.reward_fn = nb, P, name, reward_fn
         model, tok = fresh_model(nb, P, seed, ctx.device)
         nb.seed_everything(seed)
@@ -62,7 +75,12 @@ class Arm:
         """One iteration as train_loop runs it -> its log record plus 'iteration_s' (the whole wall time) and
         this iteration's own checkpoint seconds as t_checkpoint."""
         nb, P, t1 = self.nb, self.P, time.time()
-        nb.train_iteration(self.run_path, self.state, self.sampler, self.reward_fn, None, None, 0, self.logs, self.t0)
+        real_draw = nb.draw
+        nb.draw = multinomial_draw if self.multinomial else real_draw
+        try:
+            nb.train_iteration(self.run_path, self.state, self.sampler, self.reward_fn, None, None, 0, self.logs, self.t0)
+        finally:
+            nb.draw = real_draw
         t_ckpt, t2 = 0.0, time.time()
         if nb.checkpoint_due(self.state.iteration, P.CKPT_EVERY, P.CKPT_EVERY_S, t2 - self.last_ckpt):
             nb.save_checkpoint(self.run_path, self.state, self.sampler, self.logs, P.CKPT_KEEP)
@@ -81,14 +99,15 @@ def phase_summary(nb, records: list[dict]) -> dict:
     return out
 
 
-def measure(ctx: Context, configs: dict, iters: int, seed: int, work: Path) -> dict:
+def measure(ctx: Context, configs: dict, iters: int, seed: int, work: Path, before_multinomial: bool = False) -> dict:
     """Warm-up + `iters` alternated iterations of each arm -> {arm: [records of the measured iterations]}."""
     P0, model, tok = configs["after"], None, None
     if P0.REWARD_FN == "mlp":  # the reward model's data is sampled from the (fp32) base model
         model, tok = fresh_model(ctx.nb, configs["before"], seed, ctx.device)
     reward_fn = ctx.reward_fn(P0, model, tok, seed)  # the same reward for both arms
     del model
-    arms = {name: Arm(ctx, configs[name], name, reward_fn, seed, work / name) for name in ARMS}
+    arms = {name: Arm(ctx, configs[name], name, reward_fn, seed, work / name,
+                      multinomial=before_multinomial and name == "before") for name in ARMS}
     records = {name: [] for name in ARMS}
     for i in range(1 + iters):
         for name in (ARMS if i % 2 == 0 else ARMS[::-1]):
@@ -117,7 +136,7 @@ def gains(before_json: str, after_json: str) -> dict:
 def markdown_report(r: dict) -> str:
     """The table: per-phase median (mean) seconds of each arm, the whole iteration, the speedup, the gains."""
     cell = lambda arm, k: f"{r[f'phases_{arm}'][k]['median']:.2f} ({r[f'phases_{arm}'][k]['mean']:.2f})"
-    lines = ["# One RL iteration before and after issue 19", "",
+    lines = [f"# One RL iteration before and after {r.get('issue', 'issue 19')}", "",
              f"{r['model']} on {r['threads']} threads of {r.get('cpu') or 'a CPU not recorded'}; "
              f"{r['iterations_measured']} measured iterations per arm after "
              f"one warm-up, alternated; base dtype before {r['dtype_before']}, after {r['dtype_after']}; "
@@ -125,7 +144,10 @@ def markdown_report(r: dict) -> str:
              "", "Seconds per phase: median (mean).", "", "| phase | before | after |", "|---|---|---|"]
     lines += [f"| {k[2:]} | {cell('before', k)} | {cell('after', k)} |" for k in r["phases"]]
     lines += [f"| **whole iteration** | **{r['s_per_iter_before']:.2f}** | **{r['s_per_iter_after']:.2f}** |", "",
-              f"Speedup (median before / median after): **{r['speedup']:.2f}×**."]
+              f"Answers per second: before {r['samples_per_s_before']:.3f}, after {r['samples_per_s_after']:.3f} "
+              f"({r['batch_before']} / {r['batch_after']} answers per iteration). Speedup (answers per second, "
+              f"after / before; medians): **{r['speedup']:.2f}×**. Before: {r['config_before']}"
+              + (" and torch.multinomial sampling" if r.get("before_multinomial") else "") + "."]
     if "gain_before" in r:
         ci = lambda tag: f"[{r[f'gain_{tag}_ci'][0]:+.2f}, {r[f'gain_{tag}_ci'][1]:+.2f}]"
         lines += ["", "| 300 s RL run | gain | 95% CI | iterations (mean per seed) |", "|---|---|---|---|",
@@ -164,6 +186,11 @@ def main():
     ap.add_argument("--cache", default=str(ROOT / "runs" / "bench"), help="shared caches and the arms' run folders")
     ap.add_argument("--gains", nargs=2, metavar=("BEFORE.json", "AFTER.json"), default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "iteration_cost"), help="output path without suffix")
+    ap.add_argument("--before-set", action="append", default=[], metavar="NAME=VALUE",
+                    help="the 'before' arm's knobs (replaces the issue-19 BEFORE), e.g. ROLLOUT_MERGED=False")
+    ap.add_argument("--before-multinomial", action="store_true",
+                    help="the 'before' arm samples with torch.multinomial, the sampler before issue 33")
+    ap.add_argument("--issue", default="issue 19", help="the table's title")
     args = ap.parse_args()
     out = Path(args.out)
     if args.iters == 0:
@@ -173,20 +200,25 @@ def main():
         write_report(str(out), r, markdown_report(r))
         return
     P = notebook_config(**overrides_of(args.params, args.set))
-    configs = {"before": dataclasses.replace(P, **BEFORE), "after": P}
+    before_knobs = overrides_of(None, args.before_set) if args.before_set else BEFORE
+    configs = {"before": dataclasses.replace(P, **before_knobs), "after": P}
     t0, load_before = time.time(), os.getloadavg()
     ctx = Context(P, Path(args.cache), args.threads)
-    m = measure(ctx, configs, args.iters, args.seed, Path(args.cache) / "iteration_cost")
+    m = measure(ctx, configs, args.iters, args.seed, Path(args.cache) / "iteration_cost", args.before_multinomial)
     phases = {arm: phase_summary(ctx.nb, m["records"][arm]) for arm in ARMS}
     before, after = phases["before"]["iteration"]["median"], phases["after"]["iteration"]["median"]
-    r = {"s_per_iter_before": before, "s_per_iter_after": after, "speedup": before / after,
+    batch = {arm: configs[arm].PPO_BATCH_SIZE for arm in ARMS}
+    r = {"s_per_iter_before": before, "s_per_iter_after": after,
+         "samples_per_s_before": batch["before"] / before, "samples_per_s_after": batch["after"] / after,
+         "speedup": (batch["after"] / after) / (batch["before"] / before), "batch_before": batch["before"],
+         "batch_after": batch["after"], "before_multinomial": args.before_multinomial, "issue": args.issue,
          "s_per_iter_mean_before": phases["before"]["iteration"]["mean"],
          "s_per_iter_mean_after": phases["after"]["iteration"]["mean"],
          "phases_before": phases["before"], "phases_after": phases["after"], "phases": list(ctx.nb.PHASES),
          "threads": args.threads, "cpu": cpu_name(), "cpu_bf16": ctx.nb.cpu_has_bf16(), "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
          "model": P.MODEL, "dtype_before": m["dtypes"]["before"], "dtype_after": m["dtypes"]["after"],
-         "iterations_measured": args.iters, "seed": args.seed, "config_before": BEFORE,
-         "config_after": {k: getattr(P, k) for k in BEFORE}, "overrides": args.set, "wall_s": time.time() - t0,
+         "iterations_measured": args.iters, "seed": args.seed, "config_before": before_knobs,
+         "config_after": {k: getattr(P, k) for k in before_knobs}, "overrides": args.set, "wall_s": time.time() - t0,
          "records": {arm: [{k: v for k, v in rec.items() if k.startswith("t_") or k in ("iteration", "iteration_s")}
                            for rec in m["records"][arm]] for arm in ARMS}}
     if args.gains:

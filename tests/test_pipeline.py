@@ -384,18 +384,21 @@ def test_monitor_scores_a_fixed_subset_of_train_prompts(nb, tiny_lora, train_pai
 # --- benchmarks/pipeline_seeds.py ---------------------------------------------------------------------------------
 def test_the_default_config_still_finds_the_committed_headline_runs():
     """--reuse and the cache match runs by config key: a knob added since the committed headline, at the value that
-    reproduces how those runs trained (ppo_seeds.NEUTRAL), must leave the keys as they were."""
+    reproduces how those runs trained (ppo_seeds.NEUTRAL), must leave the keys as they were. Issue 33 changed two
+    defaults (merged rollouts, shared prompts: equal up to rounding, so new runs, new keys): at their old values
+    the committed keys are found again."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import pipeline_seeds
     from nbimport import notebook_config
     committed = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
     assert committed["overrides"] == []
-    P = notebook_config(TRAIN_BUDGET_S=committed["budget_s"])
+    P = notebook_config(TRAIN_BUDGET_S=committed["budget_s"], ROLLOUT_MERGED=False, PREFIX_SHARING=False)
 
     class Ctx:
         eval_dtype = None
     assert {arm: pipeline_seeds.config_key(Ctx, P, arm) for arm in committed["config_keys"]} == committed["config_keys"]
-    assert pipeline_seeds.config_key(Ctx, dataclasses.replace(P, PPO_WHOLE_GROUPS=True), "rl") != committed["config_keys"]["rl"]
+    for knob in ({"PPO_WHOLE_GROUPS": True}, {"ROLLOUT_MERGED": True}, {"PREFIX_SHARING": True}):
+        assert pipeline_seeds.config_key(Ctx, dataclasses.replace(P, **knob), "rl") != committed["config_keys"]["rl"]
 
 
 def test_variants_are_parsed_and_checked():

@@ -887,16 +887,21 @@ def test_config_rejects_bad_iteration_cost_knobs(nb):
 
 
 @pytest.mark.slow
-def test_generate_logprobs_equal_a_recomputation_on_the_packaged_model(nb, cfg):
+@pytest.mark.parametrize("fast", [False, True], ids=["attached-full", "merged-shared"])
+def test_generate_logprobs_equal_a_recomputation_on_the_packaged_model(nb, cfg, fast):
     """OLD_LOGPROBS = "generate" rests on this: generate()'s log-probs (KV cache, one position at a time) equal a
-    full recomputation within 1e-4, on the real model in fp32 with a trained-looking adapter."""
+    full recomputation within 1e-4, on the real model in fp32 with a trained-looking adapter — also on the default
+    path (ROLLOUT_MERGED sampling, PREFIX_SHARING recomputation; each prompt answered twice so prompts are shared)."""
     model, tok = nb.load_base("packaged", "~/.cache/rlft", torch.device("cpu"), torch.float32)
     lora = nb.add_lora(model, cfg.LORA_R, cfg.LORA_ALPHA, 0.0, cfg.LORA_TARGETS)
     perturb_lora_b(lora, std=0.01)
     torch.manual_seed(0)
-    gen = nb.generate(lora, tok, [nb.chat_prompt(tok, p) for p in PROMPTS], max_new_tokens=24, temperature=0.7)
+    prompts = nb.repeat_each([nb.chat_prompt(tok, p) for p in PROMPTS[:4]], 2) if fast else \
+        [nb.chat_prompt(tok, p) for p in PROMPTS]
+    gen = nb.generate(lora, tok, prompts, max_new_tokens=24, temperature=0.7, merged=fast)
     with torch.no_grad():
-        out = nb.policy_logprobs(lora, None, gen.sequences, gen.attention_mask, gen.prompt_len, 0.7)
+        out = nb.policy_logprobs(lora, None, gen.sequences, gen.attention_mask, gen.prompt_len, 0.7,
+                                 shared_prefix=fast)
     mask = gen.response_mask.float()
     assert mask.sum() > 50
     assert ((gen.logprobs.float() - out.logprobs) * mask).abs().max() < 1e-4
