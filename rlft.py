@@ -1300,7 +1300,9 @@ def make_ppo_state(policy: PeftModel, tokenizer, cfg: Config) -> PPOState:
     device, base_dtype = next(base.parameters()).device, next(base.parameters()).dtype
     value_head = ValueHead(base.config.hidden_size, VALUE_INIT_STD).to(device)
     policy.eval()  # dropout off for rollouts and updates alike
-    amp_dtype = base_dtype if device.type == "cuda" and base_dtype in (torch.float16, torch.bfloat16) else None
+    half = (device.type == "cuda" and base_dtype in (torch.float16, torch.bfloat16)) or (
+        device.type == "cpu" and base_dtype == torch.bfloat16)  # a bf16 CPU base: LoRA's matmuls in bf16 too
+    amp_dtype = base_dtype if half else None
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.PPO_LR, weight_decay=cfg.PPO_WEIGHT_DECAY)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -1310,7 +1312,7 @@ def make_ppo_state(policy: PeftModel, tokenizer, cfg: Config) -> PPOState:
 
 
 def autocast_for(state: PPOState):
-    """Autocast on a half-precision CUDA base, a no-op otherwise."""
+    """Autocast on a half-precision CUDA base or a bf16 CPU base (fp32 LoRA masters, bf16 matmuls), else a no-op."""
     device_type = next(state.value_head.parameters()).device.type
     return torch.autocast(device_type, dtype=state.amp_dtype, enabled=state.amp_dtype is not None)
 
@@ -1379,7 +1381,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, comm=N
 PolicyOutput = collections.namedtuple("PolicyOutput", "logprobs entropy values hidden kl", defaults=(None,))
 
 
-def chunked_log_softmax(head, hidden, tokens, temperature: float, chunk: int = LOGPROB_CHUNK, kl_hidden=None,
+def chunked_log_softmax(head, hidden, tokens, temperature: float | torch.Tensor, chunk: int = LOGPROB_CHUNK, kl_hidden=None,
                         with_entropy: bool = True):
     """log_softmax(head(hidden)/τ) read chunk by chunk over time, so at most one [B, chunk, V] fp32 distribution
     (two with kl_hidden) is alive at a time, never [B, T, V]. hidden [B, T, H], tokens [B, T] long ->
@@ -1400,7 +1402,7 @@ def chunked_log_softmax(head, hidden, tokens, temperature: float, chunk: int = L
     return torch.cat(logprobs, 1), torch.cat(entropy, 1) if entropy else None, torch.cat(kls, 1) if kls else None
 
 
-def policy_logprobs(policy, value_head, sequences, attention_mask, prompt_len: int, temperature: float,
+def policy_logprobs(policy, value_head, sequences, attention_mask, prompt_len: int, temperature: float | torch.Tensor,
                     kl_from_hidden: torch.Tensor | None = None, chunk: int = LOGPROB_CHUNK,
                     shared_prefix: bool = False) -> PolicyOutput:
     """One backbone forward over prompt + response -> PolicyOutput of the response tokens:
@@ -1410,7 +1412,8 @@ def policy_logprobs(policy, value_head, sequences, attention_mask, prompt_len: i
     given. The vocabulary is read in chunks of `chunk` positions (chunked_log_softmax): no [B, T, V] tensor.
     sequences, attention_mask: [B, P+T]; positions P−1 … P+T−2 predict tokens P … P+T−1; position ids =
     cumsum(mask) − 1 (left padding is neutral). The output head must not carry LoRA (it is shared by both KL sides).
-    shared_prefix: rows with the same prompt run it once (response_hidden); equal up to rounding."""
+    shared_prefix: rows with the same prompt run it once (response_hidden); equal up to rounding. temperature: τ,
+    or per-row τ as a [B, 1, 1] tensor (the update's reference rows, with_reference_rows)."""
     base = policy.get_base_model() if isinstance(policy, PeftModel) else policy
     head = base.get_output_embeddings()
     if kl_from_hidden is not None and any("lora_" in name for name, _ in head.named_parameters()):
@@ -1761,6 +1764,13 @@ def optimizer_step(state: PPOState, loss: torch.Tensor) -> bool:
 
 # %% rlft={"section": "ppo"}
 #| export
+def answer_ids(tokenizer, answer: str, eos: bool = True) -> list[int]:
+    """An answer's token ids as SFT and PPO-ptx learn it: special-token strings escaped (a "<|im_end|>" in the
+    text stays text), then the EOS unless eos=False."""
+    ids = tokenizer(escape_special_tokens(tokenizer, answer), add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] * eos
+
+
 def sft_batch(tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chat-rendered prompt + reference + EOS, right-padded -> input_ids, attention_mask, labels [B, L]
     (labels −100 on the prompt and the padding, so only the reference tokens are learned). Special-token strings
@@ -1769,10 +1779,8 @@ def sft_batch(tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch
     rows = []
     for p in pairs:
         prompt_ids = tokenizer(chat_prompt(tokenizer, p["prompt"]), add_special_tokens=False)["input_ids"]
-        answer = escape_special_tokens(tokenizer, p["reference"])  # a "<|im_end|>" in the text stays text
-        eos = [tokenizer.eos_token_id] * p.get("eos", True)
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + eos
-        rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+        answer = answer_ids(tokenizer, p["reference"], p.get("eos", True))
+        rows.append((prompt_ids + answer, [-100] * len(prompt_ids) + answer))
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in rows], device=device)
@@ -1806,6 +1814,56 @@ def reference_nll(state: PPOState, ro: Rollout, idx: torch.Tensor) -> torch.Tens
     return reference_nll_terms(state, ro, idx)[0]
 
 # %% [markdown] rlft={"section": "ppo"}
+# With shared prompts the references ride along: `with_reference_rows` appends one row per distinct prompt of the
+# minibatch — the rollout's own prompt tokens, then reference + EOS — so the update's one forward gives the answers'
+# log-probs at $\tau$ and the references' at temperature 1, and PPO-ptx costs its answer tokens only, not another
+# forward of its prompts (equal to `reference_nll` up to rounding, tests).
+
+# %% rlft={"section": "ppo"}
+#| export
+def with_reference_rows(state: PPOState, ro: Rollout, idx: torch.Tensor):
+    """Rows idx [n] of a rollout plus one row per distinct prompt among them with a non-blank reference (m rows):
+    its prompt tokens from the rollout + answer_ids(reference), right-padded to W = max(T, longest reference) ->
+    (sequences [n+m, P+W] long, attention_mask [n+m, P+W] long, temperature [n+m, 1, 1] fp32 (τ for the answers,
+    1 for the references, as in SFT), reference_mask [m, W] fp32 of the reference tokens)."""
+    tok, P, T = state.tokenizer, ro.prompt_len, ro.mask.shape[1]
+    firsts = {}
+    for i in idx.tolist():
+        if ro.references[i].strip():
+            firsts.setdefault((ro.prompts[i], ro.references[i]), i)
+    answers = [answer_ids(tok, reference) for _, reference in firsts]
+    W, device, pad = max([T] + [len(a) for a in answers]), ro.sequences.device, tok.pad_token_id
+    ref_ids = torch.tensor([a + [pad] * (W - len(a)) for a in answers], dtype=torch.long, device=device).view(-1, W)
+    ref_mask = torch.tensor([[1] * len(a) + [0] * (W - len(a)) for a in answers], device=device).view(-1, W).long()
+    rows = torch.tensor(list(firsts.values()), dtype=torch.long, device=device)
+    sequences = torch.cat([F.pad(ro.sequences[idx], (0, W - T), value=pad), torch.cat([ro.sequences[rows, :P], ref_ids], 1)])
+    mask = torch.cat([F.pad(ro.attention_mask[idx], (0, W - T)), torch.cat([ro.attention_mask[rows, :P], ref_mask], 1)])
+    temperature = torch.cat([torch.full((len(idx),), float(state.cfg.TEMPERATURE)), torch.ones(len(answers))])
+    return sequences, mask, temperature.view(-1, 1, 1).to(device), ref_mask.float()
+
+
+def minibatch_forward(state: PPOState, ro: Rollout, idx: torch.Tensor):
+    """The update's forward on rows idx -> (PolicyOutput of those rows [n, T], ptx: PPO-ptx's mean reference NLL
+    (scalar with grad) or None when PTX_COEF = 0, ptx_tokens: its answer tokens). With PREFIX_SHARING the
+    references are extra rows of the same pass (with_reference_rows); otherwise reference_nll_terms."""
+    cfg, critic, n, T = state.cfg, state.cfg.ADVANTAGE == "gae", len(idx), ro.mask.shape[1]
+    fused = cfg.PTX_COEF > 0 and cfg.PREFIX_SHARING
+    if fused:
+        sequences, attention, temperature, ref_mask = with_reference_rows(state, ro, idx)
+    else:
+        sequences, attention, temperature = ro.sequences[idx], ro.attention_mask[idx], cfg.TEMPERATURE
+    with autocast_for(state):
+        out = policy_logprobs(state.policy, state.value_head if critic else None, sequences, attention,
+                              ro.prompt_len, temperature, shared_prefix=cfg.PREFIX_SHARING)
+    rows = PolicyOutput(out.logprobs[:n, :T], out.entropy[:n, :T], out.values[:n, :T] if critic else None, None)
+    if cfg.PTX_COEF <= 0:
+        return rows, None, torch.zeros(())
+    if not fused:
+        return rows, *reference_nll_terms(state, ro, idx)
+    tokens = ref_mask.sum()
+    return rows, -(out.logprobs[n:] * ref_mask).sum() / tokens.clamp(min=1), tokens
+
+# %% [markdown] rlft={"section": "ppo"}
 # ### The update
 #
 # For a few epochs over shuffled minibatches, with $\rho_t = \pi_\theta(a_t)/\pi_\text{old}(a_t)$:
@@ -1826,9 +1884,7 @@ def minibatch_terms(state: PPOState, ro: Rollout, idx: torch.Tensor):
     of floats). With advantage='group' there is no value forward and no value loss (0)."""
     cfg, mask = state.cfg, ro.mask[idx]
     critic = cfg.ADVANTAGE == "gae"
-    with autocast_for(state):
-        out = policy_logprobs(state.policy, state.value_head if critic else None, ro.sequences[idx],
-                              ro.attention_mask[idx], ro.prompt_len, cfg.TEMPERATURE, shared_prefix=cfg.PREFIX_SHARING)
+    out, ptx, ptx_tokens = minibatch_forward(state, ro, idx)
     target = ro.advantages[idx] + (ro.deltas[idx] if cfg.SURROGATE_TARGET == "adv_plus_delta" else 0)
     pg, clip_frac, approx_kl = policy_loss(out.logprobs, ro.logprobs[idx], target, mask, cfg.PPO_CLIP)
     if critic:
@@ -1837,10 +1893,7 @@ def minibatch_terms(state: PPOState, ro: Rollout, idx: torch.Tensor):
         vf, vf_clip = torch.zeros((), device=mask.device), torch.zeros(())
     entropy = masked_mean(out.entropy, mask)
     token_loss = pg + cfg.PPO_VF_COEF * vf - cfg.PPO_ENT_COEF * entropy + cfg.KL_PREV_COEF * approx_kl
-    ptx, ptx_tokens, extra = None, torch.zeros(()), {}
-    if cfg.PTX_COEF > 0:
-        ptx, ptx_tokens = reference_nll_terms(state, ro, idx)
-        extra["ptx_loss"] = ptx.item()
+    extra = {"ptx_loss": ptx.item()} if ptx is not None else {}
     ratio_dev = (((out.logprobs - ro.logprobs[idx]).exp() - 1).abs() * mask).max()
     return token_loss, ptx, ptx_tokens, {"ratio_dev": ratio_dev.item(), "policy_loss": pg.item(), "value_loss": vf.item(),
                                          "entropy": entropy.item(), "clip_frac": clip_frac.item(),

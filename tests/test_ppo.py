@@ -478,7 +478,7 @@ def ptx_setup(nb, tiny_lora, **kw):
     model, tok = tiny_lora
     torch.manual_seed(0)  # the minibatch shuffle decides which prompts share a ptx batch
     perturb_lora_b(model)
-    cfg = small_cfg(nb, PPO_SAMPLES_PER_PROMPT=4, ADVANTAGE="group", **kw)
+    cfg = small_cfg(nb, **{"PPO_SAMPLES_PER_PROMPT": 4, "ADVANTAGE": "group", **kw})
     state = nb.make_ppo_state(model, tok, cfg)
     prompts, refs = nb.repeat_each(PROMPTS[:2], 4), nb.repeat_each(["A harbour is a sheltered port.", "Rayleigh scattering."], 4)
     return state, prompts, refs
@@ -959,3 +959,37 @@ def test_prefix_sharing_reaches_every_log_prob_pass(nb, tiny_lora, monkeypatch):
                                                         PPO_SAMPLES_PER_PROMPT=2, PTX_COEF=0.0))
         nb.ppo_iteration(state, nb.repeat_each(PROMPTS[:4], 2), [""] * 8, random_reward)
         assert len(seen) >= 3 and set(seen) == {sharing}
+
+
+@pytest.mark.parametrize("critic", ["group", "gae"])
+def test_references_as_extra_rows_equal_the_separate_ptx_pass(nb, tiny_lora, one_thread, critic):
+    """PREFIX_SHARING with PPO-ptx: the references ride in the update's forward (with_reference_rows): the answers'
+    log-probs, entropy and values, the PPO-ptx NLL, its token count and the gradient of the whole minibatch loss equal
+    the separate passes' (PREFIX_SHARING off) up to fp32 rounding; a longer reference than the answers widens the
+    rows, and rows without a reference add none."""
+    import dataclasses
+    state, prompts, refs = ptx_setup(nb, tiny_lora, PTX_COEF=0.5, ADVANTAGE=critic)
+    refs = nb.repeat_each(["A harbour is a sheltered port where ships are safe from the storms of the open sea, "
+                           "usually behind a breakwater.", ""], 4)  # longer than the 6-token answers; one blank
+    torch.manual_seed(0)
+    ro = nb.compute_advantages(state, nb.rollout(state, prompts, refs, random_reward))
+    idx = torch.tensor([5, 0, 2, 7])
+    seq, att, temp, ref_mask = nb.with_reference_rows(state, ro, idx)
+    assert seq.shape[0] == 5 and ref_mask.shape[0] == 1 and seq.shape[1] > ro.sequences.shape[1]
+    assert temp.flatten().tolist() == [state.cfg.TEMPERATURE] * 4 + [1.0]
+    results = []
+    for sharing in (True, False):
+        state.cfg = dataclasses.replace(state.cfg, PREFIX_SHARING=sharing)
+        state.policy.zero_grad()
+        out, ptx, tokens = nb.minibatch_forward(state, ro, idx)
+        loss, stats = nb.minibatch_loss(state, ro, idx)
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for n, p in state.policy.named_parameters() if "lora_" in n])
+        results.append((out, ptx.detach(), tokens, stats, grad))
+    (a, ptx_a, tok_a, st_a, g_a), (b, ptx_b, tok_b, st_b, g_b) = results
+    mask = ro.mask[idx]
+    assert ((a.logprobs - b.logprobs) * mask).abs().max() < 1e-4 and ((a.entropy - b.entropy) * mask).abs().max() < 1e-4
+    assert (a.values is None) == (critic == "group") and (a.values is None or (a.values - b.values).abs().max() < 1e-4)
+    assert float(tok_a) == float(tok_b) > 10 and abs(ptx_a - ptx_b) < 1e-4 and ptx_a > 1.0
+    assert st_a["ptx_loss"] == pytest.approx(st_b["ptx_loss"], abs=1e-4)
+    assert g_b.abs().max() > 0 and torch.allclose(g_a, g_b, atol=1e-4, rtol=1e-3)
