@@ -76,9 +76,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The dtype of the frozen base weights.
 
     'auto': bf16 on a GPU that supports it, fp16 on a T4-class GPU, fp32 on CPUs and MPS. A CPU with native
-    bf16 matmuls (`cpu_has_bf16()`: avx512_bf16 / AMX) can run a bf16 base with DTYPE="bfloat16"; 'auto' does not
-    pick it: measured on such a CPU (section 9), one RL iteration was only ~5% faster than in fp32, greedy tokens
-    differ (72-87% agree) and learning per iteration is not yet measured over seeds. Whatever
+    bf16 matmuls (`cpu_has_bf16()`: avx512_bf16 / AMX) can run a bf16 base with DTYPE="bfloat16" (then the PPO
+    passes autocast LoRA's matmuls to bf16 too; set OLD_LOGPROBS="recompute": the bf16 sampler's log-probs are up
+    to 0.34 nats off); 'auto' does not pick it: on a 2-core AMD EPYC it gave 1.30x the answers per second of the
+    fp32 path (benchmarks/iteration_cost_bf16_cpu.md), greedy tokens differ (72-87% agree) and its learning is not
+    yet measured over seeds. Whatever
     this returns, the LoRA adapter and the value head stay fp32 (`add_lora` casts them; on CUDA fp16 with
     autocast and a grad scaler), and log-softmax, ratios, KL, GAE and SVD/PCA are computed in fp32.
     Any other name than DTYPES raises a ValueError naming DTYPE.
@@ -178,8 +180,9 @@ class Config:
     """PPO: AdamW weight decay"""
     PPO_WARMUP_STEPS: int = 0
     """PPO: linear learning-rate warm-up, in optimizer steps"""
-    PPO_WHOLE_GROUPS: bool = False
-    """PPO: shuffle whole prompts (all K answers) into minibatches, not single rows (PPO_MINIBATCH_SIZE % K == 0)"""
+    PPO_WHOLE_GROUPS: bool = True
+    """PPO: minibatches hold whole groups (a prompt's K answers) where PPO_MINIBATCH_SIZE is a multiple of K, so they
+    share their prompt's forward; issue 33: with PREFIX_SHARING 1.41x answers/s, same gain in 600 s (+0.07 [-0.04, +0.18])"""
     SFT_RL_SPLIT: float = 0.0
     """"sft+rl": share of the train pairs kept from SFT for RL alone (RL on prompts SFT did not fit); 0: off"""
     UNLABELLED_FRAC: float = 0.0
@@ -346,9 +349,6 @@ def check_config(c: Config) -> None:
         raise ValueError(f"PPO_SAMPLES_PER_PROMPT={k} must divide PPO_BATCH_SIZE={batch}")
     if c.PPO_MINIBATCH_SIZE > batch:
         raise ValueError(f"PPO_MINIBATCH_SIZE={c.PPO_MINIBATCH_SIZE} must be in [1, PPO_BATCH_SIZE={batch}]")
-    if c.PPO_WHOLE_GROUPS and c.PPO_MINIBATCH_SIZE % k:
-        raise ValueError(f"PPO_WHOLE_GROUPS: PPO_MINIBATCH_SIZE={c.PPO_MINIBATCH_SIZE} must be a multiple of "
-                         f"PPO_SAMPLES_PER_PROMPT={k} (whole groups per minibatch)")
     if c.ADVANTAGE == "group" and k < 2:
         raise ValueError("ADVANTAGE='group' needs PPO_SAMPLES_PER_PROMPT >= 2 (a leave-one-out baseline: siblings)")
     if c.ADVANTAGE == "group" and c.SURROGATE_TARGET != "adv":

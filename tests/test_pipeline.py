@@ -384,15 +384,16 @@ def test_monitor_scores_a_fixed_subset_of_train_prompts(nb, tiny_lora, train_pai
 # --- benchmarks/pipeline_seeds.py ---------------------------------------------------------------------------------
 def test_the_default_config_still_finds_the_committed_headline_runs():
     """--reuse and the cache match runs by config key: a knob added since the committed headline, at the value that
-    reproduces how those runs trained (ppo_seeds.NEUTRAL), must leave the keys as they were. Issue 33 changed two
-    defaults (merged rollouts, shared prompts: equal up to rounding, so new runs, new keys): at their old values
+    reproduces how those runs trained (ppo_seeds.NEUTRAL), must leave the keys as they were. Issue 33 changed three
+    defaults (merged rollouts, shared prompts, whole groups per minibatch: new runs, new keys): at their old values
     the committed keys are found again."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import pipeline_seeds
     from nbimport import notebook_config
     committed = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
     assert committed["overrides"] == []
-    P = notebook_config(TRAIN_BUDGET_S=committed["budget_s"], ROLLOUT_MERGED=False, PREFIX_SHARING=False)
+    P = notebook_config(TRAIN_BUDGET_S=committed["budget_s"], ROLLOUT_MERGED=False, PREFIX_SHARING=False,
+                        PPO_WHOLE_GROUPS=False)
 
     class Ctx:
         eval_dtype = None

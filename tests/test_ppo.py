@@ -280,9 +280,13 @@ def test_whole_groups_keep_each_prompts_answers_in_one_minibatch(nb, tiny, cfg):
         assert all(sorted(mb[j:j + k]) == list(range(mb[j], mb[j] + k)) for mb in mbs for j in (0, 4))
     assert epochs[0] != epochs[1] != epochs[2]  # the prompts are reshuffled every epoch
     rowwise = nb.make_ppo_state(lora, tok, small_cfg(nb, PPO_BATCH_SIZE=rows, PPO_SAMPLES_PER_PROMPT=k,
-                                                     PPO_MINIBATCH_SIZE=8))
+                                                     PPO_MINIBATCH_SIZE=8, PPO_WHOLE_GROUPS=False))
     split = [any(len({i // k for i in mb}) > 2 for mb in nb.minibatches(rowwise, rows)) for _ in range(5)]
     assert any(split)  # row-wise shuffling splits groups (P(no split in 5 epochs) is astronomically small)
+    odd = nb.make_ppo_state(lora, tok, small_cfg(nb, PPO_BATCH_SIZE=rows, PPO_SAMPLES_PER_PROMPT=k,
+                                                 PPO_MINIBATCH_SIZE=6, PPO_WHOLE_GROUPS=True))
+    mbs = [mb.tolist() for mb in nb.minibatches(odd, rows)]  # 6 is no multiple of 4: rows shuffled, none lost
+    assert sorted(sum(mbs, [])) == list(range(rows)) and [len(mb) for mb in mbs] == [6] * 5 + [2]
 
 
 def toy_reward_setup(nb, monkeypatch):

@@ -55,11 +55,51 @@ def pipeline_block(d: dict) -> list[str]:
     return lines
 
 
+def issue33_block(extra: dict) -> list[str]:
+    """Issue 33's bullets, from benchmarks/iteration_cost_issue33.json, speed_learning_600s.json,
+    iteration_cost_bf16_cpu.json and vs_trl.json (those committed)."""
+    ic = extra.get("iteration_cost_issue33")
+    if not ic:
+        return []
+    ph = lambda arm, k: ic[f"phases_{arm}"][k]["median"]  # noqa: E731
+    lines = [f"- **Samples per second** (`benchmarks/iteration_cost_issue33.md` on {ic['cpu']}, {ic['threads']} threads, "
+             f"medians of {ic['iterations_measured']} alternated iterations): {ic['samples_per_s_before']:.2f} answers/s "
+             f"before, {ic['samples_per_s_after']:.2f} after (**{ic['speedup']:.2f}x**): rollouts on merged LoRA "
+             "weights, inverse-CDF sampling, the K answers of a prompt sharing its forward (the references of PPO-ptx "
+             f"too), whole groups per minibatch; generate {ph('before', 't_generate'):.1f} -> "
+             f"{ph('after', 't_generate'):.1f} s, reference {ph('before', 't_ref'):.1f} -> {ph('after', 't_ref'):.1f} s, "
+             f"update {ph('before', 't_update'):.1f} -> {ph('after', 't_update'):.1f} s."]
+    learn = extra.get("speed_learning_600s")
+    if learn and {"rl", "rl-fast"} <= set(learn["arms"]):
+        a, b = learn["arms"]["rl"], learn["arms"]["rl-fast"]
+        per100 = lambda x: 100 * x["gain_mean"] / max(x["samples_seen"], 1)  # noqa: E731
+        lines.append(f"  - RL alone for {learn['budget_s']:.0f} s, seeds {learn['seeds']} "
+                     f"(`benchmarks/speed_learning_600s.md`): before {signed(a['gain_mean'])} "
+                     f"[{signed(a['gain_ci_low'])}, {signed(a['gain_ci_high'])}] with {a['samples_seen']:.0f} answers "
+                     f"per seed ({per100(a):+.3f} per 100 answers), after {signed(b['gain_mean'])} "
+                     f"[{signed(b['gain_ci_low'])}, {signed(b['gain_ci_high'])}] with {b['samples_seen']:.0f} "
+                     f"({per100(b):+.3f}); after minus before, same prompts: {signed(b['over_parent_mean'])} "
+                     f"[{signed(b['over_parent_ci_low'])}, {signed(b['over_parent_ci_high'])}].")
+    bf = extra.get("iteration_cost_bf16_cpu")
+    if bf:
+        lines.append(f"  - A bf16 base on this CPU with LoRA under bf16 autocast and π_old recomputed "
+                     f"(`benchmarks/iteration_cost_bf16_cpu.md`): {bf['samples_per_s_after']:.2f} against "
+                     f"{bf['samples_per_s_before']:.2f} answers/s for the fp32 path ({bf['speedup']:.2f}x); its "
+                     "learning is not measured over seeds, so `DTYPE = \"auto\"` keeps fp32 on CPUs.")
+    trl = extra.get("vs_trl")
+    if trl and trl.get("s_per_sample_ours"):
+        lines.append(f"  - Against TRL (`benchmarks/vs_trl.md`, same model, LoRA, prompts, reward and batch): "
+                     f"{trl['s_per_sample_ours']:.2f} s per answer for ours, {trl['s_per_sample_grpo']:.2f} for "
+                     f"`GRPOTrainer` ({trl['ratio_time_vs_grpo']:.2f}x its time), {trl['s_per_sample_rloo']:.2f} for "
+                     f"`RLOOTrainer` ({trl['ratio_time_vs_rloo']:.2f}x); peak RSS {trl['ratio_rss_vs_grpo']:.2f}x GRPO's.")
+    return lines
+
+
 def speed_block(it: dict, gen: dict, threads: dict, extra: dict) -> list[str]:
     """The cost bullets from benchmarks/iteration_cost.json, generate.json, threads.json and, where committed,
     `extra`: iteration_cost_bf16.json, generate_bf16.json, data_parallel.json (name -> dict)."""
     cpu = f" on {it['cpu']}" if it.get("cpu") else ""
-    lines = [f"- **One RL iteration** (`benchmarks/iteration_cost.md`{cpu}, {it['threads']} threads, medians of "
+    lines = issue33_block(extra) + [f"- **One RL iteration** (`benchmarks/iteration_cost.md`{cpu}, {it['threads']} threads, medians of "
              f"{it['iterations_measured']} alternated iterations): {it['s_per_iter_before']:.1f} s before, "
              f"{it['s_per_iter_after']:.1f} s after ({it['speedup']:.2f}x): π_old's log-probs from generate(), "
              "the reference pass on the sampled tokens only, the exact KL every few iterations, checkpoints by time."]
@@ -107,7 +147,8 @@ def speed_block(it: dict, gen: dict, threads: dict, extra: dict) -> list[str]:
 def block() -> str:
     d = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
     load = lambda name: json.loads((ROOT / "benchmarks" / f"{name}.json").read_text())  # noqa: E731
-    extra = {name: load(name) for name in ("iteration_cost_bf16", "generate_bf16", "data_parallel")
+    extra = {name: load(name) for name in ("iteration_cost_bf16", "generate_bf16", "data_parallel", "iteration_cost_issue33",
+                                           "speed_learning_600s", "iteration_cost_bf16_cpu", "vs_trl")
              if (ROOT / "benchmarks" / f"{name}.json").exists()}
     return "\n".join([BEGIN, *pipeline_block(d), *speed_block(load("iteration_cost"), load("generate"),
                                                                load("threads"), extra), END])
