@@ -105,7 +105,7 @@ def floors(results: dict, hw: dict, param_bytes: int, dtype: str) -> None:
         r["floor_memory_s"] = (param_bytes * r["decode_steps"] / hw["bandwidth_bytes_per_s"]
                                if name == "generate" else 0.0)
         r["hardware_s"] = max(r["floor_compute_s"], r["floor_memory_s"])
-        r["x_over_floor"] = r["seconds"] / max(r["hardware_s"], 1e-9)
+        r["x_over_floor"] = r["seconds"] / r["hardware_s"] if r["hardware_s"] > 0 else None  # a pass that did not run
 
 
 def markdown(r: dict) -> str:
@@ -123,7 +123,7 @@ def markdown(r: dict) -> str:
     for name, p in r["phases"].items():
         lines.append(f"| {name} | {p.get('seconds_unprofiled', float('nan')):.2f} ({p['seconds']:.2f}) | "
                      f"{p['flops'] / 1e9:.0f} | {p['floor_compute_s']:.2f} / {p['floor_compute_bf16_s']:.2f} s | "
-                     f"{p['floor_memory_s']:.2f} s | {p['x_over_floor']:.1f}× |")
+                     f"{p['floor_memory_s']:.2f} s | " + (f"{p['x_over_floor']:.1f}×" if p["x_over_floor"] else "—") + " |")
     for name, p in r["phases"].items():
         lines += ["", f"**{name}** — top ops by self CPU time (profiled):", "", "| op | calls | self s | share |",
                   "|---|---|---|---|"]
