@@ -94,6 +94,38 @@ def issue33_block(extra: dict) -> list[str]:
                      f"`RLOOTrainer` ({trl['ratio_time_vs_rloo']:.2f}x); peak RSS {trl['ratio_rss_vs_grpo']:.2f}x GRPO's.")
     return lines
 
+LEVERS = ("levers_600s", "levers_sft_600s")  # issue 32's step-4 levers, 600 s runs (pipeline_seeds.py --variant)
+
+
+def ci(arm: dict, key: str) -> str:
+    """'+0.35 [+0.17, +0.54]' from arm[key_mean], arm[key_ci_low], arm[key_ci_high]."""
+    return f"{signed(arm[key + '_mean'])} [{signed(arm[key + '_ci_low'])}, {signed(arm[key + '_ci_high'])}]"
+
+
+def levers_block(extra: dict) -> list[str]:
+    """Issue 32's levers, one bullet per arm of each committed benchmarks/levers_*.json: its gain over the base and
+    over the free baseline `prompt` (the reward's metric and the E5 judge), and a variant minus its parent arm."""
+    lines = []
+    for name in (n for n in LEVERS if n in extra):
+        d = extra[name]
+        sets = f", with {', '.join(d['overrides'])}" if d.get("overrides") else ""
+        lines.append(f"- **Levers** (`benchmarks/{name}.md`, {d['budget_s']:.0f} s a run on {', '.join(d['cpus_of_runs'])}{sets}; "
+                     "gain in 10 × cos MiniLM, the judge's in 10 × cos E5, 95% paired-bootstrap intervals):")
+        for arm_name, arm in d["arms"].items():
+            seeds = ", ".join(str(s) for s in arm.get("seeds", d["seeds"]))
+            text = f"  - `{arm_name}` (seeds {seeds}): over the base {ci(arm, 'gain')}"
+            if arm_name != "prompt" and arm.get("gain_over_prompt_mean") is not None:
+                text += f"; over `prompt` {ci(arm, 'gain_over_prompt')}, judge's {ci(arm, 'indep_gain_over_prompt')}"
+            sft = d.get("sft_arm", "sft")
+            if arm_name not in ("prompt", sft) and sft in d["arms"] and arm.get("rl_over_sft_mean") is not None:
+                text += f"; minus `{sft}` {ci(arm, 'rl_over_sft')}, judge's {ci(arm, 'indep_rl_over_sft')}"
+            if arm_name in d.get("variants", {}) and arm.get("over_parent_mean") is not None:
+                parent, knobs = d["variants"][arm_name]
+                set_ = ", ".join(f"{k} = {v}" for k, v in knobs.items())
+                text += f"; minus `{parent}` ({set_}) {ci(arm, 'over_parent')}, judge's {ci(arm, 'indep_over_parent')}"
+            lines.append(text + f"; EOS rate {arm['eos_rate_after']:.2f}.")
+    return lines
+
 
 def speed_block(it: dict, gen: dict, threads: dict, extra: dict) -> list[str]:
     """The cost bullets from benchmarks/iteration_cost.json, generate.json, threads.json and, where committed,
@@ -148,9 +180,9 @@ def block() -> str:
     d = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
     load = lambda name: json.loads((ROOT / "benchmarks" / f"{name}.json").read_text())  # noqa: E731
     extra = {name: load(name) for name in ("iteration_cost_bf16", "generate_bf16", "data_parallel", "iteration_cost_issue33",
-                                           "speed_learning_600s", "iteration_cost_bf16_cpu", "vs_trl")
+                                           "speed_learning_600s", "iteration_cost_bf16_cpu", "vs_trl") + LEVERS
              if (ROOT / "benchmarks" / f"{name}.json").exists()}
-    return "\n".join([BEGIN, *pipeline_block(d), *speed_block(load("iteration_cost"), load("generate"),
+    return "\n".join([BEGIN, *pipeline_block(d), *levers_block(extra), *speed_block(load("iteration_cost"), load("generate"),
                                                                load("threads"), extra), END])
 
 
