@@ -2724,7 +2724,7 @@ print(f"exported {list(exported) or 'nothing (EXPORT_FORMATS = [])'} in {time.ti
 #   (judge −0.14) to +0.04 [−0.12, +0.21] over the free baseline, with EOS rate 0.32. On its own, the policy
 #   gradient against a MiniLM reward bought no more than the system line in 600 s.
 # - **Levers, none adopted** (each minus its parent, same seeds; the first two on the pre-issue-33 path): whole
-#   groups with 8 prompts × 4 answers −0.04 [−0.18, +0.10] (seed 0); a 10-step warm-up −0.09 [−0.27, +0.07] (seed
+#   groups with 8 prompts × 4 answers +0.01 [−0.09, +0.11]; a 10-step warm-up −0.09 [−0.27, +0.07] (seed
 #   0); after SFT, RL on the half of the train prompts SFT did not fit (`SFT_RL_SPLIT = 0.5`) +0.02 [−0.09, +0.14];
 #   RL at half the learning rate with PPO-ptx at 0.2 × after SFT +0.04 [−0.08, +0.15] (the one arm whose judge score
 #   beats SFT's: +0.03 [+0.01, +0.05]). Best-of-8 distillation after SFT (`"sft+bok"`) ties SFT on the reward's
