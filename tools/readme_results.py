@@ -20,13 +20,18 @@ def signed(x: float) -> str:
     return f"{x:+.2f}"
 
 
+def ci(arm: dict, key: str) -> str:
+    """'+0.35 [+0.17, +0.54]' from arm[key_mean], arm[key_ci_low], arm[key_ci_high]."""
+    return f"{signed(arm[key + '_mean'])} [{signed(arm[key + '_ci_low'])}, {signed(arm[key + '_ci_high'])}]"
+
+
 def arm_line(name: str, arm: dict, default: bool = False) -> str:
     """One bullet: an arm's gain, its interval, per-seed gains, length and EOS after."""
     seeds = ", ".join(f"{signed(g)} (seed {k})" for g, k in zip(arm["gains"], arm["seeds"])) if "seeds" in arm \
         else ", ".join(signed(g) for g in arm["gains"])
     label = ARM_NAMES.get(name, name) + ARM_DETAILS.get(name, "") + (", the default" if default else "")
-    return (f"  - {label}: **{signed(arm['gain_mean'])}** [{signed(arm['gain_ci_low'])}, "
-            f"{signed(arm['gain_ci_high'])}]; per seed {seeds}; {arm['samples_seen']:.0f} samples seen; answers "
+    bold, interval = ci(arm, "gain").split(" ", 1)
+    return (f"  - {label}: **{bold}** {interval}; per seed {seeds}; {arm['samples_seen']:.0f} samples seen; answers "
             f"{arm['mean_len_after']:.1f} tokens long, EOS rate {arm['eos_rate_after']:.2f}, "
             f"KL to the base {arm['kl_mean']:.1f} nats.")
 
@@ -44,8 +49,8 @@ def pipeline_block(d: dict) -> list[str]:
     lines += [arm_line(a, d["arms"][a], a == default) for a in order]
     for a in (x for x in order if x != "sft" and d["arms"][x].get("rl_over_sft_mean") is not None):
         arm, name = d["arms"][a], ARM_NAMES.get(a, a) + (" (the default)" if a == default else "")
-        lines.append(f"  - {name} minus SFT alone, same prompts: **{signed(arm['rl_over_sft_mean'])}** "
-                     f"[{signed(arm['rl_over_sft_ci_low'])}, {signed(arm['rl_over_sft_ci_high'])}].")
+        bold, interval = ci(arm, "rl_over_sft").split(" ", 1)
+        lines.append(f"  - {name} minus SFT alone, same prompts: **{bold}** {interval}.")
     met = [k for k, v in d["acceptance"].items() if v]
     missed = [k for k, v in d["acceptance"].items() if not v]
     short = [f"{d['budget_s']:.0f} s, not its 1200 s"] if d["budget_s"] < 1200 else []
@@ -74,12 +79,10 @@ def issue33_block(extra: dict) -> list[str]:
         a, b = learn["arms"]["rl"], learn["arms"]["rl-fast"]
         per100 = lambda x: 100 * x["gain_mean"] / max(x["samples_seen"], 1)  # noqa: E731
         lines.append(f"  - RL alone for {learn['budget_s']:.0f} s, seeds {learn['seeds']} "
-                     f"(`benchmarks/speed_learning_600s.md`): before {signed(a['gain_mean'])} "
-                     f"[{signed(a['gain_ci_low'])}, {signed(a['gain_ci_high'])}] with {a['samples_seen']:.0f} answers "
-                     f"per seed ({per100(a):+.3f} per 100 answers), after {signed(b['gain_mean'])} "
-                     f"[{signed(b['gain_ci_low'])}, {signed(b['gain_ci_high'])}] with {b['samples_seen']:.0f} "
-                     f"({per100(b):+.3f}); after minus before, same prompts: {signed(b['over_parent_mean'])} "
-                     f"[{signed(b['over_parent_ci_low'])}, {signed(b['over_parent_ci_high'])}].")
+                     f"(`benchmarks/speed_learning_600s.md`): before {ci(a, 'gain')} with {a['samples_seen']:.0f} "
+                     f"answers per seed ({per100(a):+.3f} per 100 answers), after {ci(b, 'gain')} with "
+                     f"{b['samples_seen']:.0f} ({per100(b):+.3f}); after minus before, same prompts: "
+                     f"{ci(b, 'over_parent')}.")
     bf = extra.get("iteration_cost_bf16_cpu")
     if bf:
         lines.append(f"  - A bf16 base on this CPU with LoRA under bf16 autocast and π_old recomputed "
@@ -94,12 +97,9 @@ def issue33_block(extra: dict) -> list[str]:
                      f"`RLOOTrainer` ({trl['ratio_time_vs_rloo']:.2f}x); peak RSS {trl['ratio_rss_vs_grpo']:.2f}x GRPO's.")
     return lines
 
+
 LEVERS = ("levers_600s", "levers_sft_600s")  # issue 32's step-4 levers, 600 s runs (pipeline_seeds.py --variant)
 
-
-def ci(arm: dict, key: str) -> str:
-    """'+0.35 [+0.17, +0.54]' from arm[key_mean], arm[key_ci_low], arm[key_ci_high]."""
-    return f"{signed(arm[key + '_mean'])} [{signed(arm[key + '_ci_low'])}, {signed(arm[key + '_ci_high'])}]"
 
 
 def levers_block(extra: dict) -> list[str]:
