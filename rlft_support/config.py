@@ -79,8 +79,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     bf16 matmuls (`cpu_has_bf16()`: avx512_bf16 / AMX) can run a bf16 base with DTYPE="bfloat16" (then the PPO
     passes autocast LoRA's matmuls to bf16 too; set OLD_LOGPROBS="recompute": the bf16 sampler's log-probs are up
     to 0.34 nats off); 'auto' does not pick it: on a 2-core AMD EPYC it gave 1.30x the answers per second of the
-    fp32 path (benchmarks/iteration_cost_bf16_cpu.md), greedy tokens differ (72-87% agree) and its learning is not
-    yet measured over seeds. Whatever
+    fp32 path in alternated iterations (benchmarks/iteration_cost_bf16_cpu.md) but 1.08x within 600 s runs of RL,
+    and learned the same in the same time (+0.00 [-0.09, +0.09] over fp32, seeds 0 and 1:
+    benchmarks/speed_learning_bf16_600s.md); greedy tokens differ (72-87% agree). Whatever
     this returns, the LoRA adapter and the value head stay fp32 (`add_lora` casts them; on CUDA fp16 with
     autocast and a grad scaler), and log-softmax, ratios, KL, GAE and SVD/PCA are computed in fp32.
     Any other name than DTYPES raises a ValueError naming DTYPE.

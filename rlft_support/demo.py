@@ -121,6 +121,9 @@ def stream_text(stream_fn, model, tokenizer, prompt: str, sampling: dict):
         yield text
 
 
+JUDGE_LABELS = {"indep_similarity": "E5 judge", "chrf": "chrF"}  # the judge's metric names as the page shows them
+
+
 def find_adapter(path: str | Path) -> Path | None:
     """The adapter folder to serve: `path` itself if it holds `adapter_config.json`, or a run's final `adapter/`
     in it; else the adapter of the newest complete checkpoint below it (the one a training run's `latest`
@@ -192,7 +195,8 @@ class ChatDemo:
                 if reference.strip() and self.similarity_fn:
                     scores["similarity to your reference"] = self.similarity_fn(text, reference)
                 if reference.strip() and self.judge_fn:  # metrics training never saw, beside the reward's
-                    scores.update({f"judge {name}": value for name, value in self.judge_fn(text, reference).items()})
+                    scores.update({JUDGE_LABELS.get(name, f"judge {name}"): value
+                                   for name, value in self.judge_fn(text, reference).items()})
             out.put(("done", (text, scores, seconds)))
         except Exception as e:  # shown as one plain sentence; the traceback goes to the server log
             traceback.print_exc()

@@ -233,6 +233,23 @@ def test_answers_stream_and_carry_scores(nb, method, tuned):
     assert last_answer(history2) == expected_answer(nb, model, tokenizer, "tuned", history2[:3])
 
 
+def test_the_judge_is_shown_beside_the_reward_only_with_a_reference(nb, method, tuned):
+    """With a reference the independent judge's metrics appear under their page labels, next to the reward's
+    similarity; without one the judge is never called."""
+    model, tokenizer = tuned
+    calls = []
+
+    def judge(response, reference):
+        calls.append(reference)
+        return {"indep_similarity": 7.25, "chrf": 31.5, "other": 1.0}
+    chat_demo = demo.ChatDemo(model, tokenizer, word_score, word_overlap, **method, judge_fn=judge)
+    _, info = list(chat_demo.answer("tuned", "Tell me a story", "a long story", [], *GREEDY.values()))[-1]
+    assert "similarity to your reference" in info
+    assert "E5 judge **7.25**" in info and "chrF **31.50**" in info and "judge other **1.00**" in info, info
+    _, info = list(chat_demo.answer("tuned", "Tell me a story", "", [], *GREEDY.values()))[-1]
+    assert calls == ["a long story"] and "E5 judge" not in info
+
+
 def test_a_failing_scorer_gives_a_sentence_not_a_traceback(nb, method, tuned):
     model, tokenizer = tuned
     chat_demo = demo.ChatDemo(model, tokenizer, score_fn=lambda p, r: 1 / 0, **method)

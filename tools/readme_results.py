@@ -60,6 +60,21 @@ def pipeline_block(d: dict) -> list[str]:
     return lines
 
 
+def bf16_learning(learn: dict | None) -> str:
+    """The end of the bf16 bullet: its learning over seeds from benchmarks/speed_learning_bf16_600s.json."""
+    if not learn:
+        return "; its learning is not measured over seeds, so `DTYPE = \"auto\"` keeps fp32 on CPUs."
+    a, b = learn["arms"]["rl"], learn["arms"]["rl-bf16"]
+    verdict = ("more" if b["over_parent_ci_low"] > 0 else "less" if b["over_parent_ci_high"] < 0
+               else "as much within noise")
+    return (f". Learning, RL alone for {learn['budget_s']:.0f} s, seeds {learn['seeds']} "
+            f"(`benchmarks/speed_learning_bf16_600s.md`, on {', '.join(learn['cpus_of_runs'])}): fp32 {ci(a, 'gain')} "
+            f"with {a['samples_seen']:.0f} answers per seed, bf16 {ci(b, 'gain')} with {b['samples_seen']:.0f}; bf16 "
+            f"minus fp32 {ci(b, 'over_parent')}, judge's {ci(b, 'indep_over_parent')}. Within the budget the "
+            f"bf16 path saw {b['samples_seen'] / a['samples_seen']:.2f}x the answers and learned {verdict}, so "
+            "`DTYPE = \"auto\"` keeps fp32 on CPUs.")
+
+
 def issue33_block(extra: dict) -> list[str]:
     """Issue 33's bullets, from benchmarks/iteration_cost_issue33.json, speed_learning_600s.json,
     iteration_cost_bf16_cpu.json and vs_trl.json (those committed)."""
@@ -87,8 +102,8 @@ def issue33_block(extra: dict) -> list[str]:
     if bf:
         lines.append(f"  - A bf16 base on this CPU with LoRA under bf16 autocast and π_old recomputed "
                      f"(`benchmarks/iteration_cost_bf16_cpu.md`): {bf['samples_per_s_after']:.2f} against "
-                     f"{bf['samples_per_s_before']:.2f} answers/s for the fp32 path ({bf['speedup']:.2f}x); its "
-                     "learning is not measured over seeds, so `DTYPE = \"auto\"` keeps fp32 on CPUs.")
+                     f"{bf['samples_per_s_before']:.2f} answers/s for the fp32 path ({bf['speedup']:.2f}x)"
+                     + bf16_learning(extra.get("speed_learning_bf16_600s")))
     trl = extra.get("vs_trl")
     if trl and trl.get("s_per_sample_ours"):
         lines.append(f"  - Against TRL (`benchmarks/vs_trl.md`, same model, LoRA, prompts, reward and batch): "
@@ -98,7 +113,7 @@ def issue33_block(extra: dict) -> list[str]:
     return lines
 
 
-LEVERS = ("levers_600s", "levers_sft_600s")  # issue 32's step-4 levers, 600 s runs (pipeline_seeds.py --variant)
+LEVERS = ("levers_600s", "levers_sft_600s", "unlabelled_600s")  # issue 32's step-4 levers, 600 s runs (pipeline_seeds.py --variant)
 
 
 
@@ -148,8 +163,9 @@ def speed_block(it: dict, gen: dict, threads: dict, extra: dict) -> list[str]:
         lines.append(f"  - A bf16 base on this CPU (native bf16: avx512_bf16/AMX; `benchmarks/iteration_cost_bf16.md`): "
                      f"{bf['s_per_iter_after']:.1f} s against {bf['s_per_iter_before']:.1f} s for the fp32 path before "
                      f"({bf['speedup']:.2f}x) and {it['s_per_iter_after']:.1f} s for today's fp32 path (a separate run): "
-                     f"{1 - bf['s_per_iter_after'] / it['s_per_iter_after']:.0%} faster{tokens}, learning not yet "
-                     "measured over seeds, so `DTYPE = \"auto\"` keeps fp32 on CPUs.")
+                     f"{1 - bf['s_per_iter_after'] / it['s_per_iter_after']:.0%} faster{tokens}"
+                     + ("; its learning over seeds is in the bf16 bullet above." if "speed_learning_bf16_600s" in extra
+                        else ", learning not yet measured over seeds, so `DTYPE = \"auto\"` keeps fp32 on CPUs."))
     lines.append(f"- **Rollouts** (`benchmarks/generate.md`, {gen['torch_threads']} threads, fp32): the adapter merged "
                  f"for sampling is {gen['speedup_b1']:.2f}x / {gen['speedup_b8']:.2f}x / {gen['speedup_b16']:.2f}x "
                  f"faster at batch 1 / 8 / 16; batch-1 decoding reaches {gen['bound_fraction_b1']:.0%} of the "
@@ -180,7 +196,7 @@ def block() -> str:
     d = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
     load = lambda name: json.loads((ROOT / "benchmarks" / f"{name}.json").read_text())  # noqa: E731
     extra = {name: load(name) for name in ("iteration_cost_bf16", "generate_bf16", "data_parallel", "iteration_cost_issue33",
-                                           "speed_learning_600s", "iteration_cost_bf16_cpu", "vs_trl") + LEVERS
+                                           "speed_learning_600s", "iteration_cost_bf16_cpu", "speed_learning_bf16_600s", "vs_trl") + LEVERS
              if (ROOT / "benchmarks" / f"{name}.json").exists()}
     return "\n".join([BEGIN, *pipeline_block(d), *levers_block(extra), *speed_block(load("iteration_cost"), load("generate"),
                                                                load("threads"), extra), END])
