@@ -77,7 +77,7 @@ def bf16_learning(learn: dict | None) -> str:
 
 def issue33_block(extra: dict) -> list[str]:
     """Issue 33's bullets, from benchmarks/iteration_cost_issue33.json, speed_learning_600s.json,
-    iteration_cost_bf16_cpu.json and vs_trl.json (those committed)."""
+    iteration_cost_bf16_cpu.json, speed_learning_bf16_600s.json and vs_trl.json (those committed)."""
     ic = extra.get("iteration_cost_issue33")
     if not ic:
         return []
