@@ -69,7 +69,7 @@ def rank_run(P: dict, iters: int, sft_steps: int, seed: int, out: str) -> None:
     state = nb.make_ppo_state(model, tok, P)
     if accelerator is not None:
         parallel.enable_data_parallel(state, accelerator, seed)
-    pairs = nb.split_pairs(nb.load_pairs(str(ROOT / P.DATA_PATH)), "train")
+    pairs = nb.split_pairs(nb.load_pairs(str(ROOT / P.DATA_PATH), P.DATA_COLUMNS, P.EVAL_FRAC), "train")
     sampler = nb.PromptSampler(pairs, seed)
     reward_fn = nb.make_reward_fn("similarity", nb.Embedder(P.EMBEDDER, device=device), None, device=device)
     barrier = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)

@@ -114,7 +114,7 @@ def main():
     nb = load_notebook(ROOT / "rlft.ipynb")
     p = notebook_config(ROOT / "rlft.ipynb", **(json.loads(Path(a.params).read_text()) if a.params else {}))
     model, tok, model_name, adapter = policy(nb, p, a.adapter, a.fresh)
-    pairs = nb.split_pairs(nb.load_pairs(str(ROOT / p.DATA_PATH)), "eval")[:a.prompts]
+    pairs = nb.split_pairs(nb.load_pairs(str(ROOT / p.DATA_PATH), p.DATA_COLUMNS, p.EVAL_FRAC), "eval")[:a.prompts]
     prompts = [nb.chat_prompt(tok, pair["prompt"]) for pair in pairs]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

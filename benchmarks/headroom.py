@@ -109,7 +109,7 @@ class Stack:
         self.args, self.nb = args, load_notebook()
         self.P = notebook_config(**overrides_of(args.params, args.set))
         self.device = self.nb.resolve_device(self.P.DEVICE)
-        pairs = self.nb.load_pairs(str(ROOT / self.P.DATA_PATH))
+        pairs = self.nb.load_pairs(str(ROOT / self.P.DATA_PATH), self.P.DATA_COLUMNS, self.P.EVAL_FRAC)
         self.train_pairs = self.nb.split_pairs(pairs, "train")
         self.pairs = balanced_prompts(self.nb.split_pairs(pairs, "eval"), args.n_prompts)
         self.ks, self.temperatures = k_values(args.k_max), [float(t) for t in args.temperatures]

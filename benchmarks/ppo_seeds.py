@@ -105,7 +105,7 @@ class Context:
         torch.set_num_threads(threads)
         self.nb, self.P, self.cache = load_notebook(), P, cache
         self.device = self.nb.resolve_device(P.DEVICE)
-        pairs = self.nb.load_pairs(str(ROOT / P.DATA_PATH))
+        pairs = self.nb.load_pairs(str(ROOT / P.DATA_PATH), P.DATA_COLUMNS, P.EVAL_FRAC)
         self.train_pairs, eval_pairs = self.nb.split_pairs(pairs, "train"), self.nb.split_pairs(pairs, "eval")
         self.eval_pairs = eval_pairs[:P.EVAL_N] if P.EVAL_N else eval_pairs
         self.embedder = self.nb.Embedder(P.EMBEDDER, device=self.device)

@@ -70,7 +70,8 @@ class LiteContext:
         from nbimport import load_notebook
         self.nb, self.P = load_notebook(), P
         self.device = self.nb.resolve_device(P.DEVICE)
-        self.train_pairs = self.nb.split_pairs(self.nb.load_pairs(str(ROOT / P.DATA_PATH)), "train")
+        pairs = self.nb.load_pairs(str(ROOT / P.DATA_PATH), P.DATA_COLUMNS, P.EVAL_FRAC)
+        self.train_pairs = self.nb.split_pairs(pairs, "train")
         self.embedder = self.nb.Embedder(P.EMBEDDER, device=self.device)
 
 

@@ -255,8 +255,9 @@ def plot_gains(ax, variants: dict, title: str) -> None:
 
 
 def minus_sft(pipeline: dict) -> dict:
-    """pipeline_seeds.json's arms other than 'sft', as plot_gains variants of their difference from SFT alone:
-    rl_over_sft_mean with its paired 95% interval, and per seed the arm's gain minus SFT's gain of that seed."""
+    """pipeline_seeds.json's arms other than 'sft' and the free baseline 'prompt', as plot_gains variants of their
+    difference from SFT alone: rl_over_sft_mean with its paired 95% interval, and per seed the arm's gain minus
+    SFT's gain of that seed."""
     sft = pipeline["arms"].get("sft")
     if sft is None:
         return {}
@@ -264,24 +265,51 @@ def minus_sft(pipeline: dict) -> dict:
     return {arm: {"gain_mean": a["rl_over_sft_mean"], "gain_ci_low": a["rl_over_sft_ci_low"],
                   "gain_ci_high": a["rl_over_sft_ci_high"],
                   "gains": [g - sft_gain[s] for s, g in zip(a["seeds"], a["gains"]) if s in sft_gain]}
-            for arm, a in pipeline["arms"].items() if arm != "sft"}
+            for arm, a in pipeline["arms"].items() if arm not in ("sft", "prompt")}
+
+
+def over_prompt(pipeline: dict) -> dict:
+    """pipeline_seeds.json's trained arms minus the free baseline `prompt`, as plot_gains variants, two rows an
+    arm: the reward's metric (gain_over_prompt_*, dots: the arm's gain minus prompt's of that seed) and the E5 judge,
+    which training never sees (indep_gain_over_prompt_*, no dots: the summary keeps no per-seed judge figure).
+    {} without a `prompt` arm or on runs cached before the judge."""
+    prompt = pipeline["arms"].get("prompt")
+    if prompt is None:
+        return {}
+    base = dict(zip(prompt["seeds"], prompt["gains"]))
+    out = {}
+    for arm, a in pipeline["arms"].items():
+        if arm == "prompt" or a.get("indep_gain_over_prompt_mean") is None:
+            continue
+        for label, key, dots in (("MiniLM", "gain_over_prompt", [g - base[s] for s, g in zip(a["seeds"], a["gains"])
+                                                                 if s in base]),
+                                 ("E5 judge", "indep_gain_over_prompt", [])):
+            out[f"{arm}: {label}"] = {"gain_mean": a[f"{key}_mean"], "gain_ci_low": a[f"{key}_ci_low"],
+                                      "gain_ci_high": a[f"{key}_ci_high"], "gains": dots}
+    return out
 
 
 def plot_results(pipeline: dict, path=None):
-    """The headline of the results section, from the committed benchmarks/pipeline_seeds.json. Left: each arm's
-    gain over the base (bar: mean over seeds, line: 95% paired-bootstrap interval over prompts, dots: seeds; the
-    notebook's default arm marked). Right: each arm minus SFT alone, prompt by prompt, with its 95% interval."""
+    """The headline of the results section, from the committed benchmarks/pipeline_seeds.json. First panel: each
+    arm's gain over the base (bar: mean over seeds, line: 95% paired-bootstrap interval over prompts, dots: seeds;
+    the notebook's default arm marked). Then, where the JSON has them: each trained arm minus the free baseline
+    `prompt` on the reward's metric and on the E5 judge (`over_prompt`), and each arm minus SFT alone (`minus_sft`)."""
     import matplotlib.pyplot as plt
     label = lambda arm: f"{arm} (default)" if arm == pipeline.get("default_arm") else arm
-    diffs = minus_sft(pipeline)
-    fig, axes = plt.subplots(1, 2 if diffs else 1, figsize=(13 if diffs else 7, 1.5 + 0.6 * len(pipeline["arms"])),
-                             squeeze=False, constrained_layout=True)
+    panels = [(over_prompt(pipeline), "minus the free baseline `prompt`, on the same prompts",
+               "difference in 10 × cos, MiniLM (the reward's) or E5 (the judge's)"),
+              ({label(a): d for a, d in minus_sft(pipeline).items()}, "minus SFT alone, on the same prompts",
+               "difference in similarity gain (bar: mean, dots: seeds, line: 95% interval)")]
+    panels = [p for p in panels if p[0]]
+    rows = max([len(pipeline["arms"])] + [len(p[0]) for p in panels])
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(7 + 6 * len(panels), 1.5 + 0.5 * rows), squeeze=False,
+                             constrained_layout=True)
     seeds = sorted({s for a in pipeline["arms"].values() for s in a["seeds"]})
     plot_gains(axes[0, 0], {label(arm): a for arm, a in pipeline["arms"].items()},
                f"gain over the base model, {pipeline['budget_s']:.0f} s per run, seeds {seeds}")
-    if diffs:
-        plot_gains(axes[0, 1], {label(arm): d for arm, d in diffs.items()}, "minus SFT alone, on the same prompts")
-        axes[0, 1].set_xlabel("difference in similarity gain (bar: mean, dots: seeds, line: 95% interval)")
+    for ax, (variants, title, xlabel) in zip(axes[0, 1:], panels):
+        plot_gains(ax, variants, title)
+        ax.set_xlabel(xlabel)
     if path is not None:
         fig.savefig(path, dpi=100)
     return fig

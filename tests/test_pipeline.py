@@ -383,23 +383,27 @@ def test_monitor_scores_a_fixed_subset_of_train_prompts(nb, tiny_lora, train_pai
 
 # --- benchmarks/pipeline_seeds.py ---------------------------------------------------------------------------------
 def test_the_default_config_still_finds_the_committed_headline_runs():
-    """--reuse and the cache match runs by config key: a knob added since the committed headline, at the value that
-    reproduces how those runs trained (ppo_seeds.NEUTRAL), must leave the keys as they were. Issue 33 changed three
-    defaults (merged rollouts, shared prompts, whole groups per minibatch: new runs, new keys): at their old values
-    the committed keys are found again."""
+    """--reuse and the cache match runs by config key. The headline (pipeline_seeds.json) was run on the notebook's
+    defaults, so they give its keys, and a later session finishes it. The headline before issue 33
+    (pipeline_seeds_pre33_1200s.json) is found again with issue 33's three changed defaults (merged rollouts,
+    shared prompts, whole groups per minibatch) at their old values, and a knob added since it, at the value that
+    reproduces how those runs trained (ppo_seeds.NEUTRAL), leaves its keys as they were."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import pipeline_seeds
     from nbimport import notebook_config
-    committed = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
-    assert committed["overrides"] == []
-    P = notebook_config(TRAIN_BUDGET_S=committed["budget_s"], ROLLOUT_MERGED=False, PREFIX_SHARING=False,
-                        PPO_WHOLE_GROUPS=False)
 
     class Ctx:
         eval_dtype = None
-    assert {arm: pipeline_seeds.config_key(Ctx, P, arm) for arm in committed["config_keys"]} == committed["config_keys"]
-    for knob in ({"PPO_WHOLE_GROUPS": True}, {"ROLLOUT_MERGED": True}, {"PREFIX_SHARING": True}):
-        assert pipeline_seeds.config_key(Ctx, dataclasses.replace(P, **knob), "rl") != committed["config_keys"]["rl"]
+    keys = lambda P, arms: {arm: pipeline_seeds.config_key(Ctx, P, arm) for arm in arms}  # noqa: E731
+    for name, old in (("pipeline_seeds", {}), ("pipeline_seeds_pre33_1200s", {
+            "ROLLOUT_MERGED": False, "PREFIX_SHARING": False, "PPO_WHOLE_GROUPS": False})):
+        committed = json.loads((ROOT / "benchmarks" / f"{name}.json").read_text())
+        assert committed["overrides"] == [] and committed["budget_s"] == 1200
+        P = notebook_config(TRAIN_BUDGET_S=committed["budget_s"], **old)
+        assert keys(P, committed["config_keys"]) == committed["config_keys"], name
+        for knob in old:
+            assert pipeline_seeds.config_key(Ctx, dataclasses.replace(P, **{knob: True}), "rl") \
+                != committed["config_keys"]["rl"]
 
 
 def test_variants_are_parsed_and_checked():

@@ -56,23 +56,29 @@ def results_markdown() -> str:
 
 
 def test_results_png_draws_the_pipeline_headline_the_text_quotes(tmp_path):
-    """results.png of the committed benchmarks/pipeline_seeds.json: each arm's gain with its interval, and each arm
-    minus SFT with its interval, the figures the results section quotes (not the old PPO-from-base headline)."""
+    """results.png of the committed benchmarks/pipeline_seeds.json: each arm's gain with its interval; each trained
+    arm minus the free baseline `prompt` on the reward's metric and on the E5 judge; each arm minus SFT. Every
+    figure drawn is quoted by the results section (not the old PPO-from-base headline)."""
     committed = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
     arms, default = committed["arms"], committed["default_arm"]
     fig = report.plot_results(committed, tmp_path / "results.png")
-    assert (tmp_path / "results.png").stat().st_size > 10_000 and len(fig.axes) == 2
-    quoted = lambda m, lo, hi: f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]".replace("-", "\u2212")
+    label = lambda a: f"{a} (default)" if a == default else a  # noqa: E731
+    panels = [[(label(a), a, "gain") for a in arms]]
+    if "prompt" in arms:  # the free baseline: two rows a trained arm, the reward's metric and the judge's
+        panels.append([(f"{a}: {m}", a, k) for a in arms if a != "prompt"
+                       for m, k in (("MiniLM", "gain_over_prompt"), ("E5 judge", "indep_gain_over_prompt"))])
+    if "sft" in arms:
+        panels.append([(label(a), a, "rl_over_sft") for a in arms if a not in ("sft", "prompt")])
+    assert (tmp_path / "results.png").stat().st_size > 10_000 and len(fig.axes) == len(panels) == 3
+    quoted = lambda m, lo, hi: f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]".replace("-", "\u2212")  # noqa: E731
     text = results_markdown()
-    for ax, names, fields in ((fig.axes[0], list(arms), ("gain_mean", "gain_ci_low", "gain_ci_high")),
-                              (fig.axes[1], [a for a in arms if a != "sft"],
-                               ("rl_over_sft_mean", "rl_over_sft_ci_low", "rl_over_sft_ci_high"))):
-        assert [t.get_text() for t in ax.get_yticklabels()] == [f"{a} (default)" if a == default else a for a in names]
+    for ax, rows in zip(fig.axes, panels):
+        assert [t.get_text() for t in ax.get_yticklabels()] == [name for name, _, _ in rows]
         drawn = [p.get_width() for p in ax.patches]
         errorbar = next(c for c in ax.containers if type(c).__name__ == "ErrorbarContainer")
         intervals = [tuple(seg[:, 0]) for seg in errorbar.lines[2][0].get_segments()]
-        for name, mean, (lo, hi) in zip(names, drawn, intervals):
-            figures = [arms[name][f] for f in fields]
+        for (name, arm, key), mean, (lo, hi) in zip(rows, drawn, intervals):
+            figures = [arms[arm][f"{key}_{f}"] for f in ("mean", "ci_low", "ci_high")]
             assert (mean, lo, hi) == pytest.approx(figures)
             assert quoted(*figures) in text, (name, quoted(*figures))  # the text quotes what is drawn
     assert "1200 s" in fig.axes[0].get_title()

@@ -33,29 +33,47 @@ def arm_line(name: str, arm: dict, default: bool = False) -> str:
     bold, interval = ci(arm, "gain").split(" ", 1)
     return (f"  - {label}: **{bold}** {interval}; per seed {seeds}; {arm['samples_seen']:.0f} samples seen; answers "
             f"{arm['mean_len_after']:.1f} tokens long, EOS rate {arm['eos_rate_after']:.2f}, "
-            f"KL to the base {arm['kl_mean']:.1f} nats.")
+            f"KL to the base {arm['kl_mean']:.1f} nats" + over_prompt(arm) + ".")
+
+
+def over_prompt(arm: dict) -> str:
+    """'; over the free baseline ..., the E5 judge's ..., chrF ...' where the arm has them (issue 32), else ''."""
+    if arm.get("indep_gain_over_prompt_mean") is None:
+        return ""
+    return (f"; over the free baseline {ci(arm, 'gain_over_prompt')}, the E5 judge's "
+            f"{ci(arm, 'indep_gain_over_prompt')}, chrF {arm['chrf_gain_over_prompt_mean']:+.1f}")
+
+
+def prompt_line(arm: dict) -> str:
+    """The free baseline's bullet: the untrained model with the system line, no training."""
+    return (f"  - The free baseline `prompt` (the untrained model told `BASELINE_SYSTEM_PROMPT`, no training): "
+            f"**{signed(arm['gain_mean'])}** [{signed(arm['gain_ci_low'])}, {signed(arm['gain_ci_high'])}]; "
+            f"answers {arm['mean_len_after']:.1f} tokens long, EOS rate {arm['eos_rate_after']:.2f}.")
 
 
 def pipeline_block(d: dict) -> list[str]:
     """The headline bullets from benchmarks/pipeline_seeds.json."""
     default = d.get("default_arm", "sft+rl")
     order = [default] + [a for a in ("sft+rl", "sft", "rl") if a in d["arms"] and a != default]
-    counts = sorted({len(a.get("seeds", d["seeds"])) for a in d["arms"].values()})
+    counts = sorted({len(a.get("seeds", d["seeds"])) for name, a in d["arms"].items() if name != "prompt"})
     n_seeds = " or ".join(str(n) for n in counts)
+    cpus = ", ".join(d.get("cpus_of_runs") or [d["cpu"]])
     lines = [f"- **Headline** (`benchmarks/pipeline_seeds.md`): {n_seeds} seed(s) × {d['budget_s']:.0f} s per "
-             f"run, one run at a time on the {d['threads']}-thread CPU; gain in similarity to held-out references "
+             f"run, one run at a time on the {d['threads']}-thread CPU ({cpus}); gain in similarity to held-out references "
              f"(10 × cos of all-MiniLM-L6-v2, {d['eval_prompts']} eval prompts, greedy), 95% paired-bootstrap "
              "intervals:"]
+    lines += [prompt_line(d["arms"]["prompt"])] if "prompt" in d["arms"] else []
     lines += [arm_line(a, d["arms"][a], a == default) for a in order]
     for a in (x for x in order if x != "sft" and d["arms"][x].get("rl_over_sft_mean") is not None):
         arm, name = d["arms"][a], ARM_NAMES.get(a, a) + (" (the default)" if a == default else "")
         bold, interval = ci(arm, "rl_over_sft").split(" ", 1)
-        lines.append(f"  - {name} minus SFT alone, same prompts: **{bold}** {interval}.")
+        judge = f"; the E5 judge's {ci(arm, 'indep_rl_over_sft')}" if arm.get("indep_rl_over_sft_mean") is not None else ""
+        lines.append(f"  - {name} minus SFT alone, same prompts: **{bold}** {interval}{judge}.")
     met = [k for k, v in d["acceptance"].items() if v]
     missed = [k for k, v in d["acceptance"].items() if not v]
     short = [f"{d['budget_s']:.0f} s, not its 1200 s"] if d["budget_s"] < 1200 else []
     short += [f"{n_seeds} seed(s) an arm, not its 3"] if counts[0] < 3 else []
-    lines.append(f"  - Acceptance of issue 20 ({'; '.join(short) or 'as specified'}): met "
+    lines.append(f"  - Acceptance of issues 20 and 32 ({'; '.join(short) or 'as specified'}): met "
                  f"{', '.join(f'`{k}`' for k in met) or 'none'}; missed {', '.join(f'`{k}`' for k in missed) or 'none'}.")
     return lines
 
