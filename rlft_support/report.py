@@ -261,11 +261,16 @@ def minus_sft(pipeline: dict) -> dict:
     sft = pipeline["arms"].get("sft")
     if sft is None:
         return {}
-    sft_gain = dict(zip(sft["seeds"], sft["gains"]))
-    return {arm: {"gain_mean": a["rl_over_sft_mean"], "gain_ci_low": a["rl_over_sft_ci_low"],
-                  "gain_ci_high": a["rl_over_sft_ci_high"],
-                  "gains": [g - sft_gain[s] for s, g in zip(a["seeds"], a["gains"]) if s in sft_gain]}
-            for arm, a in pipeline["arms"].items() if arm not in ("sft", "prompt")}
+    return {arm: paired_variant(a, "rl_over_sft", sft) for arm, a in pipeline["arms"].items()
+            if arm not in ("sft", "prompt")}
+
+
+def paired_variant(arm: dict, key: str, reference: dict | None) -> dict:
+    """One plot_gains variant from an arm's paired difference `key` (key_mean / _ci_low / _ci_high); its dots are
+    the arm's gain minus `reference`'s gain of the same seed (none without a reference)."""
+    ref = dict(zip(reference["seeds"], reference["gains"])) if reference else {}
+    return {"gain_mean": arm[f"{key}_mean"], "gain_ci_low": arm[f"{key}_ci_low"], "gain_ci_high": arm[f"{key}_ci_high"],
+            "gains": [g - ref[s] for s, g in zip(arm["seeds"], arm["gains"]) if s in ref]}
 
 
 def over_prompt(pipeline: dict) -> dict:
@@ -276,16 +281,12 @@ def over_prompt(pipeline: dict) -> dict:
     prompt = pipeline["arms"].get("prompt")
     if prompt is None:
         return {}
-    base = dict(zip(prompt["seeds"], prompt["gains"]))
     out = {}
     for arm, a in pipeline["arms"].items():
         if arm == "prompt" or a.get("indep_gain_over_prompt_mean") is None:
             continue
-        for label, key, dots in (("MiniLM", "gain_over_prompt", [g - base[s] for s, g in zip(a["seeds"], a["gains"])
-                                                                 if s in base]),
-                                 ("E5 judge", "indep_gain_over_prompt", [])):
-            out[f"{arm}: {label}"] = {"gain_mean": a[f"{key}_mean"], "gain_ci_low": a[f"{key}_ci_low"],
-                                      "gain_ci_high": a[f"{key}_ci_high"], "gains": dots}
+        out[f"{arm}: MiniLM"] = paired_variant(a, "gain_over_prompt", prompt)
+        out[f"{arm}: E5 judge"] = paired_variant(a, "indep_gain_over_prompt", None)
     return out
 
 

@@ -46,9 +46,9 @@ def over_prompt(arm: dict) -> str:
 
 def prompt_line(arm: dict) -> str:
     """The free baseline's bullet: the untrained model with the system line, no training."""
+    bold, interval = ci(arm, "gain").split(" ", 1)
     return (f"  - The free baseline `prompt` (the untrained model told `BASELINE_SYSTEM_PROMPT`, no training): "
-            f"**{signed(arm['gain_mean'])}** [{signed(arm['gain_ci_low'])}, {signed(arm['gain_ci_high'])}]; "
-            f"answers {arm['mean_len_after']:.1f} tokens long, EOS rate {arm['eos_rate_after']:.2f}.")
+            f"**{bold}** {interval}; answers {arm['mean_len_after']:.1f} tokens long, EOS rate {arm['eos_rate_after']:.2f}.")
 
 
 def pipeline_block(d: dict) -> list[str]:
