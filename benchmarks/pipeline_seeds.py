@@ -260,11 +260,17 @@ def difference(ctx: Context, name: str, a: dict | None, b: dict | None) -> dict:
     return {f"{name}_mean": float(np.mean(diff)), f"{name}_ci_low": lo, f"{name}_ci_high": hi}
 
 
+def same_seeds(runs: list[dict], other: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The runs of two arms restricted to the seeds both have, so a paired difference never mixes seeds."""
+    seeds = {r["seed"] for r in runs} & {r["seed"] for r in other}
+    return [r for r in runs if r["seed"] in seeds], [r for r in other if r["seed"] in seeds]
+
+
 def over_sft(ctx: Context, runs: list[dict], sft_runs: list[dict] | None) -> dict:
-    """rl_over_sft_mean / _ci_low / _ci_high: the arm minus `sft` per prompt (each seed-averaged), mean and 95%
-    bootstrap interval over prompts; the same on the judge's embedder (indep_) and chrF (chrf_); None without
-    sft runs."""
-    sft = sft_runs or []
+    """rl_over_sft_mean / _ci_low / _ci_high: the arm minus `sft` per prompt (each seed-averaged, only the seeds
+    both arms have), mean and 95% bootstrap interval over prompts; the same on the judge's embedder (indep_) and
+    chrF (chrf_); None without sft runs."""
+    runs, sft = same_seeds(runs, sft_runs or [])
     return {**difference(ctx, "rl_over_sft", per_prompt(runs), per_prompt(sft)),
             **difference(ctx, "indep_rl_over_sft", per_prompt(runs, "indep_similarity"),
                          per_prompt(sft, "indep_similarity")),
@@ -301,8 +307,7 @@ def over_parent(ctx: Context, runs: list[dict], parent_runs: list[dict] | None) 
     only the seeds both have; {} for a plain arm."""
     if parent_runs is None:
         return {}
-    seeds = {r["seed"] for r in runs} & {r["seed"] for r in parent_runs}
-    mine, theirs = [r for r in runs if r["seed"] in seeds], [r for r in parent_runs if r["seed"] in seeds]
+    mine, theirs = same_seeds(runs, parent_runs)
     return {**difference(ctx, "over_parent", per_prompt(mine), per_prompt(theirs)),
             **difference(ctx, "indep_over_parent", per_prompt(mine, "indep_similarity"),
                          per_prompt(theirs, "indep_similarity"))}

@@ -51,8 +51,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ppo_seeds import (Context, evaluate_after, fresh_model, key_of, paired_gain_ci, run_key_fields,  # noqa: E402
-                       notebook_config, overrides_of)
+from ppo_seeds import (Context, cpu_name, evaluate_after, fresh_model, key_of, paired_gain_ci,  # noqa: E402
+                       run_key_fields, notebook_config, overrides_of)
 
 SYSTEMS = ("ours", "grpo", "rloo")
 COST_FIELDS = [f"{k}_{s}" for k in ("s_per_sample", "samples_per_s", "peak_rss_mb") for s in SYSTEMS] + \
@@ -272,10 +272,17 @@ def fmt(x, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def load_line(r: dict) -> str:
+    """'1.2 -> 1.9': the 1-minute load average before and after this call, or 'not recorded'."""
+    load = r.get("loadavg")
+    return f"{load['before'][0]:.1f} -> {load['after'][0]:.1f}" if load else "not recorded"
+
+
 def markdown_report(r: dict) -> str:
     """The committed table: one row per system."""
     lines = ["# Our RL loop vs TRL GRPOTrainer / RLOOTrainer", "",
-             f"Model `{r['model']}`, {r['machine']}, trl {r['trl_version']}; torch threads: cost {r['cost_threads']}, "
+             f"Model `{r['model']}`, {r['machine']} ({r.get('cpu') or 'CPU not recorded'}), trl {r['trl_version']}; "
+             f"load average (1 min) {load_line(r)}; torch threads: cost {r['cost_threads']}, "
              f"learning {r['learn_threads']}. "
              f"{r['samples_per_step']} answers per rollout ({r['samples_per_step'] // r['samples_per_prompt']} prompts × "
              f"{r['samples_per_prompt']}), {r['max_new_tokens']} new tokens. Cost: median over {r['cost_rollouts']} "
@@ -315,7 +322,7 @@ def main():
     if args.worker:
         return worker(args)
     import trl
-    P, t0, out = notebook_config(**overrides_of(args.params, args.set)), time.time(), Path(args.out)
+    P, t0, out, load0 = notebook_config(**overrides_of(args.params, args.set)), time.time(), Path(args.out), os.getloadavg()
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     old = old if old.get("model") == P.MODEL else {}  # the other mode's figures, only from the same model
     r = {k: old.get(k) for k in COST_FIELDS + LEARN_FIELDS}
@@ -323,7 +330,8 @@ def main():
     r = {"model": P.MODEL, "machine": platform.machine(), "trl_version": trl.__version__,
          "samples_per_step": P.PPO_BATCH_SIZE, "samples_per_prompt": P.PPO_SAMPLES_PER_PROMPT,
          "max_new_tokens": P.MAX_NEW_TOKENS, "trl_gradient_checkpointing": args.trl_grad_ckpt, "note": args.note,
-         "overrides": args.set, "this_call_s": time.time() - t0, **r}
+         "overrides": args.set, "this_call_s": time.time() - t0, "cpu": cpu_name(),
+         "loadavg": {"before": list(load0), "after": list(os.getloadavg())}, **r}
     out.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown_report(r))
     print(markdown_report(r))

@@ -416,6 +416,25 @@ def test_variants_are_parsed_and_checked():
             pipeline_seeds.parse_variants([bad])
 
 
+def test_a_difference_between_arms_pairs_only_the_seeds_both_have():
+    """over_sft (like over_parent) drops the seeds only one arm has: with rl seeds 0-2 and sft seeds 0-1, rl minus sft
+    is the seed-0/1 average minus sft's, not rl's three seeds minus sft's two."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pipeline_seeds
+
+    class Ctx:
+        nb = type("nb", (), {"bootstrap_ci": staticmethod(lambda diff, n, seed: (min(diff), max(diff)))})
+        P = type("P", (), {"BOOTSTRAP": 10})
+    run = lambda seed, score: {"seed": seed, "rows": [  # noqa: E731
+        {"prompt": p, "similarity": score, "indep_similarity": score, "chrf": score} for p in ("a", "b")]}
+    rl = [run(0, 1.0), run(1, 3.0), run(2, 100.0)]
+    sft = [run(0, 0.0), run(1, 2.0)]
+    assert [r["seed"] for r in pipeline_seeds.same_seeds(rl, sft)[0]] == [0, 1]
+    out = pipeline_seeds.over_sft(Ctx, rl, sft)
+    assert out["rl_over_sft_mean"] == out["indep_rl_over_sft_mean"] == out["chrf_rl_over_sft_mean"] == 1.0
+    assert pipeline_seeds.over_sft(Ctx, rl, None)["rl_over_sft_mean"] is None
+
+
 def test_pipeline_seeds_script_end_to_end(nb, tmp_path):
     out = tmp_path / "pipeline_seeds"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "pipeline_seeds.py"),
