@@ -2763,7 +2763,9 @@ print(f"exported {list(exported) or 'nothing (EXPORT_FORMATS = [])'} in {time.ti
 # A bf16 base with LoRA under bf16 autocast (π_old recomputed) ran 1.30× the answers per second in alternated
 # iterations (`iteration_cost_bf16_cpu.md`) but only 1.08× within a 600 s run (47.5 iterations against 44), and
 # learned the same: +0.72 [+0.51, +0.94] against +0.72 [+0.51, +0.95], +0.00 [−0.09, +0.09] prompt by prompt
-# (judge −0.01 [−0.03, +0.01]; `speed_learning_bf16_600s.md`). `DTYPE = "auto"` keeps fp32 on CPUs.
+# (judge −0.01 [−0.03, +0.01]; `speed_learning_bf16_600s.md`). `DTYPE = "auto"` keeps fp32 on CPUs. Rollouts of 8
+# prompts × 4 answers (`batch32_600s.md`) saw 1.11× the answers in 600 s and learned no more: −0.03 [−0.16, +0.09]
+# against 4 × 4 (judge −0.01 [−0.03, +0.02]).
 
 # %% rlft={"section": "results"}
 # The committed benchmark results (each benchmarks/*.py script writes its .json and .md; rerun one to reproduce).

@@ -95,7 +95,7 @@ def bf16_learning(learn: dict | None) -> str:
 
 def issue33_block(extra: dict) -> list[str]:
     """Issue 33's bullets, from benchmarks/iteration_cost_issue33.json, speed_learning_600s.json,
-    iteration_cost_bf16_cpu.json, speed_learning_bf16_600s.json and vs_trl.json (those committed)."""
+    iteration_cost_bf16_cpu.json, speed_learning_bf16_600s.json, batch32_600s.json and vs_trl.json (those committed)."""
     ic = extra.get("iteration_cost_issue33")
     if not ic:
         return []
@@ -122,6 +122,14 @@ def issue33_block(extra: dict) -> list[str]:
                      f"(`benchmarks/iteration_cost_bf16_cpu.md`): {bf['samples_per_s_after']:.2f} against "
                      f"{bf['samples_per_s_before']:.2f} answers/s for the fp32 path ({bf['speedup']:.2f}x)"
                      + bf16_learning(extra.get("speed_learning_bf16_600s")))
+    big = extra.get("batch32_600s")
+    if big and {"rl", "rl-8x4"} <= set(big["arms"]):
+        a, b = big["arms"]["rl"], big["arms"]["rl-8x4"]
+        lines.append(f"  - Rollouts of 8 prompts x 4 answers (`benchmarks/batch32_600s.md`, RL alone for "
+                     f"{big['budget_s']:.0f} s, seeds {big['seeds']}): {b['samples_seen']:.0f} answers per seed against "
+                     f"{a['samples_seen']:.0f} for 4 x 4 ({b['samples_seen'] / a['samples_seen']:.2f}x), {ci(b, 'gain')} "
+                     f"against {ci(a, 'gain')}; minus 4 x 4 {ci(b, 'over_parent')}, judge's "
+                     f"{ci(b, 'indep_over_parent')}: not adopted.")
     trl = extra.get("vs_trl")
     if trl and trl.get("s_per_sample_ours"):
         lines.append(f"  - Against TRL (`benchmarks/vs_trl.md`, same model, LoRA, prompts, reward and batch): "
@@ -214,7 +222,8 @@ def block() -> str:
     d = json.loads((ROOT / "benchmarks" / "pipeline_seeds.json").read_text())
     load = lambda name: json.loads((ROOT / "benchmarks" / f"{name}.json").read_text())  # noqa: E731
     extra = {name: load(name) for name in ("iteration_cost_bf16", "generate_bf16", "data_parallel", "iteration_cost_issue33",
-                                           "speed_learning_600s", "iteration_cost_bf16_cpu", "speed_learning_bf16_600s", "vs_trl") + LEVERS
+                                           "speed_learning_600s", "iteration_cost_bf16_cpu", "speed_learning_bf16_600s", "batch32_600s",
+                                           "vs_trl") + LEVERS
              if (ROOT / "benchmarks" / f"{name}.json").exists()}
     return "\n".join([BEGIN, *pipeline_block(d), *levers_block(extra), *speed_block(load("iteration_cost"), load("generate"),
                                                                load("threads"), extra), END])
