@@ -18,7 +18,6 @@ Writes <out>.json (per arm and pass: fwd_s, fwdbwd_s medians and every run; cpu,
 """
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -30,8 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from nbimport import load_notebook, notebook_config  # noqa: E402
-from ppo_seeds import cpu_name, write_report  # noqa: E402
+from ppo_seeds import cpu_name, micro_setup, write_report  # noqa: E402
 
 CPU = torch.device("cpu")
 ARMS = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "bf16_autocast": (torch.bfloat16, True)}
@@ -74,10 +72,7 @@ def main() -> None:
     ap.add_argument("--chunks", default="16,128", help="LOGPROB_CHUNK values to time")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "bf16_passes"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    load_start = list(os.getloadavg())
-    nb = load_notebook(ROOT / "rlft.ipynb")
-    p = notebook_config(**(json.loads(Path(args.params).read_text()) if args.params else {}))
+    load_start, nb, p = micro_setup(args)
     models = {}
     for name, (dtype, _) in ARMS.items():
         if dtype not in models:

@@ -19,6 +19,7 @@ import argparse
 import ast
 import hashlib
 import json
+import os
 import platform
 import resource
 import sys
@@ -300,6 +301,14 @@ def run_metadata(ctx: Context, args, t0: float) -> dict:
     return {"model": P.MODEL, "data": P.DATA_PATH, "eval_prompts": len(ctx.eval_pairs), "budget_s": args.budget,
             "seeds": args.seeds, "eval_max_new_tokens": P.EVAL_MAX_NEW_TOKENS, "threads": args.threads,
             "machine": platform.machine(), "cpu": cpu_name(), "cpu_bf16": ctx.nb.cpu_has_bf16(), "overrides": args.set, "note": args.note, "this_call_s": time.time() - t0}
+
+
+def micro_setup(args) -> tuple:
+    """A micro-benchmark's start: args.threads torch threads, then (the 1-minute load averages now, the notebook, its
+    parameters with the --params JSON's overrides)."""
+    torch.set_num_threads(args.threads)
+    load = list(os.getloadavg())
+    return load, load_notebook(), notebook_config(**(json.loads(Path(args.params).read_text()) if args.params else {}))
 
 
 def cpu_name() -> str:

@@ -569,3 +569,25 @@ def test_draw_samples_the_distribution_and_never_a_zero_probability_token(nb):
     assert set(nb.draw(unnormalised, g).tolist()) == {1, 2}
     a = nb.draw(probs.repeat(50, 1), torch.Generator().manual_seed(7))
     assert torch.equal(a, nb.draw(probs.repeat(50, 1), torch.Generator().manual_seed(7)))
+
+
+def test_decode_matmuls_benchmark_smoke_run(tmp_path):
+    """benchmarks/decode_matmuls.py on the tiny model: every dtype and batch timed (the sliced head checked equal to
+    the whole one inside the script), the matmul share and bandwidth derived, the JSON and table written."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "dm"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "decode_matmuls.py"), "--params",
+                    str(root / "tests" / "tiny_params.json"), "--runs", "1", "--threads", "1", "--batches", "1,4",
+                    "--context", "5", "--head-chunk-rows", "1000", "--out", str(out)],
+                   check=True, cwd=root, timeout=300, capture_output=True)
+    r = json.loads(out.with_suffix(".json").read_text())
+    assert {"float32_b1", "float32_b4"} <= set(r["cells"]) and r["cpu"] and r["loadavg"]["end"]
+    for c in r["cells"].values():
+        assert min(c["layers_ms"], c["head_ms"], c["head_chunked_ms"], c["step_ms"]) > 0 and len(c["runs"]) == 1
+        assert c["matmul_share"] == (c["layers_ms"] + c["head_ms"]) / c["step_ms"]
+        assert c["weight_gb_per_s"] > 0 and c["weight_mb"] > 0
+    assert "| float32_b4 |" in out.with_suffix(".md").read_text()
