@@ -40,20 +40,22 @@ def clock(fn) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def decoder_weights(model) -> list[torch.Tensor]:
+    """The weight of every nn.Linear in the decoder layers, in module order (the vocabulary head not included)."""
+    return [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+
+
 def timings(model, batch: int, context: int, chunk: int) -> dict:
     """One round on one model and batch: {layers_ms, head_ms, head_chunked_ms, step_ms}."""
-    dtype, head = model.dtype, model.get_output_embeddings().weight
-    linears = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    dtype, head, linears = model.dtype, model.get_output_embeddings().weight, decoder_weights(model)
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=dtype) for w in linears + [head]}
     x = inputs[head.shape[1]]
+    whole = lambda: torch.nn.functional.linear(x, head)  # noqa: E731
+    sliced = lambda: torch.cat([torch.nn.functional.linear(x, h) for h in head.split(chunk, 0)], 1)  # noqa: E731
     with torch.no_grad():
-        whole = torch.nn.functional.linear(x, head)
-        sliced = torch.cat([torch.nn.functional.linear(x, h) for h in head.split(chunk, 0)], 1)
-        assert torch.equal(whole, sliced), "the sliced head must give the same logits"
+        assert torch.equal(whole(), sliced()), "the sliced head must give the same logits"
         out = {"layers_ms": clock(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in linears]),
-               "head_ms": clock(lambda: torch.nn.functional.linear(x, head)),
-               "head_chunked_ms": clock(lambda: torch.cat([torch.nn.functional.linear(x, h)
-                                                           for h in head.split(chunk, 0)], 1))}
+               "head_ms": clock(whole), "head_chunked_ms": clock(sliced)}
         ids = torch.randint(0, head.shape[0], (batch, context + 1))
         cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
         out["step_ms"] = clock(lambda: model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True))
@@ -63,8 +65,8 @@ def timings(model, batch: int, context: int, chunk: int) -> dict:
 def summary(model, rounds: list[dict]) -> dict:
     """Medians of the rounds, with the matmul share of a step and the weights' bytes per second."""
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    nbytes = sum(w.numel() * w.element_size() for w in weights + [model.get_output_embeddings().weight])
+    weights = decoder_weights(model) + [model.get_output_embeddings().weight]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
     mm = med["layers_ms"] + med["head_ms"]
     return {**med, "matmul_share": mm / med["step_ms"], "weight_gb_per_s": nbytes / mm / 1e6,
             "weight_mb": nbytes / 1e6, "runs": rounds}
