@@ -536,10 +536,11 @@ class LogitsHistory:
         self.buf = logits.new_empty((B, max(capacity, L), V), dtype=torch.float32)
         self.buf[:, :L], self.length = logits, L
 
-    def append(self, logits: torch.Tensor) -> None:
-        """logits [B, 1, V] of the newest position."""
+    def append(self, logits: torch.Tensor) -> LogitsHistory:
+        """logits [B, 1, V] of the newest position; returns the history itself."""
         self.buf[:, self.length:self.length + 1] = logits
         self.length += 1
+        return self
 
     def select(self, keep: torch.Tensor) -> None:
         self.buf = self.buf[keep]
@@ -547,6 +548,16 @@ class LogitsHistory:
     @property
     def view(self) -> torch.Tensor:
         return self.buf[:, :self.length]
+
+
+def drop_rows(keep: torch.Tensor, cache, history: LogitsHistory | None, *rows: torch.Tensor) -> list[torch.Tensor]:
+    """Rows that stopped leave the batch: keep [B] bool -> each tensor of `rows` ([B, ...]) indexed to its kept
+    rows, and the KV cache (and the PCA modes' logits history, when there is one) cut to them in place."""
+    keep = keep.nonzero().squeeze(-1)
+    select_cache_rows(cache, keep)
+    if history is not None:
+        history.select(keep)
+    return [x[keep] for x in rows]
 
 
 def forward_step(net, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache, *,
@@ -591,20 +602,18 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
     compiled=True: a `StaticCache` of P + max_new_tokens slots, the prefill eager and every later step through
     `compiled_decode_forward()` (always with the mask); sampling stays eager, in fp32.
     """
-    net, B = decoder_of(model), ids.shape[0]
-    keep_all = logits_mode != "full"
+    net, B, keep_all = decoder_of(model), ids.shape[0], logits_mode != "full"  # keep_all: the PCA modes
     cache, step_fn = make_cache(net, ids, max_new_tokens, compiled)
     eos = torch.tensor(eos_ids, device=ids.device)
     rows = torch.arange(B, device=ids.device)  # the original rows still decoding
     alive = torch.ones(B, dtype=torch.bool, device=ids.device)
     inputs, positions, history = ids, (mask.cumsum(-1) - 1).clamp_(min=0), None
+    capacity = ids.shape[1] + max_new_tokens
     for step in range(max_new_tokens):
         out_logits = forward_step(net, inputs, positions, mask, cache, keep_all_logits=keep_all and step == 0,
                                   step_fn=step_fn if step > 0 else None)
-        if keep_all and history is None:
-            history = LogitsHistory(out_logits, ids.shape[1] + max_new_tokens)
-        elif keep_all:
-            history.append(out_logits)
+        if keep_all:  # every position's logits so far
+            history = LogitsHistory(out_logits, capacity) if history is None else history.append(out_logits)
         logits = step_logits(logits_mode, history.view if keep_all else out_logits, mask.bool(), pca_k, pca_seed)
         tokens, logps = sample_tokens(logits, temperature, top_k, top_p, generator)
         full_tokens = torch.full((B,), eos_ids[0], dtype=torch.long, device=ids.device).index_put_((rows,), tokens)
@@ -616,11 +625,7 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
             return
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         if bool(stopped.any()):
-            keep = (~stopped).nonzero().squeeze(-1)
-            rows, mask, tokens = rows[keep], mask[keep], tokens[keep]
-            select_cache_rows(cache, keep)
-            if keep_all:
-                history.select(keep)
+            rows, mask, tokens = drop_rows(~stopped, cache, history, rows, mask, tokens)
         inputs, positions = tokens[:, None], mask.sum(-1, keepdim=True) - 1
 
 # %% [markdown] rlft={"section": "generate"}
@@ -808,17 +813,14 @@ def exact_kl(model, gen) -> torch.Tensor:
 #| export
 def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, cfg: Config, *, with_kl: bool = False,
              progress: bool = True, judge=None) -> dict:
-    """Generate for each pair's prompt with cfg's evaluation settings (EVAL_MAX_NEW_TOKENS, EVAL_TEMPERATURE: greedy
-    by default, TOP_K, TOP_P, LOGITS_MODE, PCA_K; EVAL_BATCH_SIZE, BOOTSTRAP, SEED) and score it against the reference.
+    """Generate for each pair's prompt with cfg's evaluation settings (`eval_settings`; EVAL_BATCH_SIZE, BOOTSTRAP,
+    SEED) and score it against the reference.
 
     Returns {'rows': per-prompt dicts (prompt, family, reference, response, similarity, length, eos[, kl][, the
     judge's metrics]), 'table': summarize_by_family(rows), 'settings': the sampling settings}. Prompts are batched
     by length. `judge` (rlft_support.judge.Judge; None skips it, as the training monitor does) adds per row
     first_sentence_similarity and the independent metrics training never sees (indep_similarity, chrf).
     """
-    max_new_tokens, temperature, top_k, top_p = cfg.EVAL_MAX_NEW_TOKENS, cfg.EVAL_TEMPERATURE, cfg.TOP_K, cfg.TOP_P
-    logits_mode, pca_k, batch_size = cfg.LOGITS_MODE, cfg.PCA_K, cfg.EVAL_BATCH_SIZE
-    n_boot, seed = cfg.BOOTSTRAP, cfg.SEED
     if not pairs:
         raise ValueError("evaluate: no pairs to evaluate")
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]["prompt"]))
@@ -826,28 +828,35 @@ def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, cfg: Confi
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for s in tqdm(range(0, len(order), batch_size), desc="evaluate", disable=not progress):
-            idx = order[s: s + batch_size]
-            batch = [pairs[i] for i in idx]
-            gen = generate(model, tokenizer, [chat_prompt(tokenizer, p["prompt"]) for p in batch],
-                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           logits_mode=logits_mode, pca_k=pca_k, pca_seed=seed)
-            sims = similarity(gen.texts, [p["reference"] for p in batch], embedder).tolist()
-            kls = exact_kl(model, gen).tolist() if with_kl else None
-            lengths = gen.response_mask.sum(-1).tolist()
-            for j, i in enumerate(idx):
-                rows[i] = {"prompt": batch[j]["prompt"], "family": batch[j]["family"],
-                           "reference": batch[j]["reference"], "response": gen.texts[j], "similarity": sims[j],
-                           "length": int(lengths[j]), "eos": gen.stop_reason[j] == "eos"}
-                if with_kl:
-                    rows[i]["kl"] = kls[j]
+        torch.manual_seed(cfg.SEED)
+        for s in tqdm(range(0, len(order), cfg.EVAL_BATCH_SIZE), desc="evaluate", disable=not progress):
+            idx = order[s: s + cfg.EVAL_BATCH_SIZE]
+            for i, row in zip(idx, answer_rows(model, tokenizer, [pairs[i] for i in idx], embedder, cfg, with_kl)):
+                rows[i] = row
     model.train(was_training)
     if judge is not None:  # the reward's metric on the first sentence, and the independent judge's metrics
         add_judge_metrics(rows, judge, lambda a, b: similarity(a, b, embedder).tolist())
-    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                "logits_mode": logits_mode, "pca_k": pca_k}
-    return {"rows": rows, "table": summarize_by_family(rows, n_boot, seed), "settings": settings}
+    return {"rows": rows, "table": summarize_by_family(rows, cfg.BOOTSTRAP, cfg.SEED), "settings": eval_settings(cfg)}
+
+
+def eval_settings(cfg: Config) -> dict:
+    """The sampling settings of an evaluation: EVAL_MAX_NEW_TOKENS, EVAL_TEMPERATURE (greedy by default), TOP_K,
+    TOP_P, LOGITS_MODE, PCA_K, as generate()'s keyword arguments."""
+    return {"max_new_tokens": cfg.EVAL_MAX_NEW_TOKENS, "temperature": cfg.EVAL_TEMPERATURE, "top_k": cfg.TOP_K,
+            "top_p": cfg.TOP_P, "logits_mode": cfg.LOGITS_MODE, "pca_k": cfg.PCA_K}
+
+
+def answer_rows(model, tokenizer, batch: list[dict], embedder: Embedder, cfg: Config, with_kl: bool) -> list[dict]:
+    """One batch of pairs -> a row each: the answer under `eval_settings(cfg)`, its similarity to the reference,
+    its length in tokens, whether it stopped at EOS, and (with_kl) its exact KL to the base model."""
+    gen = generate(model, tokenizer, [chat_prompt(tokenizer, p["prompt"]) for p in batch], **eval_settings(cfg),
+                   pca_seed=cfg.SEED)
+    sims = similarity(gen.texts, [p["reference"] for p in batch], embedder).tolist()
+    kls = exact_kl(model, gen).tolist() if with_kl else [None] * len(batch)
+    lengths = gen.response_mask.sum(-1).tolist()
+    return [{"prompt": p["prompt"], "family": p["family"], "reference": p["reference"], "response": text,
+             "similarity": sim, "length": int(n), "eos": stop == "eos", **({"kl": kl} if with_kl else {})}
+            for p, text, sim, n, stop, kl in zip(batch, gen.texts, sims, lengths, gen.stop_reason, kls)]
 
 # %% [markdown] rlft={"section": "evaluate"}
 # **Comparing two models** on the same prompts: the mean per-prompt difference $s_B - s_A$ with a *paired*

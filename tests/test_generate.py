@@ -591,3 +591,26 @@ def test_decode_matmuls_benchmark_smoke_run(tmp_path):
         assert c["matmul_share"] == (c["layers_ms"] + c["head_ms"]) / c["step_ms"]
         assert c["weight_gb_per_s"] > 0 and c["weight_mb"] > 0
     assert "| float32_b4 |" in out.with_suffix(".md").read_text()
+
+
+def test_decode_levers_benchmark_smoke_run(tmp_path):
+    """benchmarks/decode_levers.py on the tiny model: every arm timed against today, the preallocated cache really
+    built, each arm's sampled tokens compared with today's, the JSON and table written."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "dl"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "decode_levers.py"), "--params",
+                    str(root / "tests" / "tiny_params.json"), "--runs", "1", "--threads", "1", "--out", str(out)],
+                   check=True, cwd=root, timeout=300, capture_output=True)
+    r = json.loads(out.with_suffix(".json").read_text())
+    assert list(r["arms"]) == ["today", "head_wxt", "all_wxt", "prealloc"] and r["cpu"] and r["loadavg"]["end"]
+    assert r["preallocated_caches"] >= 2 and r["arms"]["today"]["speedup"] == 1.0
+    for a in r["arms"].values():
+        assert a["seconds"] > 0 and a["tokens"] > 0 and len(a["runs_s"]) == 1
+        assert a["same_tokens"] is False or a["max_logprob_diff"] < 1e-4  # rounding only, where the tokens agree
+    assert set(r["isolated_ms"]) == {"layers_linear_ms", "layers_wxt_ms", "head_linear_ms", "head_wxt_ms"}
+    assert min(r["isolated_ms"].values()) > 0
+    assert "| all_wxt |" in out.with_suffix(".md").read_text()
