@@ -798,6 +798,26 @@ def exact_kl(model, gen) -> torch.Tensor:
     per_token = (logp.exp() * (logp - logq)).sum(-1)  # [B, T]
     return (per_token * gen.response_mask.float()).sum(-1)
 
+
+def eval_settings(cfg: Config) -> dict:
+    """The sampling settings of an evaluation: EVAL_MAX_NEW_TOKENS, EVAL_TEMPERATURE (greedy by default), TOP_K,
+    TOP_P, LOGITS_MODE, PCA_K, as generate()'s keyword arguments."""
+    return {"max_new_tokens": cfg.EVAL_MAX_NEW_TOKENS, "temperature": cfg.EVAL_TEMPERATURE, "top_k": cfg.TOP_K,
+            "top_p": cfg.TOP_P, "logits_mode": cfg.LOGITS_MODE, "pca_k": cfg.PCA_K}
+
+
+def answer_rows(model, tokenizer, batch: list[dict], embedder: Embedder, cfg: Config, with_kl: bool) -> list[dict]:
+    """One batch of pairs -> a row each: the answer under `eval_settings(cfg)`, its similarity to the reference,
+    its length in tokens, whether it stopped at EOS, and (with_kl) its exact KL to the base model."""
+    gen = generate(model, tokenizer, [chat_prompt(tokenizer, p["prompt"]) for p in batch], **eval_settings(cfg),
+                   pca_seed=cfg.SEED)
+    sims = similarity(gen.texts, [p["reference"] for p in batch], embedder).tolist()
+    kls = exact_kl(model, gen).tolist() if with_kl else [None] * len(batch)
+    lengths = gen.response_mask.sum(-1).tolist()
+    return [{"prompt": p["prompt"], "family": p["family"], "reference": p["reference"], "response": text,
+             "similarity": sim, "length": int(n), "eos": stop == "eos", **({"kl": kl} if with_kl else {})}
+            for p, text, sim, n, stop, kl in zip(batch, gen.texts, sims, lengths, gen.stop_reason, kls)]
+
 # %% [markdown] rlft={"section": "evaluate"}
 # **Figures** (`evaluate`), per family and overall, from greedy answers (`EVAL_TEMPERATURE = 0`, 48 new tokens):
 # mean similarity with a **bootstrap 95% interval** (prompts resampled); mean length in tokens; the fraction that
@@ -838,25 +858,6 @@ def evaluate(model, tokenizer, pairs: list[dict], embedder: Embedder, cfg: Confi
         add_judge_metrics(rows, judge, lambda a, b: similarity(a, b, embedder).tolist())
     return {"rows": rows, "table": summarize_by_family(rows, cfg.BOOTSTRAP, cfg.SEED), "settings": eval_settings(cfg)}
 
-
-def eval_settings(cfg: Config) -> dict:
-    """The sampling settings of an evaluation: EVAL_MAX_NEW_TOKENS, EVAL_TEMPERATURE (greedy by default), TOP_K,
-    TOP_P, LOGITS_MODE, PCA_K, as generate()'s keyword arguments."""
-    return {"max_new_tokens": cfg.EVAL_MAX_NEW_TOKENS, "temperature": cfg.EVAL_TEMPERATURE, "top_k": cfg.TOP_K,
-            "top_p": cfg.TOP_P, "logits_mode": cfg.LOGITS_MODE, "pca_k": cfg.PCA_K}
-
-
-def answer_rows(model, tokenizer, batch: list[dict], embedder: Embedder, cfg: Config, with_kl: bool) -> list[dict]:
-    """One batch of pairs -> a row each: the answer under `eval_settings(cfg)`, its similarity to the reference,
-    its length in tokens, whether it stopped at EOS, and (with_kl) its exact KL to the base model."""
-    gen = generate(model, tokenizer, [chat_prompt(tokenizer, p["prompt"]) for p in batch], **eval_settings(cfg),
-                   pca_seed=cfg.SEED)
-    sims = similarity(gen.texts, [p["reference"] for p in batch], embedder).tolist()
-    kls = exact_kl(model, gen).tolist() if with_kl else [None] * len(batch)
-    lengths = gen.response_mask.sum(-1).tolist()
-    return [{"prompt": p["prompt"], "family": p["family"], "reference": p["reference"], "response": text,
-             "similarity": sim, "length": int(n), "eos": stop == "eos", **({"kl": kl} if with_kl else {})}
-            for p, text, sim, n, stop, kl in zip(batch, gen.texts, sims, lengths, gen.stop_reason, kls)]
 
 # %% [markdown] rlft={"section": "evaluate"}
 # **Comparing two models** on the same prompts: the mean per-prompt difference $s_B - s_A$ with a *paired*
