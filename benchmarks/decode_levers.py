@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from generate import build_policies, eval_prompts  # noqa: E402
-from ppo_seeds import cpu_name, micro_setup, write_report  # noqa: E402
+from decode_matmuls import clock, decoder_weights  # noqa: E402
+from ppo_seeds import cpu_flags, cpu_name, micro_setup, write_report  # noqa: E402
 
 ARMS = ("today", "head_wxt", "all_wxt", "prealloc")
 BUILT = {"preallocated_caches": 0}  # how many caches `preallocated_cache` made: the lever really ran
@@ -48,9 +49,14 @@ def wxt_linear(layer, x: torch.Tensor, chunk: int, max_rows: int) -> torch.Tenso
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] > max_rows or torch.is_grad_enabled():
         return torch.nn.functional.linear(x, layer.weight, layer.bias)
-    out = torch.cat([torch.mm(w, flat.T) for w in layer.weight.split(chunk)], 0).T.contiguous()
-    out = out.view(*x.shape[:-1], layer.weight.shape[0])
+    out = wxt_matmul(layer.weight, flat, chunk).view(*x.shape[:-1], layer.weight.shape[0])
     return out if layer.bias is None else out + layer.bias
+
+
+def wxt_matmul(weight: torch.Tensor, flat: torch.Tensor, chunk: int) -> torch.Tensor:
+    """flat [n, d_in] x weight [d_out, d_in]ᵀ -> [n, d_out] contiguous, computed as (W_s flatᵀ)ᵀ over `chunk`-row
+    slices W_s of the weight."""
+    return torch.cat([torch.mm(w, flat.T) for w in weight.split(chunk)], 0).T.contiguous()
 
 
 @contextlib.contextmanager
@@ -134,22 +140,16 @@ def one_call(nb, p, model, tokenizer, prompts, arm: str, args) -> tuple[float, o
 
 def isolated_ms(model, rows: int, chunk: int) -> dict:
     """One round of the matmuls alone, each weight once on a random [rows, d_in] input, as a decode step reads them:
-    {layers_linear_ms, layers_wxt_ms} over the decoder's base nn.Linear layers (LoRA factors excluded) and
-    {head_linear_ms, head_wxt_ms} for the vocabulary head (wxt: `wxt_linear`, the head in `chunk`-row slices)."""
-    head = model.get_output_embeddings()
-    layers = [m for n, m in model.named_modules() if type(m) is torch.nn.Linear and "lora_" not in n and m is not head]
-    inputs = {m.in_features: torch.randn(rows, m.in_features) for m in layers + [head]}
-    out = {}
+    {layers_linear_ms, layers_wxt_ms} over the decoder's base weights (`decoder_weights`: LoRA factors excluded) and
+    {head_linear_ms, head_wxt_ms} for the vocabulary head (wxt: `wxt_matmul`, the head in `chunk`-row slices)."""
+    head, weights = model.get_output_embeddings().weight, decoder_weights(model)
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights + [head]}
+    linear = lambda w: torch.nn.functional.linear(inputs[w.shape[1]], w)  # noqa: E731
+    wxt = lambda w: wxt_matmul(w, inputs[w.shape[1]], chunk)  # noqa: E731
     with torch.no_grad():
-        for name, group in (("layers", layers), ("head", [head])):
-            for kind, fn in (("linear", lambda m, x: torch.nn.functional.linear(x, m.weight, m.bias)),
-                             ("wxt", lambda m, x: wxt_linear(m, x, chunk, rows))):
-                t = time.perf_counter()
-                for m in group:
-                    fn(m, inputs[m.in_features])
-                out[f"{name}_{kind}_ms"] = (time.perf_counter() - t) * 1e3
-    return out
-
+        return {"layers_linear_ms": clock(lambda: [linear(w) for w in weights]),
+                "layers_wxt_ms": clock(lambda: [wxt(w) for w in weights]),
+                "head_linear_ms": clock(lambda: linear(head)), "head_wxt_ms": clock(lambda: wxt(head))}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -182,15 +182,6 @@ def main() -> None:
               "arms": {arm: summary(seconds[arm], seconds["today"], reference[arm], reference["today"])
                        for arm in arms}}
     write_report(args.out, result, markdown(result))
-
-
-def cpu_flags() -> list[str]:
-    """The vector-unit flags of this CPU that decide its matmul kernels (avx2, avx512f, avx512_bf16, amx_bf16)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted(set(flags.split(":", 1)[1].split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
 
 
 def summary(seconds: list[float], today: list[float], gen, gen_today) -> dict:

@@ -41,8 +41,10 @@ def clock(fn) -> float:
 
 
 def decoder_weights(model) -> list[torch.Tensor]:
-    """The weight of every nn.Linear in the decoder layers, in module order (the vocabulary head not included)."""
-    return [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    """The weight of every nn.Linear in the decoder layers, in module order (the vocabulary head not included; on a
+    PEFT model the base layers', not the LoRA factors')."""
+    return [m.weight for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n]
 
 
 def timings(model, batch: int, context: int, chunk: int) -> dict:

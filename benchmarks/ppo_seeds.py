@@ -311,13 +311,23 @@ def micro_setup(args) -> tuple:
     return load, load_notebook(), notebook_config(**(json.loads(Path(args.params).read_text()) if args.params else {}))
 
 
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo ('' where there is none): figures differ a lot between CPUs."""
+def cpuinfo_field(key: str) -> str:
+    """The value of the first `key` line of /proc/cpuinfo ('' where there is none)."""
     try:
         lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), "")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ('' where there is none): figures differ a lot between CPUs."""
+    return cpuinfo_field("model name")
+
+
+def cpu_flags() -> list[str]:
+    """The vector-unit flags of this CPU that decide its matmul kernels (avx2, avx512f, avx512_bf16, amx_bf16)."""
+    return sorted(set(cpuinfo_field("flags").split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
 
 
 def write_report(out: str, result: dict, markdown: str) -> None:
